@@ -1,0 +1,45 @@
+//! Format drivers: map guest offsets of a virtual disk onto a protocol's bytes.
+
+pub mod qcow2;
+pub mod raw;
+
+use std::fmt;
+use std::str::FromStr;
+
+/// The image formats diskstream reads and writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// Plain bytes, guest offset = file offset.
+    Raw,
+    /// QEMU copy-on-write v2/v3.
+    Qcow2,
+}
+
+impl Format {
+    /// The name QEMU uses for the format.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+        }
+    }
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Format {
+    type Err = crate::error::BlockError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "raw" => Ok(Format::Raw),
+            "qcow2" => Ok(Format::Qcow2),
+            other => Err(crate::error::BlockError::InvalidArgument(format!(
+                "Unknown driver '{other}' (supported: raw, qcow2)"
+            ))),
+        }
+    }
+}

@@ -1,0 +1,759 @@
+//! The qcow2 format driver (v2 and v3), byte-compatible with QEMU 10.
+//!
+//! Guest requests are split into *runs*: stretches of guest clusters (or subclusters, with
+//! extended L2) that map the same way (data at contiguous host offsets, zero, unallocated, or one
+//! compressed cluster). The metadata lock is held only to compute a run or to commit L2 entries;
+//! data I/O happens outside it, so requests on one image proceed in parallel.
+//!
+//! An allocating write registers its guest clusters as in flight, allocates host clusters, writes
+//! the whole clusters (guest data plus the old contents of the partial head and tail, read through
+//! this very driver), and only then points the L2 entries at them. A second writer of the same
+//! cluster waits for the first; reads never wait (they see the old mapping until the commit).
+
+pub mod check;
+pub mod compress;
+pub mod create;
+pub mod header;
+pub mod meta;
+
+use crate::error::{BlockError, Result};
+use crate::node::{check_bounds, read_backing, Allocation, BlockNode, LayerStatus};
+use crate::protocol::Protocol;
+use async_trait::async_trait;
+use header::{CompressionType, Header};
+use meta::{Meta, BITMAP_ALL_ALLOC, BITMAP_ALL_ZERO, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
+use std::any::Any;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use tokio::sync::{Mutex, MutexGuard, Notify};
+
+/// How a run of guest bytes is stored in this layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Unalloc,
+    Zero,
+    Data,
+    Compressed,
+}
+
+/// A maximal stretch of guest bytes with one mapping.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    kind: Kind,
+    /// Host offset of the run's first byte (data, or preallocated zero).
+    host: Option<u64>,
+    len: u64,
+    /// The L2 entry (for compressed runs).
+    entry: u64,
+    /// Whether the run's clusters are exclusively ours (COPIED), so writes may go in place.
+    copied: bool,
+}
+
+/// An open qcow2 image.
+pub struct Qcow2 {
+    file: Arc<dyn Protocol>,
+    meta: Mutex<Meta>,
+    backing: RwLock<Option<Arc<dyn BlockNode>>>,
+    size: AtomicU64,
+    cluster_bits: u32,
+    extended: bool,
+    version: u32,
+    compression: CompressionType,
+    closed: AtomicBool,
+}
+
+impl Qcow2 {
+    /// Open a qcow2 image on `file`. The backing node (if the image has one) is opened by the
+    /// caller, which owns the chain policy, and attached with [`Qcow2::set_backing_node`].
+    pub async fn open(file: Arc<dyn Protocol>) -> Result<Qcow2> {
+        let file_len = file.len().await?;
+        let head = file
+            .read_vec(0, file_len.min(1 << header::MAX_CLUSTER_BITS) as usize)
+            .await?;
+        let h = Header::parse(file.name(), &head, file_len)?;
+        if h.incompatible_features & header::INCOMPAT_CORRUPT != 0 && !file.read_only() {
+            return Err(BlockError::corrupt(
+                file.name(),
+                "image is marked corrupt; cannot be opened read/write (repair with check -r all)",
+            ));
+        }
+        if h.incompatible_features & header::INCOMPAT_DIRTY != 0 && !file.read_only() {
+            return Err(BlockError::corrupt(
+                file.name(),
+                "image was not closed cleanly (dirty bit set); repair it with 'diskstream img check -r all'",
+            ));
+        }
+        let meta = Meta::load(h.clone(), Arc::clone(&file)).await?;
+        Ok(Qcow2 {
+            file,
+            size: AtomicU64::new(h.size),
+            cluster_bits: h.cluster_bits,
+            extended: h.extended_l2(),
+            version: h.version,
+            compression: h.compression(),
+            meta: Mutex::new(meta),
+            backing: RwLock::new(None),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    /// The header as currently in memory.
+    pub async fn header(&self) -> Header {
+        self.meta.lock().await.header.clone()
+    }
+
+    /// Attach (or detach) the opened backing node.
+    pub fn set_backing_node(&self, node: Option<Arc<dyn BlockNode>>) {
+        if let Ok(mut b) = self.backing.write() {
+            *b = node;
+        }
+    }
+
+    /// Rewrite the backing file name and format recorded in the header (`None` drops the
+    /// link). Flushes before and after, so a crash never leaves a header that references less
+    /// (or other) data than the clusters on disk assume.
+    pub async fn set_backing_file(&self, file: Option<(String, Option<String>)>) -> Result<()> {
+        let mut m = self.lock_writable().await?;
+        m.flush().await?;
+        match file {
+            Some((name, fmt)) => {
+                if name.len() > 1023 {
+                    return Err(BlockError::InvalidArgument(
+                        "backing file name is longer than 1023 bytes".to_string(),
+                    ));
+                }
+                m.header.backing_file = Some(name);
+                m.header.backing_format = fmt;
+            }
+            None => {
+                m.header.backing_file = None;
+                m.header.backing_format = None;
+            }
+        }
+        m.write_header().await?;
+        m.flush().await
+    }
+
+    /// The protocol under the image.
+    pub fn protocol(&self) -> &Arc<dyn Protocol> {
+        &self.file
+    }
+
+    fn cs(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    /// Bytes per mapping unit: the subcluster with extended L2, else the cluster.
+    fn unit(&self) -> u64 {
+        if self.extended {
+            self.cs() / 32
+        } else {
+            self.cs()
+        }
+    }
+
+    fn backing_node(&self) -> Option<Arc<dyn BlockNode>> {
+        self.backing.read().ok().and_then(|b| b.clone())
+    }
+
+    async fn lock_writable(&self) -> Result<MutexGuard<'_, Meta>> {
+        if self.file.read_only() {
+            return Err(BlockError::ReadOnly(self.file.name().to_string()));
+        }
+        if self.closed.load(Ordering::Acquire) {
+            return Err(BlockError::InvalidArgument(format!(
+                "{}: image is closed",
+                self.file.name()
+            )));
+        }
+        let mut m = self.meta.lock().await;
+        // Unknown autoclear bits (and bitmaps we do not maintain) become stale once we write.
+        if m.header.autoclear_features != 0 {
+            m.header.autoclear_features = 0;
+            m.write_header().await?;
+        }
+        Ok(m)
+    }
+
+    /// Classify one mapping unit of guest cluster words `(entry, bitmap)`.
+    fn classify(&self, entry: u64, bitmap: u64, sub: u64, gc: u64) -> Result<(Kind, Option<u64>)> {
+        if entry & OFLAG_COMPRESSED != 0 {
+            return Ok((Kind::Compressed, None));
+        }
+        let host = entry & OFFSET_MASK;
+        if host % self.cs() != 0 {
+            return Err(BlockError::corrupt(
+                self.file.name(),
+                format!(
+                    "cluster allocation offset {host:#x} unaligned (guest cluster {gc})"
+                ),
+            ));
+        }
+        if host != 0 && host < self.cs() {
+            return Err(BlockError::corrupt(
+                self.file.name(),
+                format!("data cluster of guest cluster {gc} overlaps the header"),
+            ));
+        }
+        if !self.extended {
+            return Ok(if entry & OFLAG_ZERO != 0 && self.version >= 3 {
+                (Kind::Zero, (host != 0).then_some(host))
+            } else if host == 0 {
+                (Kind::Unalloc, None)
+            } else {
+                (Kind::Data, Some(host))
+            });
+        }
+        let alloc = bitmap >> sub & 1 != 0;
+        let zero = bitmap >> (32 + sub) & 1 != 0;
+        let sub_host = host + sub * self.unit();
+        match (alloc, zero) {
+            (true, true) => Err(BlockError::corrupt(
+                self.file.name(),
+                format!("subcluster {sub} of guest cluster {gc} is both allocated and zero"),
+            )),
+            (true, false) if host == 0 => Err(BlockError::corrupt(
+                self.file.name(),
+                format!("subcluster {sub} of guest cluster {gc} allocated without a host cluster"),
+            )),
+            (true, false) => Ok((Kind::Data, Some(sub_host))),
+            (false, true) => Ok((Kind::Zero, (host != 0).then_some(sub_host))),
+            (false, false) => Ok((Kind::Unalloc, None)),
+        }
+    }
+
+    /// The run starting at guest `off`, at most `len` bytes, within one L2 table.
+    async fn map_run(&self, m: &mut Meta, off: u64, len: u64) -> Result<Run> {
+        let cs = self.cs();
+        let unit = self.unit();
+        let l2_span = m.header.l2_entries() * cs;
+        let limit = (off + len).min((off / l2_span + 1) * l2_span);
+        let mut pos = off;
+        let mut first: Option<Run> = None;
+        while pos < limit {
+            let gc = pos / cs;
+            let (entry, bitmap) = m.l2_get(gc).await?;
+            let sub = (pos % cs) / unit;
+            let (kind, host) = self.classify(entry, bitmap, sub, gc)?;
+            let unit_end = ((pos / unit) + 1) * unit;
+            let n = unit_end.min(limit) - pos;
+            let copied = entry & OFLAG_COPIED != 0;
+            let host_here = host.map(|h| h + pos % unit);
+            match &mut first {
+                None => {
+                    first = Some(Run {
+                        kind,
+                        host: host_here,
+                        len: n,
+                        entry,
+                        copied,
+                    });
+                    if kind == Kind::Compressed {
+                        // One compressed cluster per run.
+                        let r = first.as_mut().map(|r| {
+                            r.len = ((gc + 1) * cs).min(limit) - pos;
+                            *r
+                        });
+                        return r.ok_or_else(|| BlockError::corrupt("qcow2", "empty run"));
+                    }
+                }
+                Some(r) => {
+                    let contiguous = match (r.host, host_here) {
+                        (Some(a), Some(b)) => a + r.len == b,
+                        (None, None) => true,
+                        _ => false,
+                    };
+                    if r.kind != kind || !contiguous || r.copied != copied || kind == Kind::Compressed {
+                        break;
+                    }
+                    r.len += n;
+                }
+            }
+            pos += n;
+        }
+        first.ok_or_else(|| BlockError::corrupt("qcow2", "empty mapping run"))
+    }
+
+    async fn run_at(&self, off: u64, len: u64) -> Result<Run> {
+        let mut m = self.meta.lock().await;
+        self.map_run(&mut m, off, len).await
+    }
+
+    /// Read and decompress the compressed cluster described by `entry`.
+    async fn read_compressed(&self, entry: u64) -> Result<Vec<u8>> {
+        let cb = self.cluster_bits as u64;
+        let shift = 62 - (cb - 8);
+        let off = entry & ((1u64 << shift) - 1);
+        let nsect = ((entry >> shift) & ((1u64 << (cb - 8)) - 1)) + 1;
+        let csize = nsect * 512 - (off & 511);
+        let raw = self.file.read_vec(off, csize as usize).await?;
+        compress::decompress(self.compression, &raw, self.cs() as usize).map_err(|e| {
+            BlockError::corrupt(
+                self.file.name(),
+                format!("compressed cluster at {off:#x} cannot be decompressed: {e}"),
+            )
+        })
+    }
+
+    async fn read_run(&self, run: &Run, off: u64, dst: &mut [u8]) -> Result<()> {
+        match run.kind {
+            Kind::Data => {
+                let host = run
+                    .host
+                    .ok_or_else(|| BlockError::corrupt(self.file.name(), "data run without host"))?;
+                self.file.read_at(host, dst).await
+            }
+            Kind::Zero => {
+                dst.fill(0);
+                Ok(())
+            }
+            Kind::Unalloc => read_backing(self.backing_node().as_ref(), off, dst).await,
+            Kind::Compressed => {
+                let cl = self.read_compressed(run.entry).await?;
+                let within = (off % self.cs()) as usize;
+                dst.copy_from_slice(&cl[within..within + dst.len()]);
+                Ok(())
+            }
+        }
+    }
+
+    /// Guest contents of `[off, off+buf.len())`, zero past the virtual size.
+    async fn read_current(&self, off: u64, buf: &mut [u8]) -> Result<()> {
+        let size = self.size();
+        let avail = size.saturating_sub(off).min(buf.len() as u64) as usize;
+        buf[avail..].fill(0);
+        let mut pos = 0usize;
+        while pos < avail {
+            let run = self.run_at(off + pos as u64, (avail - pos) as u64).await?;
+            let n = run.len as usize;
+            self.read_run(&run, off + pos as u64, &mut buf[pos..pos + n]).await?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Wait until no allocation is in flight for guest clusters `[gc, gc+n)`; returns the
+    /// (re-taken) lock.
+    async fn wait_inflight<'a>(
+        &'a self,
+        mut m: MutexGuard<'a, Meta>,
+        gc: u64,
+        n: u64,
+    ) -> MutexGuard<'a, Meta> {
+        loop {
+            let busy: Option<Arc<Notify>> =
+                (gc..gc + n).find_map(|c| m.inflight.get(&c).cloned());
+            let Some(notify) = busy else { return m };
+            let fut = notify.notified();
+            drop(m);
+            fut.await;
+            m = self.meta.lock().await;
+        }
+    }
+
+    /// One step of a write: handles a prefix of `data` at `off` and returns its length.
+    async fn write_step(&self, off: u64, data: &[u8]) -> Result<usize> {
+        let cs = self.cs();
+        let unit = self.unit();
+        let mut m = self.lock_writable().await?;
+        m = self.wait_inflight(m, off / cs, 1).await;
+        let run = self.map_run(&mut m, off, data.len() as u64).await?;
+        if run.kind == Kind::Data && run.copied {
+            drop(m);
+            let n = run.len as usize;
+            let host = run.host.unwrap_or_default();
+            self.file.write_at(host, &data[..n]).await?;
+            return Ok(n);
+        }
+        // Allocation. With extended L2, an allocated cluster gains subclusters in place.
+        let gc = off / cs;
+        let (entry, bitmap) = m.l2_get(gc).await?;
+        let host_now = entry & OFFSET_MASK;
+        let in_place_sub = self.extended
+            && entry & OFLAG_COPIED != 0
+            && entry & OFLAG_COMPRESSED == 0
+            && host_now != 0;
+        let write_end = off + data.len() as u64;
+        if in_place_sub {
+            let end = write_end.min((gc + 1) * cs);
+            let s0 = (off % cs) / unit;
+            let s1 = ((end - 1) % cs) / unit;
+            let start = gc * cs + s0 * unit;
+            let stop = gc * cs + (s1 + 1) * unit;
+            let notify = Arc::new(Notify::new());
+            m.inflight.insert(gc, Arc::clone(&notify));
+            drop(m);
+            let res = async {
+                let mut buf = vec![0u8; (stop - start) as usize];
+                self.read_current(start, &mut buf[..(off - start) as usize]).await?;
+                let tail = (end - start) as usize;
+                self.read_current(end, &mut buf[tail..]).await?;
+                buf[(off - start) as usize..tail].copy_from_slice(&data[..(end - off) as usize]);
+                self.file.write_vec(host_now + s0 * unit, buf).await?;
+                let mut m = self.meta.lock().await;
+                let mask: u64 = (s0..=s1).fold(0, |a, s| a | 1 << s);
+                let nb = (bitmap | mask) & !(mask << 32);
+                m.l2_set(gc, entry, nb).await
+            }
+            .await;
+            let mut m = self.meta.lock().await;
+            m.inflight.remove(&gc);
+            notify.notify_waiters();
+            drop(m);
+            res?;
+            return Ok((end - off) as usize);
+        }
+        // Whole-cluster allocation of a run of clusters that need it.
+        let l2_span = m.header.l2_entries();
+        let max_clusters = (256u64).min(l2_span - gc % l2_span);
+        let last_gc = (write_end - 1) / cs;
+        let mut n = 1;
+        while n < max_clusters && gc + n <= last_gc {
+            let c = gc + n;
+            if m.inflight.contains_key(&c) {
+                break;
+            }
+            let (e, _) = m.l2_get(c).await?;
+            let needs = e & OFLAG_COPIED == 0 || e & OFLAG_COMPRESSED != 0 || e & OFFSET_MASK == 0
+                || (!self.extended && e & OFLAG_ZERO != 0);
+            if !needs {
+                break;
+            }
+            n += 1;
+        }
+        let mut olds = Vec::with_capacity(n as usize);
+        for c in gc..gc + n {
+            olds.push(m.l2_get(c).await?);
+        }
+        let host = m.alloc_clusters(n).await?;
+        let notify = Arc::new(Notify::new());
+        for c in gc..gc + n {
+            m.inflight.insert(c, Arc::clone(&notify));
+        }
+        drop(m);
+        let start = gc * cs;
+        let stop = (gc + n) * cs;
+        let end = write_end.min(stop);
+        let res = async {
+            let mut buf = vec![0u8; (stop - start) as usize];
+            self.read_current(start, &mut buf[..(off - start) as usize]).await?;
+            let tail = (end - start) as usize;
+            if end < stop && end < self.size() {
+                self.read_current(end, &mut buf[tail..]).await?;
+            }
+            buf[(off - start) as usize..tail].copy_from_slice(&data[..(end - off) as usize]);
+            self.file.write_vec(host, buf).await
+        }
+        .await;
+        let mut m = self.meta.lock().await;
+        let res = match res {
+            Ok(()) => {
+                let mut r = Ok(());
+                for (i, (old, _)) in olds.iter().enumerate() {
+                    let c = gc + i as u64;
+                    let new_entry = (host + i as u64 * cs) | OFLAG_COPIED;
+                    let bm = if self.extended { BITMAP_ALL_ALLOC } else { 0 };
+                    if let Err(e) = m.l2_set(c, new_entry, bm).await {
+                        r = Err(e);
+                        break;
+                    }
+                    self.free_old_entry(&mut m, *old);
+                }
+                r
+            }
+            Err(e) => {
+                m.free_later(host, n * cs);
+                Err(e)
+            }
+        };
+        for c in gc..gc + n {
+            m.inflight.remove(&c);
+        }
+        notify.notify_waiters();
+        drop(m);
+        res?;
+        Ok((end - off) as usize)
+    }
+
+    /// Schedule the release of whatever host storage an overwritten L2 entry held.
+    fn free_old_entry(&self, m: &mut Meta, old: u64) {
+        let cs = self.cs();
+        if old & OFLAG_COMPRESSED != 0 {
+            let cb = self.cluster_bits as u64;
+            let shift = 62 - (cb - 8);
+            let off = old & ((1u64 << shift) - 1);
+            let nsect = ((old >> shift) & ((1u64 << (cb - 8)) - 1)) + 1;
+            m.free_later(off & !511, nsect * 512);
+        } else if old & OFFSET_MASK != 0 {
+            m.free_later(old & OFFSET_MASK, cs);
+        }
+    }
+
+    /// Write one compressed cluster at cluster-aligned `offset` (the last cluster may be short).
+    /// Used by `convert -c`; falls back to a normal write when compression does not pay.
+    pub async fn write_compressed(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let cs = self.cs();
+        if offset % cs != 0 || data.len() as u64 > cs {
+            return Err(BlockError::InvalidArgument(
+                "compressed writes must cover one aligned cluster".to_string(),
+            ));
+        }
+        check_bounds(offset, data.len() as u64, self.size())?;
+        let mut full = data.to_vec();
+        full.resize(cs as usize, 0);
+        let comp = compress::compress(self.compression, &full)?;
+        let max_sect = 1u64 << (self.cluster_bits - 8);
+        if comp.len() as u64 >= cs || (comp.len() as u64).div_ceil(512) > max_sect {
+            return self.write(offset, data).await;
+        }
+        let gc = offset / cs;
+        let mut m = self.lock_writable().await?;
+        m = self.wait_inflight(m, gc, 1).await;
+        let (old, _) = m.l2_get(gc).await?;
+        let clusters = (comp.len() as u64).div_ceil(cs);
+        let host = m.alloc_clusters(clusters).await?;
+        let notify = Arc::new(Notify::new());
+        m.inflight.insert(gc, Arc::clone(&notify));
+        drop(m);
+        let nsect = (comp.len() as u64).div_ceil(512);
+        let mut padded = comp;
+        padded.resize((nsect * 512) as usize, 0);
+        let res = self.file.write_vec(host, padded).await;
+        let mut m = self.meta.lock().await;
+        let res = match res {
+            Ok(()) => {
+                let shift = 62 - (self.cluster_bits as u64 - 8);
+                let entry = OFLAG_COMPRESSED | ((nsect - 1) << shift) | host;
+                let r = m.l2_set(gc, entry, 0).await;
+                if r.is_ok() {
+                    self.free_old_entry(&mut m, old);
+                }
+                r
+            }
+            Err(e) => {
+                m.free_later(host, clusters * cs);
+                Err(e)
+            }
+        };
+        m.inflight.remove(&gc);
+        notify.notify_waiters();
+        res
+    }
+
+    /// Set whole clusters `[gc, gc+n)` to read as zero (`discard`: as QEMU's discard does).
+    async fn zero_clusters(&self, gc: u64, n: u64, unmap: bool, discard: bool) -> Result<()> {
+        let mut m = self.lock_writable().await?;
+        m = self.wait_inflight(m, gc, n).await;
+        let has_backing = self.backing_node().is_some() || m.header.backing_file.is_some();
+        for c in gc..gc + n {
+            let (old, bitmap) = m.l2_get(c).await?;
+            let host = old & OFFSET_MASK;
+            let compressed = old & OFLAG_COMPRESSED != 0;
+            let allocated = compressed || host != 0;
+            if old == 0 && bitmap == 0 && !has_backing {
+                continue; // already reads as zero and nothing to free
+            }
+            let keep = !unmap && !discard && !compressed && host != 0 && old & OFLAG_COPIED != 0;
+            let (entry, bm) = if self.extended {
+                if keep {
+                    (old, BITMAP_ALL_ZERO)
+                } else if discard && !has_backing && !allocated {
+                    (0, 0)
+                } else {
+                    (0, BITMAP_ALL_ZERO)
+                }
+            } else if self.version >= 3 {
+                if keep {
+                    (host | OFLAG_COPIED | OFLAG_ZERO, 0)
+                } else if discard && !has_backing && !allocated {
+                    (0, 0)
+                } else {
+                    (OFLAG_ZERO, 0)
+                }
+            } else {
+                (0, 0)
+            };
+            if (entry, bm) == (old, bitmap) {
+                continue;
+            }
+            m.l2_set(c, entry, bm).await?;
+            if !keep {
+                self.free_old_entry(&mut m, old);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl BlockNode for Qcow2 {
+    fn format_name(&self) -> &'static str {
+        "qcow2"
+    }
+    fn filename(&self) -> &str {
+        self.file.name()
+    }
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+    fn read_only(&self) -> bool {
+        self.file.read_only()
+    }
+    fn backing(&self) -> Option<Arc<dyn BlockNode>> {
+        self.backing_node()
+    }
+    fn cluster_size(&self) -> Option<u64> {
+        Some(self.cs())
+    }
+
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        check_bounds(offset, buf.len() as u64, self.size())?;
+        self.read_current(offset, buf).await
+    }
+
+    async fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        check_bounds(offset, data.len() as u64, self.size())?;
+        let mut pos = 0;
+        while pos < data.len() {
+            pos += self.write_step(offset + pos as u64, &data[pos..]).await?;
+        }
+        Ok(())
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        check_bounds(offset, len, self.size())?;
+        if len == 0 {
+            return Ok(());
+        }
+        let cs = self.cs();
+        let end = offset + len;
+        let a = offset.div_ceil(cs) * cs;
+        // A partial last cluster at the image end counts as whole.
+        let b = if end == self.size() { end.div_ceil(cs) * cs } else { end / cs * cs };
+        let v2_backed = self.version < 3 && self.backing_node().is_some();
+        if a >= b || v2_backed {
+            return self.write_explicit_zeroes(offset, len).await;
+        }
+        if offset < a {
+            self.write_explicit_zeroes(offset, a - offset).await?;
+        }
+        self.zero_clusters(a / cs, (b - a) / cs, unmap, false).await?;
+        if b < end {
+            self.write_explicit_zeroes(b, end - b).await?;
+        }
+        Ok(())
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        check_bounds(offset, len, self.size())?;
+        let cs = self.cs();
+        let end = offset + len;
+        let a = offset.div_ceil(cs) * cs;
+        let b = if end == self.size() { end.div_ceil(cs) * cs } else { end / cs * cs };
+        if a < b {
+            self.zero_clusters(a / cs, (b - a) / cs, true, true).await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<()> {
+        if self.file.read_only() {
+            return Ok(());
+        }
+        let mut m = self.meta.lock().await;
+        m.flush().await
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> Result<LayerStatus> {
+        check_bounds(offset, len, self.size())?;
+        let run = self.run_at(offset, len).await?;
+        Ok(LayerStatus {
+            alloc: match run.kind {
+                Kind::Data | Kind::Compressed => Allocation::Data,
+                Kind::Zero => Allocation::Zero,
+                Kind::Unalloc => Allocation::Unallocated,
+            },
+            len: run.len,
+            host_offset: run.host,
+            compressed: run.kind == Kind::Compressed,
+        })
+    }
+
+    async fn truncate(&self, new_size: u64) -> Result<()> {
+        let cs = self.cs();
+        let old_size = self.size();
+        if new_size == old_size {
+            return Ok(());
+        }
+        if new_size % 512 != 0 {
+            return Err(BlockError::InvalidArgument(
+                "qcow2 image size must be a multiple of 512 bytes".to_string(),
+            ));
+        }
+        let mut m = self.lock_writable().await?;
+        if new_size < old_size {
+            // Shrink only over a tail that holds nothing in this layer.
+            let first = new_size.div_ceil(cs);
+            let last = old_size.div_ceil(cs);
+            for c in first..last {
+                let (e, bm) = m.l2_get(c).await?;
+                if e != 0 || bm != 0 {
+                    return Err(BlockError::InvalidArgument(format!(
+                        "{}: cannot shrink: the tail beyond {new_size} bytes holds data",
+                        self.file.name()
+                    )));
+                }
+            }
+            m.flush().await?;
+            m.header.size = new_size;
+            m.write_header().await?;
+            self.size.store(new_size, Ordering::Release);
+            return Ok(());
+        }
+        let need = m.header.l1_entries_for(new_size);
+        m.grow_l1(need).await?;
+        m.flush().await?;
+        m.header.size = new_size;
+        m.write_header().await?;
+        self.size.store(new_size, Ordering::Release);
+        drop(m);
+        // The new area must read as zeroes: neither a stale partial cluster tail nor a longer
+        // backing file may show through.
+        let mut zero_to = old_size.div_ceil(cs) * cs;
+        if let Some(b) = self.backing_node() {
+            zero_to = zero_to.max(b.size());
+        }
+        let zero_to = zero_to.min(new_size);
+        if zero_to > old_size {
+            self.write_zeroes(old_size, zero_to - old_size, false).await?;
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn close(&self) -> Result<()> {
+        if !self.file.read_only() && !self.closed.swap(true, Ordering::AcqRel) {
+            let mut m = self.meta.lock().await;
+            m.flush().await?;
+        }
+        Ok(())
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+impl Qcow2 {
+    async fn write_explicit_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        let chunk = len.min(1 << 20);
+        let zeroes = vec![0u8; chunk as usize];
+        let mut pos = 0;
+        while pos < len {
+            let n = (len - pos).min(chunk);
+            self.write(offset + pos, &zeroes[..n as usize]).await?;
+            pos += n;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,110 @@
+//! The raw format: the virtual disk is the file, byte for byte.
+//!
+//! Block status comes from the file's holes (SEEK_DATA/SEEK_HOLE), zeroing punches or zero-fills
+//! ranges with fallocate. A raw node never has a backing file and never interprets its contents,
+//! so a guest that writes a qcow2 header into its disk cannot make us follow a backing path.
+
+use crate::error::{BlockError, Result};
+use crate::node::{check_bounds, Allocation, BlockNode, LayerStatus};
+use crate::protocol::Protocol;
+use async_trait::async_trait;
+use std::any::Any;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// A raw image node.
+pub struct RawNode {
+    file: Arc<dyn Protocol>,
+    size: AtomicU64,
+}
+
+impl RawNode {
+    /// Open a raw node over `file`; its virtual size is the file's length.
+    pub async fn open(file: Arc<dyn Protocol>) -> Result<Self> {
+        let size = file.len().await?;
+        Ok(RawNode {
+            file,
+            size: AtomicU64::new(size),
+        })
+    }
+
+    /// The protocol under this node.
+    pub fn protocol(&self) -> &Arc<dyn Protocol> {
+        &self.file
+    }
+}
+
+#[async_trait]
+impl BlockNode for RawNode {
+    fn format_name(&self) -> &'static str {
+        "raw"
+    }
+    fn filename(&self) -> &str {
+        self.file.name()
+    }
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+    fn read_only(&self) -> bool {
+        self.file.read_only()
+    }
+    fn backing(&self) -> Option<Arc<dyn BlockNode>> {
+        None
+    }
+
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        check_bounds(offset, buf.len() as u64, self.size())?;
+        self.file.read_at(offset, buf).await
+    }
+
+    async fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        check_bounds(offset, data.len() as u64, self.size())?;
+        self.file.write_at(offset, data).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        check_bounds(offset, len, self.size())?;
+        self.file.write_zeroes(offset, len, unmap).await
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        check_bounds(offset, len, self.size())?;
+        self.file.discard(offset, len).await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.file.flush().await
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> Result<LayerStatus> {
+        check_bounds(offset, len, self.size())?;
+        let (data, n) = self.file.data_status(offset, len).await?;
+        Ok(LayerStatus {
+            alloc: if data {
+                Allocation::Data
+            } else {
+                Allocation::Zero
+            },
+            len: n.max(1).min(len),
+            host_offset: Some(offset),
+            compressed: false,
+        })
+    }
+
+    async fn truncate(&self, size: u64) -> Result<()> {
+        if self.read_only() {
+            return Err(BlockError::ReadOnly(self.filename().to_string()));
+        }
+        self.file.set_len(size).await?;
+        self.size.store(size, Ordering::Release);
+        Ok(())
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.flush().await
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}

@@ -1,0 +1,18 @@
+//! diskstream's block layer.
+//!
+//! A device is a graph of [`node::BlockNode`]s: format drivers ([`format::qcow2`],
+//! [`format::raw`]) over protocol drivers ([`protocol::file`]), linked into backing chains by
+//! [`image`]. The chain-wide mapping query in [`status`] is what `map`, streaming, mirroring and
+//! NBD block status are built on. File I/O runs on the bounded [`pool::IoPool`], never on the
+//! async runtime's workers.
+
+pub mod error;
+pub mod format;
+pub mod image;
+pub mod node;
+pub mod pool;
+pub mod protocol;
+pub mod status;
+
+pub use error::{BlockError, Result};
+pub use node::BlockNode;

@@ -1,0 +1,100 @@
+//! The block node: one layer of a device's graph (a format driver over a protocol).
+//!
+//! Every front end (CLI, NBD, QMP jobs) talks to nodes through [`BlockNode`]. A node answers reads
+//! for its whole virtual size, deferring ranges it does not allocate to its backing node (and
+//! reading zeroes past the backing's end). [`BlockNode::block_status`] describes one layer only;
+//! [`crate::status`] composes layers into the chain-wide mapping that `map`, streaming and NBD
+//! block status all use.
+
+use crate::error::{BlockError, Result};
+use async_trait::async_trait;
+use std::any::Any;
+use std::sync::Arc;
+
+/// How one layer backs a range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Allocation {
+    /// This layer holds data for the range.
+    Data,
+    /// This layer says the range reads as zeroes (zero cluster, hole in a raw file).
+    Zero,
+    /// This layer does not describe the range: read it from the backing node.
+    Unallocated,
+}
+
+/// The answer of [`BlockNode::block_status`] for a prefix of the asked range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerStatus {
+    /// What this layer says about the prefix.
+    pub alloc: Allocation,
+    /// Length of the prefix (at least 1 byte, at most the asked length).
+    pub len: u64,
+    /// Where the prefix lives in this layer's protocol, if it has a fixed place.
+    pub host_offset: Option<u64>,
+    /// Whether the data is stored compressed (then `host_offset` is `None`).
+    pub compressed: bool,
+}
+
+/// A layer of a block graph; shared as `Arc<dyn BlockNode>`.
+#[async_trait]
+pub trait BlockNode: Send + Sync + 'static {
+    /// Driver name as QEMU spells it ("qcow2", "raw").
+    fn format_name(&self) -> &'static str;
+    /// The image's file name (as opened).
+    fn filename(&self) -> &str;
+    /// Virtual size in bytes.
+    fn size(&self) -> u64;
+    /// Whether writes are refused.
+    fn read_only(&self) -> bool;
+    /// The backing node, if any.
+    fn backing(&self) -> Option<Arc<dyn BlockNode>>;
+    /// Allocation granularity of the layer (cluster size), if it has one.
+    fn cluster_size(&self) -> Option<u64> {
+        None
+    }
+    /// Read `buf.len()` bytes at `offset` (through the backing chain as needed).
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// Write `data` at `offset`.
+    async fn write(&self, offset: u64, data: &[u8]) -> Result<()>;
+    /// Make a range read as zeroes; `unmap` allows deallocating it.
+    async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()>;
+    /// Discard a range (guest contents afterwards: zero or unchanged, per the format's rules).
+    async fn discard(&self, offset: u64, len: u64) -> Result<()>;
+    /// Make every completed write durable, metadata included.
+    async fn flush(&self) -> Result<()>;
+    /// Describe how this layer (alone) backs a prefix of `[offset, offset+len)`.
+    async fn block_status(&self, offset: u64, len: u64) -> Result<LayerStatus>;
+    /// Change the virtual size.
+    async fn truncate(&self, size: u64) -> Result<()>;
+    /// Flush and release the node cleanly (clears dirty state). Further I/O is an error.
+    async fn close(&self) -> Result<()>;
+    /// Downcast hook for driver-specific operations (qcow2 check, backing rewrite).
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// Check that `[offset, offset+len)` lies inside a device of `size` bytes.
+pub fn check_bounds(offset: u64, len: u64, size: u64) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(BlockError::OutOfBounds { offset, len, size }),
+    }
+}
+
+/// Read from a backing node that may be shorter than the overlay: bytes past its end are zero.
+pub async fn read_backing(
+    backing: Option<&Arc<dyn BlockNode>>,
+    offset: u64,
+    buf: &mut [u8],
+) -> Result<()> {
+    let Some(b) = backing else {
+        buf.fill(0);
+        return Ok(());
+    };
+    let bsize = b.size();
+    let avail = bsize.saturating_sub(offset).min(buf.len() as u64) as usize;
+    if avail > 0 {
+        b.read(offset, &mut buf[..avail]).await?;
+    }
+    buf[avail..].fill(0);
+    Ok(())
+}

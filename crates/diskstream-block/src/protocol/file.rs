@@ -1,0 +1,267 @@
+//! The local file protocol: positional I/O on a regular file or block device.
+//!
+//! Every syscall runs on the [`IoPool`](crate::pool::IoPool), never on a tokio worker. Zeroing and
+//! discarding use `fallocate` (ZERO_RANGE, PUNCH_HOLE) with a plain zero-write fallback, and the
+//! data/hole query uses `SEEK_DATA`/`SEEK_HOLE`, which is what makes raw images sparse-aware.
+
+use super::Protocol;
+use crate::error::{BlockError, Result};
+use crate::pool::IoPool;
+use async_trait::async_trait;
+use rustix::fs::{FallocateFlags, SeekFrom};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+
+/// A file opened for positional I/O.
+pub struct FileProtocol {
+    file: Arc<File>,
+    name: String,
+    read_only: bool,
+    pool: IoPool,
+}
+
+impl FileProtocol {
+    /// Open an existing file.
+    pub fn open(path: &Path, read_only: bool) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|e| BlockError::io(format!("Could not open '{}'", path.display()), e))?;
+        Ok(FileProtocol {
+            file: Arc::new(file),
+            name: path.display().to_string(),
+            read_only,
+            pool: IoPool::global().clone(),
+        })
+    }
+
+    /// Create (or truncate) a file for writing.
+    pub fn create(path: &Path) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|e| BlockError::io(format!("Could not create '{}'", path.display()), e))?;
+        Ok(FileProtocol {
+            file: Arc::new(file),
+            name: path.display().to_string(),
+            read_only: false,
+            pool: IoPool::global().clone(),
+        })
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(BlockError::ReadOnly(self.name.clone()));
+        }
+        Ok(())
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        what: impl FnOnce() -> String,
+        f: impl FnOnce(&File) -> io::Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let file = Arc::clone(&self.file);
+        self.pool
+            .run(move || f(&file))
+            .await
+            .map_err(|e| BlockError::io(what(), e))
+    }
+}
+
+fn pread_full(file: &File, mut buf: &mut [u8], mut off: u64) -> io::Result<()> {
+    while !buf.is_empty() {
+        match file.read_at(buf, off) {
+            Ok(0) => {
+                buf.fill(0);
+                return Ok(());
+            }
+            Ok(n) => {
+                buf = &mut buf[n..];
+                off += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn write_zero_bytes(file: &File, mut off: u64, mut len: u64) -> io::Result<()> {
+    let chunk = vec![0u8; len.min(1 << 20) as usize];
+    while len > 0 {
+        let n = len.min(chunk.len() as u64) as usize;
+        file.write_all_at(&chunk[..n], off)?;
+        off += n as u64;
+        len -= n as u64;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Protocol for FileProtocol {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    async fn read_vec(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        self.run(
+            || format!("read of '{}' at {offset}", self.name),
+            move |f| {
+                let mut buf = vec![0u8; len];
+                pread_full(f, &mut buf, offset)?;
+                Ok(buf)
+            },
+        )
+        .await
+    }
+
+    async fn write_vec(&self, offset: u64, data: Vec<u8>) -> Result<()> {
+        self.check_writable()?;
+        self.run(
+            || format!("write to '{}' at {offset}", self.name),
+            move |f| f.write_all_at(&data, offset),
+        )
+        .await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        self.check_writable()?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.run(
+            || format!("write-zeroes on '{}' at {offset}", self.name),
+            move |f| {
+                let size = f.metadata()?.len();
+                let flags = if unmap {
+                    FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE
+                } else {
+                    FallocateFlags::ZERO_RANGE
+                };
+                // Punching a hole never extends the file; zero the part past EOF by extending.
+                if rustix::fs::fallocate(f, flags, offset, len).is_ok() {
+                    if unmap && offset + len > size {
+                        f.set_len(offset + len)?;
+                    }
+                    return Ok(());
+                }
+                if rustix::fs::fallocate(f, FallocateFlags::ZERO_RANGE, offset, len).is_ok() {
+                    return Ok(());
+                }
+                write_zero_bytes(f, offset, len)
+            },
+        )
+        .await
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.run(
+            || format!("discard on '{}' at {offset}", self.name),
+            move |f| {
+                // Discard is advisory: a file system without hole punching just keeps the data.
+                let _ = rustix::fs::fallocate(
+                    f,
+                    FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+                    offset,
+                    len,
+                );
+                Ok(())
+            },
+        )
+        .await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.run(
+            || format!("flush of '{}'", self.name),
+            |f| rustix::fs::fdatasync(f).map_err(io::Error::from),
+        )
+        .await
+    }
+
+    async fn len(&self) -> Result<u64> {
+        self.run(
+            || format!("stat of '{}'", self.name),
+            |f| {
+                let m = f.metadata()?;
+                if m.file_type().is_file() {
+                    return Ok(m.len());
+                }
+                // Block devices report 0 in st_size; seek to the end instead.
+                let end = rustix::fs::seek(f, SeekFrom::End(0)).map_err(io::Error::from)?;
+                Ok(end)
+            },
+        )
+        .await
+    }
+
+    async fn set_len(&self, len: u64) -> Result<()> {
+        self.check_writable()?;
+        self.run(
+            || format!("truncate of '{}' to {len}", self.name),
+            move |f| f.set_len(len),
+        )
+        .await
+    }
+
+    async fn allocate(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        self.run(
+            || format!("preallocation of '{}' at {offset}", self.name),
+            move |f| {
+                if rustix::fs::fallocate(f, FallocateFlags::empty(), offset, len).is_ok() {
+                    return Ok(());
+                }
+                let size = f.metadata()?.len();
+                if offset + len > size {
+                    let start = offset.max(size);
+                    write_zero_bytes(f, start, offset + len - start)?;
+                }
+                Ok(())
+            },
+        )
+        .await
+    }
+
+    async fn data_status(&self, offset: u64, len: u64) -> Result<(bool, u64)> {
+        self.run(
+            || format!("block status of '{}' at {offset}", self.name),
+            move |f| Ok(seek_status(f, offset, len)),
+        )
+        .await
+    }
+}
+
+/// Classify `[offset, offset+len)` with SEEK_DATA/SEEK_HOLE. Any failure (ENXIO past the last
+/// data, a file system without support) degrades to a safe answer: data.
+fn seek_status(f: &File, offset: u64, len: u64) -> (bool, u64) {
+    match rustix::fs::seek(f, SeekFrom::Data(offset)) {
+        Ok(data) if data > offset => (false, (data - offset).min(len)),
+        Ok(_) => match rustix::fs::seek(f, SeekFrom::Hole(offset)) {
+            Ok(hole) if hole > offset => (true, (hole - offset).min(len)),
+            _ => (true, len),
+        },
+        // ENXIO: no data at or after offset (it is a hole up to EOF).
+        Err(rustix::io::Errno::NXIO) => (false, len),
+        Err(_) => (true, len),
+    }
+}

@@ -1,0 +1,53 @@
+//! Protocol drivers: bytes at offsets in some storage (a local file now; NBD and HTTP later).
+//!
+//! A protocol knows nothing about image formats. Format drivers (raw, qcow2) sit on top of one
+//! protocol each and translate guest offsets into protocol ("host") offsets.
+
+pub mod file;
+
+use crate::error::Result;
+use async_trait::async_trait;
+
+/// Byte-addressed storage under a format driver.
+///
+/// Buffers are owned (`Vec<u8>`) at this level because the I/O may run on another thread; the
+/// borrowed helpers copy. Reads past the end of the storage return zeroes, which is what every
+/// format expects of a file that was not extended yet.
+#[async_trait]
+pub trait Protocol: Send + Sync {
+    /// A printable name for messages (the file path).
+    fn name(&self) -> &str;
+    /// Whether the storage was opened read-only.
+    fn read_only(&self) -> bool;
+    /// Read `len` bytes at `offset`; bytes past the end read as zero.
+    async fn read_vec(&self, offset: u64, len: usize) -> Result<Vec<u8>>;
+    /// Write `data` at `offset`, extending the storage if needed.
+    async fn write_vec(&self, offset: u64, data: Vec<u8>) -> Result<()>;
+    /// Make `len` bytes at `offset` read as zero, deallocating them if `unmap` allows.
+    async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()>;
+    /// Hint that `len` bytes at `offset` are unused; contents afterwards are zero on a file.
+    async fn discard(&self, offset: u64, len: u64) -> Result<()>;
+    /// Make every completed write durable.
+    async fn flush(&self) -> Result<()>;
+    /// Current length of the storage.
+    async fn len(&self) -> Result<u64>;
+    /// Set the length of the storage (truncate or extend with zeroes).
+    async fn set_len(&self, len: u64) -> Result<()>;
+    /// Preallocate `len` bytes at `offset` (fallocate); storage that cannot may write zeroes.
+    async fn allocate(&self, offset: u64, len: u64) -> Result<()>;
+    /// Whether the range starting at `offset` holds data (true) or is a hole (false), and for how
+    /// many bytes (at most `len`) that answer holds.
+    async fn data_status(&self, offset: u64, len: u64) -> Result<(bool, u64)>;
+
+    /// Read into a borrowed buffer (copies from the owned read).
+    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let v = self.read_vec(offset, buf.len()).await?;
+        buf.copy_from_slice(&v);
+        Ok(())
+    }
+
+    /// Write a borrowed buffer (copies into an owned write).
+    async fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.write_vec(offset, data.to_vec()).await
+    }
+}
