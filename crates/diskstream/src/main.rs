@@ -1,3 +1,54 @@
-fn main() {
-    println!("Hello, world!");
+//! `diskstream`: the command-line front end.
+//!
+//! `diskstream img ...` follows qemu-img's conventions (`-f`, `-F`, `-b`, `-o k=v,...`, `-p`,
+//! `--output=json`) so scripts written for qemu-img work with few changes. The front end only
+//! translates arguments and prints results; all image logic lives in `diskstream-block`.
+
+mod img;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// diskstream: a virtual-disk engine (qcow2/raw images, backing chains, streaming).
+#[derive(Parser)]
+#[command(name = "diskstream", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Image utilities (qemu-img compatible): create, info, map, check, compare, convert, rebase, commit, resize.
+    Img {
+        #[command(subcommand)]
+        cmd: img::ImgCommand,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DISKSTREAM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("diskstream: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let code = rt.block_on(async {
+        match cli.cmd {
+            Command::Img { cmd } => img::run(cmd).await,
+        }
+    });
+    ExitCode::from(code)
 }

@@ -370,7 +370,7 @@ impl Header {
                 b[105..105 + n].copy_from_slice(&self.extra_fields[..n]);
             }
         }
-        let mut push_ext = |b: &mut Vec<u8>, ty: u32, data: &[u8]| {
+        let push_ext = |b: &mut Vec<u8>, ty: u32, data: &[u8]| {
             b.extend_from_slice(&ty.to_be_bytes());
             b.extend_from_slice(&(data.len() as u32).to_be_bytes());
             b.extend_from_slice(data);

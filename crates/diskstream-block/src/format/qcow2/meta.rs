@@ -708,14 +708,13 @@ impl Meta {
         let clusters = bytes.div_ceil(self.cs());
         let new_off = self.alloc_clusters(clusters).await?;
         let mut new_l1 = self.l1.clone();
-        new_l1.resize((clusters * self.cs() / 8) as usize, 0);
+        new_l1.resize(entries as usize, 0);
         self.flush().await?;
         self.write_words(new_off, &new_l1).await?;
         self.file.flush().await?;
         let old = (self.header.l1_table_offset, self.l1.len() as u64 * 8);
         self.header.l1_table_offset = new_off;
         self.header.l1_size = entries as u32;
-        new_l1.truncate(entries as usize);
         self.l1 = new_l1;
         self.l1_dirty.clear();
         self.write_header().await?;

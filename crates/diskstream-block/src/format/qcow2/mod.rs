@@ -745,6 +745,24 @@ impl BlockNode for Qcow2 {
 }
 
 impl Qcow2 {
+    /// Deallocate every cluster of this layer, so all of it reads from the backing file again
+    /// (what `commit` does to the committed image unless asked to keep it).
+    pub async fn make_empty(&self) -> Result<()> {
+        let cs = self.cs();
+        let clusters = self.size().div_ceil(cs);
+        let mut m = self.lock_writable().await?;
+        m = self.wait_inflight(m, 0, clusters).await;
+        for c in 0..clusters {
+            let (old, bitmap) = m.l2_get(c).await?;
+            if old == 0 && bitmap == 0 {
+                continue;
+            }
+            m.l2_set(c, 0, 0).await?;
+            self.free_old_entry(&mut m, old);
+        }
+        m.flush().await
+    }
+
     async fn write_explicit_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         let chunk = len.min(1 << 20);
         let zeroes = vec![0u8; chunk as usize];

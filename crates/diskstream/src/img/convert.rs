@@ -1,0 +1,268 @@
+//! `img convert`: copy a whole chain into a new image, keeping it sparse.
+//!
+//! The copy is driven by the chain-wide mapping: ranges that read as zero are never read and
+//! never written (a fresh target already reads zero there), data ranges are read in chunks and
+//! written by several tasks in parallel, and all-zero clusters found in data are skipped too.
+
+use super::{create_raw, open, parse_format};
+use anyhow::{anyhow, bail, Result};
+use clap::Args;
+use diskstream_block::format::qcow2::create::{CreateOptions, Preallocation};
+use diskstream_block::format::qcow2::header::CompressionType;
+use diskstream_block::format::qcow2::Qcow2;
+use diskstream_block::format::Format;
+use diskstream_block::node::BlockNode;
+use diskstream_block::status;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::task::JoinSet;
+
+/// Arguments of `convert`.
+#[derive(Args)]
+pub struct ConvertArgs {
+    /// Source format.
+    #[arg(short = 'f')]
+    fmt: Option<String>,
+    /// Output format.
+    #[arg(short = 'O', default_value = "raw")]
+    out_fmt: String,
+    /// Output options (as for create).
+    #[arg(short = 'o')]
+    options: Vec<String>,
+    /// Write compressed clusters (qcow2 output).
+    #[arg(short = 'c')]
+    compress: bool,
+    /// Show a progress bar.
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Do not create the target; it must exist.
+    #[arg(short = 'n')]
+    no_create: bool,
+    /// Backing file of the output: only differences from it are written.
+    #[arg(short = 'B')]
+    backing: Option<String>,
+    /// Format of the output's backing file.
+    #[arg(short = 'F')]
+    backing_fmt: Option<String>,
+    /// Parallel requests (like qemu-img -m).
+    #[arg(short = 'm', default_value = "8")]
+    parallel: usize,
+    /// Quiet.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Source image.
+    src: PathBuf,
+    /// Output image.
+    dst: PathBuf,
+}
+
+/// A progress bar on stderr when asked for and stderr is a terminal; hidden otherwise.
+pub fn progress_bar(enabled: bool, len: u64) -> ProgressBar {
+    if !enabled || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template(
+        "{bar:40} {percent:>3}% {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    ) {
+        pb.set_style(style);
+    }
+    pb
+}
+
+const CHUNK: u64 = 2 << 20;
+
+/// Run `convert`.
+pub async fn convert(a: ConvertArgs) -> Result<()> {
+    let out_fmt = parse_format(&a.out_fmt)?;
+    if a.compress && out_fmt != Format::Qcow2 {
+        bail!("Compression not supported for output format '{out_fmt}'");
+    }
+    let src = open(&a.src, a.fmt.as_deref(), true).await?;
+    let size = src.size();
+    if !a.no_create {
+        let mut o = CreateOptions {
+            size,
+            backing_file: a.backing.clone(),
+            backing_fmt: a.backing_fmt.clone(),
+            ..Default::default()
+        };
+        let mut prealloc = Preallocation::Off;
+        for (k, v) in super::opts::parse_kv(&a.options)? {
+            match k.as_str() {
+                "preallocation" => prealloc = v.parse().map_err(|e| anyhow!("{e}"))?,
+                "cluster_size" if out_fmt == Format::Qcow2 => {
+                    o.cluster_size = super::opts::parse_size(&v)?
+                }
+                "compat" if out_fmt == Format::Qcow2 => {
+                    o.version = match v.as_str() {
+                        "0.10" | "v2" => 2,
+                        "1.1" | "v3" => 3,
+                        _ => bail!("Invalid compatibility level: '{v}'"),
+                    }
+                }
+                "lazy_refcounts" if out_fmt == Format::Qcow2 => {
+                    o.lazy_refcounts = super::opts::parse_bool(&k, &v)?
+                }
+                "extended_l2" if out_fmt == Format::Qcow2 => {
+                    o.extended_l2 = super::opts::parse_bool(&k, &v)?
+                }
+                "refcount_bits" if out_fmt == Format::Qcow2 => {
+                    o.refcount_bits = v
+                        .parse()
+                        .map_err(|_| anyhow!("Invalid refcount_bits '{v}'"))?
+                }
+                "compression_type" if out_fmt == Format::Qcow2 => {
+                    o.compression_type = match v.as_str() {
+                        "zlib" => CompressionType::Zlib,
+                        "zstd" => CompressionType::Zstd,
+                        _ => bail!("Invalid parameter '{v}' for compression_type"),
+                    }
+                }
+                _ => bail!("Invalid parameter '{k}' for format {out_fmt}"),
+            }
+        }
+        o.preallocation = prealloc;
+        if o.backing_file.is_some() && o.backing_fmt.is_none() {
+            bail!("Backing file specified without backing format (use -F <fmt>)");
+        }
+        match out_fmt {
+            Format::Qcow2 => diskstream_block::format::qcow2::create::create(&a.dst, &o)
+                .await
+                .map_err(|e| anyhow!("{}: {e}", a.dst.display()))?,
+            Format::Raw => {
+                if a.backing.is_some() {
+                    bail!("Format 'raw' does not support backing files");
+                }
+                create_raw(&a.dst, size, prealloc).await?
+            }
+        }
+    }
+    let dst = open(&a.dst, Some(out_fmt.name()), false).await?;
+    if dst.size() < size {
+        bail!(
+            "{}: target is smaller than the source ({} < {size} bytes)",
+            a.dst.display(),
+            dst.size()
+        );
+    }
+    let fresh = !a.no_create && dst.backing().is_none();
+    let pb = progress_bar(a.progress && !a.quiet, size);
+    let gran = dst.cluster_size().unwrap_or(4096).max(4096);
+    let mut tasks: JoinSet<Result<u64>> = JoinSet::new();
+    let mut pos = 0;
+    while pos < size {
+        let e = status::map_extent(&src, pos, (size - pos).min(CHUNK))
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        let (start, len) = (pos, e.length);
+        pos += len;
+        if e.zero && fresh {
+            pb.inc(len);
+            continue;
+        }
+        while tasks.len() >= a.parallel.max(1) {
+            if let Some(r) = tasks.join_next().await {
+                pb.inc(r.map_err(|e| anyhow!("copy task failed: {e}"))??);
+            }
+        }
+        let (src, dst) = (Arc::clone(&src), Arc::clone(&dst));
+        let compress = a.compress;
+        let zero = e.zero;
+        tasks.spawn(async move {
+            copy_range(&src, &dst, start, len, gran, fresh, zero, compress).await?;
+            Ok(len)
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        pb.inc(r.map_err(|e| anyhow!("copy task failed: {e}"))??);
+    }
+    pb.finish_and_clear();
+    dst.close().await.map_err(|e| anyhow!("{e}"))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn copy_range(
+    src: &Arc<dyn BlockNode>,
+    dst: &Arc<dyn BlockNode>,
+    start: u64,
+    len: u64,
+    gran: u64,
+    fresh: bool,
+    zero: bool,
+    compress: bool,
+) -> Result<()> {
+    let err = |e: diskstream_block::BlockError| anyhow!("{e}");
+    let has_backing = dst.backing().is_some();
+    if zero && !has_backing {
+        return dst.write_zeroes(start, len, true).await.map_err(err);
+    }
+    let mut buf = vec![0u8; len as usize];
+    src.read(start, &mut buf).await.map_err(err)?;
+    let mut old = if has_backing {
+        vec![0u8; len as usize]
+    } else {
+        Vec::new()
+    };
+    if has_backing {
+        diskstream_block::node::read_backing(dst.backing().as_ref(), start, &mut old)
+            .await
+            .map_err(err)?;
+    }
+    // Walk granules aligned to the target's clusters; write runs of granules that matter.
+    let mut i = 0u64;
+    while i < len {
+        let g_end = (((start + i) / gran + 1) * gran - start).min(len);
+        let piece = &buf[i as usize..g_end as usize];
+        let skip = if has_backing {
+            piece == &old[i as usize..g_end as usize]
+        } else {
+            fresh && piece.iter().all(|&b| b == 0)
+        };
+        if skip {
+            i = g_end;
+            continue;
+        }
+        if compress {
+            let q = dst
+                .as_any()
+                .downcast_ref::<Qcow2>()
+                .ok_or_else(|| anyhow!("compressed output needs qcow2"))?;
+            if (start + i) % gran == 0 && (g_end - i == gran || start + g_end == dst.size()) {
+                q.write_compressed(start + i, piece).await.map_err(err)?;
+            } else {
+                dst.write(start + i, piece).await.map_err(err)?;
+            }
+            i = g_end;
+            continue;
+        }
+        // Extend the run over following granules that also need writing.
+        let mut j = g_end;
+        while j < len {
+            let n_end = (j + gran).min(len);
+            let p = &buf[j as usize..n_end as usize];
+            let s = if has_backing {
+                p == &old[j as usize..n_end as usize]
+            } else {
+                fresh && p.iter().all(|&b| b == 0)
+            };
+            if s {
+                break;
+            }
+            j = n_end;
+        }
+        if !fresh && !has_backing && buf[i as usize..j as usize].iter().all(|&b| b == 0) {
+            dst.write_zeroes(start + i, j - i, true)
+                .await
+                .map_err(err)?;
+        } else {
+            dst.write(start + i, &buf[i as usize..j as usize])
+                .await
+                .map_err(err)?;
+        }
+        i = j;
+    }
+    Ok(())
+}
