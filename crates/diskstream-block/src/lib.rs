@@ -8,6 +8,7 @@
 
 pub mod error;
 pub mod format;
+pub mod fuzzing;
 pub mod image;
 pub mod node;
 pub mod pool;

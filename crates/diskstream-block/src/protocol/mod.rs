@@ -4,6 +4,7 @@
 //! protocol each and translate guest offsets into protocol ("host") offsets.
 
 pub mod file;
+pub mod mem;
 
 use crate::error::Result;
 use async_trait::async_trait;

@@ -152,6 +152,12 @@ pub async fn convert(a: ConvertArgs) -> Result<()> {
     let pb = progress_bar(a.progress && !a.quiet, size);
     let gran = dst.cluster_size().unwrap_or(4096).max(4096);
     let mut tasks: JoinSet<Result<u64>> = JoinSet::new();
+    // Reads run in parallel; for allocating formats the writes are issued in guest order so the
+    // output's clusters are laid out sequentially (as qemu-img does without -W).
+    let ordered = out_fmt == Format::Qcow2;
+    let (turn_tx, turn_rx) = tokio::sync::watch::channel(0u64);
+    let turn_tx = Arc::new(turn_tx);
+    let mut seq = 0u64;
     let mut pos = 0;
     while pos < size {
         let e = status::map_extent(&src, pos, (size - pos).min(CHUNK))
@@ -171,9 +177,29 @@ pub async fn convert(a: ConvertArgs) -> Result<()> {
         let (src, dst) = (Arc::clone(&src), Arc::clone(&dst));
         let compress = a.compress;
         let zero = e.zero;
+        let turn = ordered.then(|| Turn {
+            me: seq,
+            rx: turn_rx.clone(),
+            tx: Arc::clone(&turn_tx),
+        });
+        seq += 1;
         tasks.spawn(async move {
-            copy_range(&src, &dst, start, len, gran, fresh, zero, compress).await?;
-            Ok(len)
+            let r = copy_range(
+                &src,
+                &dst,
+                start,
+                len,
+                gran,
+                fresh,
+                zero,
+                compress,
+                turn.as_ref(),
+            )
+            .await;
+            if let Some(t) = &turn {
+                t.done();
+            }
+            r.map(|_| len)
         });
     }
     while let Some(r) = tasks.join_next().await {
@@ -181,6 +207,32 @@ pub async fn convert(a: ConvertArgs) -> Result<()> {
     }
     pb.finish_and_clear();
     dst.close().await.map_err(|e| anyhow!("{e}"))
+}
+
+/// A task's place in the write order.
+struct Turn {
+    me: u64,
+    rx: tokio::sync::watch::Receiver<u64>,
+    tx: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Turn {
+    async fn wait(&self) {
+        let mut rx = self.rx.clone();
+        let _ = rx.wait_for(|&t| t >= self.me).await;
+    }
+
+    /// Let the next task write (also on failure, so no task waits forever).
+    fn done(&self) {
+        self.tx.send_if_modified(|t| {
+            if *t == self.me {
+                *t += 1;
+                true
+            } else {
+                false
+            }
+        });
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -193,14 +245,21 @@ async fn copy_range(
     fresh: bool,
     zero: bool,
     compress: bool,
+    turn: Option<&Turn>,
 ) -> Result<()> {
     let err = |e: diskstream_block::BlockError| anyhow!("{e}");
     let has_backing = dst.backing().is_some();
     if zero && !has_backing {
+        if let Some(t) = turn {
+            t.wait().await;
+        }
         return dst.write_zeroes(start, len, true).await.map_err(err);
     }
     let mut buf = vec![0u8; len as usize];
     src.read(start, &mut buf).await.map_err(err)?;
+    if let Some(t) = turn {
+        t.wait().await;
+    }
     let mut old = if has_backing {
         vec![0u8; len as usize]
     } else {

@@ -341,7 +341,12 @@ impl Meta {
             if self.rc.values().any(|b| b.dirty) {
                 self.flush().await?;
             }
-            let keys: Vec<u64> = self.rc.keys().copied().take(self.rc.len() / 2 + 1).collect();
+            let keys: Vec<u64> = self
+                .rc
+                .keys()
+                .copied()
+                .take(self.rc.len() / 2 + 1)
+                .collect();
             for k in keys {
                 self.rc.remove(&k);
             }
@@ -378,8 +383,12 @@ impl Meta {
         let bits = 1u64 << order;
         match bits {
             8 => data[i as usize] = v as u8,
-            16 => data[2 * i as usize..2 * i as usize + 2].copy_from_slice(&(v as u16).to_be_bytes()),
-            32 => data[4 * i as usize..4 * i as usize + 4].copy_from_slice(&(v as u32).to_be_bytes()),
+            16 => {
+                data[2 * i as usize..2 * i as usize + 2].copy_from_slice(&(v as u16).to_be_bytes())
+            }
+            32 => {
+                data[4 * i as usize..4 * i as usize + 4].copy_from_slice(&(v as u32).to_be_bytes())
+            }
             64 => data[8 * i as usize..8 * i as usize + 8].copy_from_slice(&v.to_be_bytes()),
             _ => {
                 let bit = i * bits;
@@ -493,7 +502,9 @@ impl Meta {
         })
     }
 
-    /// First run of `n` free clusters at or after the allocation cursor.
+    /// First run of `n` free clusters at or after the allocation cursor. The cursor moves to
+    /// the run's start: clusters before it are in use or in a hole too small for this request
+    /// (they are found again when a free lowers the cursor), so allocation stays linear.
     async fn find_free(&mut self, n: u64) -> Result<u64> {
         let mut start = self.free_cluster_index.max(1);
         let mut c = start;
@@ -506,6 +517,7 @@ impl Meta {
                 return Err(BlockError::NoSpace(self.file.name().to_string()));
             }
         }
+        self.free_cluster_index = start;
         Ok(start)
     }
 
@@ -534,9 +546,7 @@ impl Meta {
                 for c in start..start + n {
                     self.set_refcount(c, 1).await?;
                 }
-                if self.free_cluster_index == start {
-                    self.free_cluster_index = start + n;
-                }
+                self.free_cluster_index = self.free_cluster_index.max(start + n);
                 return Ok(start << self.cluster_bits);
             }
         })
@@ -582,7 +592,12 @@ impl Meta {
     }
 
     /// Write every 512-byte sector of a table whose entries are in `dirty`.
-    async fn write_table_sectors(&self, base: u64, table: &[u64], dirty: &BTreeSet<usize>) -> Result<()> {
+    async fn write_table_sectors(
+        &self,
+        base: u64,
+        table: &[u64],
+        dirty: &BTreeSet<usize>,
+    ) -> Result<()> {
         let mut last_sector = None;
         for &i in dirty {
             let sector = i / 64;
@@ -592,7 +607,8 @@ impl Meta {
             last_sector = Some(sector);
             let lo = sector * 64;
             let hi = (lo + 64).min(table.len());
-            self.write_words(base + lo as u64 * 8, &table[lo..hi]).await?;
+            self.write_words(base + lo as u64 * 8, &table[lo..hi])
+                .await?;
         }
         Ok(())
     }
@@ -622,7 +638,8 @@ impl Meta {
                 self.file.flush().await?;
                 self.write_header().await?;
                 self.reftable_dirty.clear();
-                self.pending_frees.push((old_off, old_clusters << self.cluster_bits));
+                self.pending_frees
+                    .push((old_off, old_clusters << self.cluster_bits));
             } else if !self.reftable_dirty.is_empty() {
                 let dirty = std::mem::take(&mut self.reftable_dirty);
                 self.write_table_sectors(self.header.refcount_table_offset, &self.reftable, &dirty)
