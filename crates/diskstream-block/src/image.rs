@@ -16,6 +16,10 @@ use crate::protocol::Protocol;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// A boxed future yielding an opened node (chain opening recurses).
+type NodeFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Arc<dyn BlockNode>>> + Send + 'a>>;
+
 /// Default limit on the number of layers in a chain.
 pub const DEFAULT_MAX_DEPTH: usize = 64;
 
@@ -95,7 +99,7 @@ fn open_chain<'a>(
     opts: &'a OpenOptions,
     seen: &'a mut Vec<PathBuf>,
     depth: usize,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Arc<dyn BlockNode>>> + Send + 'a>> {
+) -> NodeFuture<'a> {
     Box::pin(async move {
         if depth >= opts.max_depth {
             return Err(BlockError::Chain(format!(
@@ -104,9 +108,8 @@ fn open_chain<'a>(
                 opts.max_depth
             )));
         }
-        let canon = std::fs::canonicalize(path).map_err(|e| {
-            BlockError::io(format!("Could not open '{}'", path.display()), e)
-        })?;
+        let canon = std::fs::canonicalize(path)
+            .map_err(|e| BlockError::io(format!("Could not open '{}'", path.display()), e))?;
         if seen.contains(&canon) {
             return Err(BlockError::Chain(format!(
                 "Backing chain loop: '{}' is its own backing file",

@@ -33,6 +33,10 @@ pub struct LayerStatus {
     pub host_offset: Option<u64>,
     /// Whether the data is stored compressed (then `host_offset` is `None`).
     pub compressed: bool,
+    /// Whether the range is known to read as zeroes: always for [`Allocation::Zero`], and for
+    /// [`Allocation::Data`] whose stored bytes are a hole of the protocol (metadata
+    /// preallocation). QEMU reports the latter as `data: true, zero: true`; copies can skip it.
+    pub zero: bool,
 }
 
 /// A layer of a block graph; shared as `Arc<dyn BlockNode>`.

@@ -64,7 +64,7 @@ pub async fn map_extent(top: &Arc<dyn BlockNode>, offset: u64, len: u64) -> Resu
                     length: len,
                     depth,
                     present: true,
-                    zero: st.alloc == Allocation::Zero,
+                    zero: st.zero,
                     data: st.alloc == Allocation::Data,
                     compressed: st.compressed,
                     offset: st.host_offset,
@@ -85,7 +85,9 @@ pub async fn map_extent(top: &Arc<dyn BlockNode>, offset: u64, len: u64) -> Resu
                         zero: true,
                         data: false,
                         compressed: false,
-                        offset: None,
+                        // Where the layer would store it (an unallocated subcluster of an
+                        // allocated qcow2 cluster), as qemu-img map shows.
+                        offset: st.host_offset,
                     });
                 }
             },

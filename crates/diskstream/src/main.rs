@@ -4,6 +4,7 @@
 //! `--output=json`) so scripts written for qemu-img work with few changes. The front end only
 //! translates arguments and prints results; all image logic lives in `diskstream-block`.
 
+mod demo;
 mod img;
 
 use clap::{Parser, Subcommand};
@@ -24,9 +25,21 @@ enum Command {
         #[command(subcommand)]
         cmd: img::ImgCommand,
     },
+    /// Walk through the engine on built-in defaults: build a 3-layer chain, write, map, flatten, verify, check.
+    Demo {
+        /// Directory for the demo images (default: a fresh directory under $TMPDIR).
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
+    // Like qemu-img and every Unix filter: a closed stdout (`diskstream img map ... | head`) ends
+    // the process quietly instead of making each print fail.
+    // SAFETY: called before any other thread exists; SIG_DFL is a valid disposition.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("DISKSTREAM_LOG")
@@ -48,6 +61,13 @@ fn main() -> ExitCode {
     let code = rt.block_on(async {
         match cli.cmd {
             Command::Img { cmd } => img::run(cmd).await,
+            Command::Demo { dir } => match demo::run(dir).await {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("diskstream: demo failed: {e:#}");
+                    1
+                }
+            },
         }
     });
     ExitCode::from(code)

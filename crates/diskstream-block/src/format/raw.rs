@@ -19,9 +19,11 @@ pub struct RawNode {
 }
 
 impl RawNode {
-    /// Open a raw node over `file`; its virtual size is the file's length.
+    /// Open a raw node over `file`. Its virtual size is the file's length rounded up to a whole
+    /// 512-byte sector, as QEMU sizes it: the tail past the end of the file reads as zeroes
+    /// (and maps as a zero extent), and a write there extends the file.
     pub async fn open(file: Arc<dyn Protocol>) -> Result<Self> {
-        let size = file.len().await?;
+        let size = file.len().await?.div_ceil(512) * 512;
         Ok(RawNode {
             file,
             size: AtomicU64::new(size),
@@ -88,6 +90,7 @@ impl BlockNode for RawNode {
             len: n.max(1).min(len),
             host_offset: Some(offset),
             compressed: false,
+            zero: !data,
         })
     }
 
@@ -96,7 +99,7 @@ impl BlockNode for RawNode {
             return Err(BlockError::ReadOnly(self.filename().to_string()));
         }
         self.file.set_len(size).await?;
-        self.size.store(size, Ordering::Release);
+        self.size.store(size.div_ceil(512) * 512, Ordering::Release);
         Ok(())
     }
 

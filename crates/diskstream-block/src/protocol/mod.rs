@@ -32,6 +32,10 @@ pub trait Protocol: Send + Sync {
     async fn flush(&self) -> Result<()>;
     /// Current length of the storage.
     async fn len(&self) -> Result<u64>;
+    /// Whether the storage holds no bytes at all.
+    async fn is_empty(&self) -> Result<bool> {
+        Ok(self.len().await? == 0)
+    }
     /// Set the length of the storage (truncate or extend with zeroes).
     async fn set_len(&self, len: u64) -> Result<()>;
     /// Preallocate `len` bytes at `offset` (fallocate); storage that cannot may write zeroes.

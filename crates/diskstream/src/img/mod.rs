@@ -354,6 +354,10 @@ async fn create(a: CreateArgs) -> Result<()> {
             Format::Raw => println!("Formatting '{}', fmt=raw size={size}", a.file.display()),
         }
     }
+    // Like qemu-img: the message shows the size asked for, the image gets it rounded up to a
+    // whole 512-byte sector.
+    let size = size.div_ceil(512) * 512;
+    o.size = size;
     match fmt {
         Format::Qcow2 => {
             o.validate()
@@ -516,7 +520,7 @@ async fn info(a: InfoArgs) -> Result<()> {
             } else {
                 infos.remove(0)
             };
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            println!("{}", qemu_json(&v));
         }
         Output::Human => {
             for (i, v) in infos.iter().enumerate() {
@@ -846,4 +850,17 @@ async fn resize(a: ResizeArgs) -> Result<()> {
         println!("Image resized.");
     }
     Ok(())
+}
+
+/// Pretty-prints JSON the way qemu-img does (four-space indentation), so scripts that diff our
+/// output against qemu-img's see the same layout.
+pub fn qemu_json(v: &Value) -> String {
+    use serde::Serialize;
+    let mut out = Vec::new();
+    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
+    match v.serialize(&mut ser) {
+        Ok(()) => String::from_utf8_lossy(&out).into_owned(),
+        Err(_) => v.to_string(),
+    }
 }

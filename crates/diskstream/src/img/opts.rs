@@ -32,7 +32,7 @@ pub fn parse_size(s: &str) -> Result<u64> {
     let f: f64 = num
         .parse()
         .map_err(|_| anyhow::anyhow!("Invalid image size specified: '{s}'"))?;
-    if !(f >= 0.0) || f * mult as f64 >= u64::MAX as f64 {
+    if f.is_nan() || f < 0.0 || f * mult as f64 >= u64::MAX as f64 {
         bail!("Invalid image size specified: '{s}'");
     }
     Ok((f * mult as f64) as u64)

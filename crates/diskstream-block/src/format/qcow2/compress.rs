@@ -8,7 +8,11 @@ use crate::error::{BlockError, Result};
 use std::io::Read;
 
 /// Decompress one cluster of `cluster_size` bytes.
-pub fn decompress(ty: CompressionType, input: &[u8], cluster_size: usize) -> std::io::Result<Vec<u8>> {
+pub fn decompress(
+    ty: CompressionType,
+    input: &[u8],
+    cluster_size: usize,
+) -> std::io::Result<Vec<u8>> {
     let mut out = vec![0u8; cluster_size];
     match ty {
         CompressionType::Zlib => {

@@ -110,7 +110,9 @@ impl CreateOptions {
             return inv("Compression type other than zlib requires compatibility level 1.1 or above (use compat=1.1 or greater)");
         }
         if self.extended_l2 && cs < 16384 {
-            return inv("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes");
+            return inv(
+                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
+            );
         }
         if self.size % 512 != 0 {
             return inv("Image size must be a multiple of 512 bytes");
@@ -173,7 +175,9 @@ pub async fn create_on(file: Arc<dyn Protocol>, opts: &CreateOptions) -> Result<
         extra_fields: if v3 { vec![0u8; 7] } else { Vec::new() },
         backing_file: opts.backing_file.clone(),
         backing_format: opts.backing_fmt.clone(),
-        extensions: if v3 {
+        // qemu-img 10 writes the feature-name table only with clusters of 8 KiB and more (with
+        // smaller ones it would crowd out the backing file name); we do the same, byte for byte.
+        extensions: if v3 && cs >= 8192 {
             vec![(header::EXT_FEATURE_TABLE, Header::default_feature_table())]
         } else {
             Vec::new()

@@ -209,8 +209,7 @@ impl Header {
             h.autoclear_features = be64(buf, 88);
             h.refcount_order = be32(buf, 96);
             h.header_length = be32(buf, 100);
-            if h.header_length < 104 || h.header_length as u64 > cs || h.header_length % 8 != 0
-            {
+            if h.header_length < 104 || h.header_length as u64 > cs || h.header_length % 8 != 0 {
                 return Err(bad(&format!("invalid header length {}", h.header_length)));
             }
             if buf.len() < h.header_length as usize {
@@ -222,7 +221,9 @@ impl Header {
             }
         }
         if h.refcount_order > 6 {
-            return Err(bad("Refcount width must be a power of two and may not exceed 64 bits"));
+            return Err(bad(
+                "Refcount width must be a power of two and may not exceed 64 bits",
+            ));
         }
         let unknown = h.incompatible_features & !INCOMPAT_KNOWN;
         if unknown != 0 {
@@ -234,21 +235,29 @@ impl Header {
         if h.incompatible_features & INCOMPAT_DATA_FILE != 0 {
             return Err(BlockError::unsupported(path, "external data files"));
         }
-        match (h.compression_type, h.incompatible_features & INCOMPAT_COMPRESSION != 0) {
+        match (
+            h.compression_type,
+            h.incompatible_features & INCOMPAT_COMPRESSION != 0,
+        ) {
             (0, false) | (1, true) => {}
             (0, true) => {
                 return Err(bad("compression type bit set with compression type zlib"));
             }
             (1, false) => return Err(bad("compression type zstd without the incompatible bit")),
             (t, _) => {
-                return Err(BlockError::unsupported(path, format!("compression type {t}")));
+                return Err(BlockError::unsupported(
+                    path,
+                    format!("compression type {t}"),
+                ));
             }
         }
         if h.crypt_method != 0 {
             return Err(BlockError::unsupported(path, "encrypted images"));
         }
         if h.extended_l2() && cluster_bits < 14 {
-            return Err(bad("extended L2 entries need a cluster size of at least 16k"));
+            return Err(bad(
+                "extended L2 entries need a cluster size of at least 16k",
+            ));
         }
         if h.size > (1u64 << 62) {
             return Err(bad("virtual size is too large"));
@@ -278,7 +287,9 @@ impl Header {
             return Err(bad("image has no refcount table"));
         }
         if h.refcount_table_offset % cs != 0 || h.refcount_table_offset == 0 {
-            return Err(bad("Reference count table offset invalid (overlaps the header)"));
+            return Err(bad(
+                "Reference count table offset invalid (overlaps the header)",
+            ));
         }
         if h.refcount_table_offset.saturating_add(rt_bytes) > file_len {
             return Err(bad("Reference count table lies past the end of the file"));
@@ -320,9 +331,8 @@ impl Header {
             seen.push(ty);
             let data = buf[off..off + len].to_vec();
             if ty == EXT_BACKING_FORMAT {
-                h.backing_format = Some(
-                    String::from_utf8(data).map_err(|_| bad("backing format is not UTF-8"))?,
-                );
+                h.backing_format =
+                    Some(String::from_utf8(data).map_err(|_| bad("backing format is not UTF-8"))?);
             } else {
                 h.extensions.push((ty, data));
             }
@@ -333,9 +343,12 @@ impl Header {
                 || backing_file_offset.saturating_add(backing_file_size) > cs
                 || backing_file_offset.saturating_add(backing_file_size) > buf.len() as u64
             {
-                return Err(bad("Backing file name too long or outside the header cluster"));
+                return Err(bad(
+                    "Backing file name too long or outside the header cluster",
+                ));
             }
-            let s = &buf[backing_file_offset as usize..(backing_file_offset + backing_file_size) as usize];
+            let s = &buf
+                [backing_file_offset as usize..(backing_file_offset + backing_file_size) as usize];
             h.backing_file = Some(
                 String::from_utf8(s.to_vec()).map_err(|_| bad("backing file name is not UTF-8"))?,
             );
@@ -366,7 +379,10 @@ impl Header {
             b[100..104].copy_from_slice(&self.header_length.to_be_bytes());
             if self.header_length > 104 {
                 b[104] = self.compression_type;
-                let n = self.extra_fields.len().min(self.header_length as usize - 105);
+                let n = self
+                    .extra_fields
+                    .len()
+                    .min(self.header_length as usize - 105);
                 b[105..105 + n].copy_from_slice(&self.extra_fields[..n]);
             }
         }

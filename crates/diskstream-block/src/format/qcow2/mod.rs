@@ -21,7 +21,10 @@ use crate::node::{check_bounds, read_backing, Allocation, BlockNode, LayerStatus
 use crate::protocol::Protocol;
 use async_trait::async_trait;
 use header::{CompressionType, Header};
-use meta::{Meta, BITMAP_ALL_ALLOC, BITMAP_ALL_ZERO, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
+use meta::{
+    Meta, BITMAP_ALL_ALLOC, BITMAP_ALL_ZERO, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
+    OFLAG_ZERO,
+};
 use std::any::Any;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -70,7 +73,7 @@ impl Qcow2 {
         let head = file
             .read_vec(0, file_len.min(1 << header::MAX_CLUSTER_BITS) as usize)
             .await?;
-        let h = Header::parse(file.name(), &head, file_len)?;
+        let mut h = Header::parse(file.name(), &head, file_len)?;
         if h.incompatible_features & header::INCOMPAT_CORRUPT != 0 && !file.read_only() {
             return Err(BlockError::corrupt(
                 file.name(),
@@ -78,10 +81,13 @@ impl Qcow2 {
             ));
         }
         if h.incompatible_features & header::INCOMPAT_DIRTY != 0 && !file.read_only() {
-            return Err(BlockError::corrupt(
-                file.name(),
-                "image was not closed cleanly (dirty bit set); repair it with 'diskstream img check -r all'",
-            ));
+            // As QEMU does: repair a dirty (lazy refcounts) image before writing to it.
+            check::repair_dirty(Arc::clone(&file)).await?;
+            let file_len = file.len().await?;
+            let head = file
+                .read_vec(0, file_len.min(1 << header::MAX_CLUSTER_BITS) as usize)
+                .await?;
+            h = Header::parse(file.name(), &head, file_len)?;
         }
         let meta = Meta::load(h.clone(), Arc::clone(&file)).await?;
         Ok(Qcow2 {
@@ -184,9 +190,7 @@ impl Qcow2 {
         if host % self.cs() != 0 {
             return Err(BlockError::corrupt(
                 self.file.name(),
-                format!(
-                    "cluster allocation offset {host:#x} unaligned (guest cluster {gc})"
-                ),
+                format!("cluster allocation offset {host:#x} unaligned (guest cluster {gc})"),
             ));
         }
         if host != 0 && host < self.cs() {
@@ -218,7 +222,9 @@ impl Qcow2 {
             )),
             (true, false) => Ok((Kind::Data, Some(sub_host))),
             (false, true) => Ok((Kind::Zero, (host != 0).then_some(sub_host))),
-            (false, false) => Ok((Kind::Unalloc, None)),
+            // Unallocated subcluster of an allocated cluster: QEMU still reports where it would
+            // live, so the mapping shows that host offset too.
+            (false, false) => Ok((Kind::Unalloc, (host != 0).then_some(sub_host))),
         }
     }
 
@@ -263,7 +269,11 @@ impl Qcow2 {
                         (None, None) => true,
                         _ => false,
                     };
-                    if r.kind != kind || !contiguous || r.copied != copied || kind == Kind::Compressed {
+                    if r.kind != kind
+                        || !contiguous
+                        || r.copied != copied
+                        || kind == Kind::Compressed
+                    {
                         break;
                     }
                     r.len += n;
@@ -298,9 +308,9 @@ impl Qcow2 {
     async fn read_run(&self, run: &Run, off: u64, dst: &mut [u8]) -> Result<()> {
         match run.kind {
             Kind::Data => {
-                let host = run
-                    .host
-                    .ok_or_else(|| BlockError::corrupt(self.file.name(), "data run without host"))?;
+                let host = run.host.ok_or_else(|| {
+                    BlockError::corrupt(self.file.name(), "data run without host")
+                })?;
                 self.file.read_at(host, dst).await
             }
             Kind::Zero => {
@@ -326,7 +336,8 @@ impl Qcow2 {
         while pos < avail {
             let run = self.run_at(off + pos as u64, (avail - pos) as u64).await?;
             let n = run.len as usize;
-            self.read_run(&run, off + pos as u64, &mut buf[pos..pos + n]).await?;
+            self.read_run(&run, off + pos as u64, &mut buf[pos..pos + n])
+                .await?;
             pos += n;
         }
         Ok(())
@@ -341,8 +352,7 @@ impl Qcow2 {
         n: u64,
     ) -> MutexGuard<'a, Meta> {
         loop {
-            let busy: Option<Arc<Notify>> =
-                (gc..gc + n).find_map(|c| m.inflight.get(&c).cloned());
+            let busy: Option<Arc<Notify>> = (gc..gc + n).find_map(|c| m.inflight.get(&c).cloned());
             let Some(notify) = busy else { return m };
             let fut = notify.notified();
             drop(m);
@@ -385,7 +395,8 @@ impl Qcow2 {
             drop(m);
             let res = async {
                 let mut buf = vec![0u8; (stop - start) as usize];
-                self.read_current(start, &mut buf[..(off - start) as usize]).await?;
+                self.read_current(start, &mut buf[..(off - start) as usize])
+                    .await?;
                 let tail = (end - start) as usize;
                 self.read_current(end, &mut buf[tail..]).await?;
                 buf[(off - start) as usize..tail].copy_from_slice(&data[..(end - off) as usize]);
@@ -414,7 +425,9 @@ impl Qcow2 {
                 break;
             }
             let (e, _) = m.l2_get(c).await?;
-            let needs = e & OFLAG_COPIED == 0 || e & OFLAG_COMPRESSED != 0 || e & OFFSET_MASK == 0
+            let needs = e & OFLAG_COPIED == 0
+                || e & OFLAG_COMPRESSED != 0
+                || e & OFFSET_MASK == 0
                 || (!self.extended && e & OFLAG_ZERO != 0);
             if !needs {
                 break;
@@ -436,7 +449,8 @@ impl Qcow2 {
         let end = write_end.min(stop);
         let res = async {
             let mut buf = vec![0u8; (stop - start) as usize];
-            self.read_current(start, &mut buf[..(off - start) as usize]).await?;
+            self.read_current(start, &mut buf[..(off - start) as usize])
+                .await?;
             let tail = (end - start) as usize;
             if end < stop && end < self.size() {
                 self.read_current(end, &mut buf[tail..]).await?;
@@ -570,6 +584,12 @@ impl Qcow2 {
                 } else {
                     (OFLAG_ZERO, 0)
                 }
+            } else if keep {
+                // v2 has no zero flag: an allocated cluster the caller wants kept is zeroed in
+                // place (no backing file here, or write_zeroes would not have come this way).
+                let zeroes = vec![0u8; self.cs() as usize];
+                self.file.write_vec(host, zeroes).await?;
+                continue;
             } else {
                 (0, 0)
             };
@@ -629,7 +649,11 @@ impl BlockNode for Qcow2 {
         let end = offset + len;
         let a = offset.div_ceil(cs) * cs;
         // A partial last cluster at the image end counts as whole.
-        let b = if end == self.size() { end.div_ceil(cs) * cs } else { end / cs * cs };
+        let b = if end == self.size() {
+            end.div_ceil(cs) * cs
+        } else {
+            end / cs * cs
+        };
         let v2_backed = self.version < 3 && self.backing_node().is_some();
         if a >= b || v2_backed {
             return self.write_explicit_zeroes(offset, len).await;
@@ -637,7 +661,8 @@ impl BlockNode for Qcow2 {
         if offset < a {
             self.write_explicit_zeroes(offset, a - offset).await?;
         }
-        self.zero_clusters(a / cs, (b - a) / cs, unmap, false).await?;
+        self.zero_clusters(a / cs, (b - a) / cs, unmap, false)
+            .await?;
         if b < end {
             self.write_explicit_zeroes(b, end - b).await?;
         }
@@ -649,7 +674,11 @@ impl BlockNode for Qcow2 {
         let cs = self.cs();
         let end = offset + len;
         let a = offset.div_ceil(cs) * cs;
-        let b = if end == self.size() { end.div_ceil(cs) * cs } else { end / cs * cs };
+        let b = if end == self.size() {
+            end.div_ceil(cs) * cs
+        } else {
+            end / cs * cs
+        };
         if a < b {
             self.zero_clusters(a / cs, (b - a) / cs, true, true).await?;
         }
@@ -667,7 +696,7 @@ impl BlockNode for Qcow2 {
     async fn block_status(&self, offset: u64, len: u64) -> Result<LayerStatus> {
         check_bounds(offset, len, self.size())?;
         let run = self.run_at(offset, len).await?;
-        Ok(LayerStatus {
+        let mut st = LayerStatus {
             alloc: match run.kind {
                 Kind::Data | Kind::Compressed => Allocation::Data,
                 Kind::Zero => Allocation::Zero,
@@ -676,7 +705,16 @@ impl BlockNode for Qcow2 {
             len: run.len,
             host_offset: run.host,
             compressed: run.kind == Kind::Compressed,
-        })
+            zero: run.kind == Kind::Zero,
+        };
+        // Like QEMU, look through to the file: a data cluster over a hole (metadata
+        // preallocation, a file that was punched) reads as zeroes.
+        if let (Kind::Data, Some(host)) = (run.kind, run.host) {
+            let (data, n) = self.file.data_status(host, run.len).await?;
+            st.len = n.clamp(1, run.len);
+            st.zero = !data;
+        }
+        Ok(st)
     }
 
     async fn truncate(&self, new_size: u64) -> Result<()> {
@@ -725,7 +763,8 @@ impl BlockNode for Qcow2 {
         }
         let zero_to = zero_to.min(new_size);
         if zero_to > old_size {
-            self.write_zeroes(old_size, zero_to - old_size, false).await?;
+            self.write_zeroes(old_size, zero_to - old_size, false)
+                .await?;
             self.flush().await?;
         }
         Ok(())
