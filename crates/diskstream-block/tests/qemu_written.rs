@@ -345,3 +345,36 @@ async fn raw_backing_with_unaligned_length() {
     qemu_io(&top, "qcow2", &["write -P 0x21 500000 4000"]);
     verify_against_qemu(&top, "raw backing of 1000000 bytes").await;
 }
+
+/// Partial-cluster writes through O_DIRECT leave QEMU's data clusters mostly as unwritten
+/// extents (holes to SEEK_DATA). QEMU does not look through to the file for such an image (it
+/// only does for metadata-preallocated ones, by its allocation heuristic), so its map says
+/// `data` for the whole cluster; ours must say the same, and the metadata-preallocated case
+/// (tested in our_writes.rs) must still look through.
+#[tokio::test]
+async fn partial_direct_writes_map_as_data() {
+    let dir = tmpdir();
+    let img = p(&dir, "frag.qcow2");
+    qemu_create_qcow2(&img, 64 * MIB, "", None);
+    run_ok(
+        "qemu-img",
+        &[
+            "bench",
+            "-q",
+            "-w",
+            "-t",
+            "none",
+            "--pattern=1",
+            "-c",
+            "64",
+            "-s",
+            "4096",
+            "-S",
+            "262144",
+            "-f",
+            "qcow2",
+            img.to_str().expect("path"),
+        ],
+    );
+    verify_against_qemu(&img, "partial O_DIRECT writes").await;
+}

@@ -198,6 +198,18 @@ impl Protocol for FileProtocol {
         .await
     }
 
+    async fn allocated_bytes(&self) -> Result<Option<u64>> {
+        use std::os::unix::fs::MetadataExt;
+        self.run(
+            || format!("stat of '{}'", self.name),
+            |f| {
+                let m = f.metadata()?;
+                Ok(m.file_type().is_file().then(|| m.blocks() * 512))
+            },
+        )
+        .await
+    }
+
     async fn len(&self) -> Result<u64> {
         self.run(
             || format!("stat of '{}'", self.name),

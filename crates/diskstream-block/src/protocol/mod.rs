@@ -36,6 +36,11 @@ pub trait Protocol: Send + Sync {
     async fn is_empty(&self) -> Result<bool> {
         Ok(self.len().await? == 0)
     }
+    /// Bytes the storage really occupies (a sparse file's allocated blocks), when known. Used
+    /// like QEMU to tell a metadata-preallocated image (far less allocated than referenced).
+    async fn allocated_bytes(&self) -> Result<Option<u64>> {
+        Ok(None)
+    }
     /// Set the length of the storage (truncate or extend with zeroes).
     async fn set_len(&self, len: u64) -> Result<()>;
     /// Preallocate `len` bytes at `offset` (fallocate); storage that cannot may write zeroes.

@@ -63,6 +63,9 @@ pub struct Qcow2 {
     version: u32,
     compression: CompressionType,
     closed: AtomicBool,
+    /// Whether the image looks metadata-preallocated (decided once, on the first block-status
+    /// query, by [`Qcow2::detect_metadata_preallocation`]).
+    metadata_prealloc: tokio::sync::OnceCell<bool>,
 }
 
 impl Qcow2 {
@@ -100,6 +103,7 @@ impl Qcow2 {
             meta: Mutex::new(meta),
             backing: RwLock::new(None),
             closed: AtomicBool::new(false),
+            metadata_prealloc: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -282,6 +286,29 @@ impl Qcow2 {
             pos += n;
         }
         first.ok_or_else(|| BlockError::corrupt("qcow2", "empty mapping run"))
+    }
+
+    /// QEMU's heuristic (same thresholds, so maps agree): the image is metadata-preallocated
+    /// when clearly more clusters have a refcount than the file system really stores. Only then
+    /// is it worth asking the file about holes under data clusters.
+    async fn detect_metadata_preallocation(&self) -> Result<bool> {
+        let Some(real) = self.file.allocated_bytes().await? else {
+            return Ok(false);
+        };
+        let file_len = self.file.len().await?;
+        let real_clusters = real / self.cs();
+        let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
+        let end = file_len.div_ceil(self.cs());
+        let mut m = self.meta.lock().await;
+        let mut count = 0;
+        let mut c = 0;
+        while c < end && count < threshold {
+            if m.refcount(c).await? > 0 {
+                count += 1;
+            }
+            c += 1;
+        }
+        Ok(count >= threshold)
     }
 
     async fn run_at(&self, off: u64, len: u64) -> Result<Run> {
@@ -707,9 +734,16 @@ impl BlockNode for Qcow2 {
             compressed: run.kind == Kind::Compressed,
             zero: run.kind == Kind::Zero,
         };
-        // Like QEMU, look through to the file: a data cluster over a hole (metadata
-        // preallocation, a file that was punched) reads as zeroes.
+        // Like QEMU, on a metadata-preallocated image look through to the file: a data cluster
+        // over a hole of the file reads as zeroes.
         if let (Kind::Data, Some(host)) = (run.kind, run.host) {
+            if !*self
+                .metadata_prealloc
+                .get_or_try_init(|| self.detect_metadata_preallocation())
+                .await?
+            {
+                return Ok(st);
+            }
             let (data, n) = self.file.data_status(host, run.len).await?;
             st.len = n.clamp(1, run.len);
             st.zero = !data;
