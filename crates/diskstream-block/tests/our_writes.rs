@@ -775,6 +775,16 @@ async fn compressed_case(version: u32, cs: u64, ctype: CompressionType, extended
     m.verify(&format!("{what} after compressed writes")).await;
     let model = m.close().await;
     verify_with_qemu(&img, &model, &what).await;
+    // Compressed clusters are packed like QEMU packs them: the twelve compressible clusters
+    // (a few hundred bytes each) share host clusters instead of taking one each. (A 512-byte
+    // cluster has room for one 512-byte-aligned compressed cluster only.)
+    let (_, v, desc) = qemu_check(&img, "qcow2");
+    let end = v["image-end-offset"].as_u64().expect("image-end-offset");
+    let meta_clusters = if cs <= 4096 { 12 } else { 6 };
+    assert!(
+        cs == 512 || end <= (meta_clusters + 4 + 2) * cs,
+        "{what}: compressed clusters not packed, image ends at {end}:\n{desc}"
+    );
     let mut m = Modeled::open(&img, cs, version >= 3, None).await;
     m.model = model;
     m.write(cs + 7, 100).await; // partial overwrite of a compressed cluster

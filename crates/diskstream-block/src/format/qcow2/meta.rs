@@ -79,6 +79,10 @@ pub struct Meta {
     pub inflight: HashMap<u64, Arc<Notify>>,
     /// Whether the header must be rewritten at the next flush.
     pub header_dirty: bool,
+    /// Next free byte in the host cluster that compressed clusters are being packed into (QEMU
+    /// packs them the same way). Forgotten as soon as that cluster's refcount drops to zero, so
+    /// a cluster freed and reused for other data is never written into.
+    pub compressed_tail: Option<u64>,
     cluster_bits: u32,
     rc_order: u32,
     file: Arc<dyn Protocol>,
@@ -144,6 +148,7 @@ impl Meta {
             free_cluster_index: 0,
             inflight: HashMap::new(),
             header_dirty: false,
+            compressed_tail: None,
             file,
         })
     }
@@ -576,6 +581,9 @@ impl Meta {
             self.set_refcount(c, n as u64).await?;
             if n == 0 && c < self.free_cluster_index {
                 self.free_cluster_index = c;
+            }
+            if n == 0 && self.compressed_tail.map(|t| t >> self.cluster_bits) == Some(c) {
+                self.compressed_tail = None;
             }
         }
         Ok(())

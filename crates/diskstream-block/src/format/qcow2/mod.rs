@@ -551,14 +551,27 @@ impl Qcow2 {
         let mut m = self.lock_writable().await?;
         m = self.wait_inflight(m, gc, 1).await;
         let (old, _) = m.l2_get(gc).await?;
-        let clusters = (comp.len() as u64).div_ceil(cs);
-        let host = m.alloc_clusters(clusters).await?;
+        // Pack compressed clusters back to back (each starting on a 512-byte boundary, never
+        // crossing a host cluster): a host cluster holding k of them has refcount k.
+        let nsect = (comp.len() as u64).div_ceil(512);
+        let plen = nsect * 512;
+        let mut host = None;
+        if let Some(t) = m.compressed_tail {
+            if t % cs != 0 && cs - t % cs >= plen && m.refcount(t / cs).await? < m.rc_max() {
+                m.update_refcounts(t, plen, 1).await?;
+                host = Some(t);
+            }
+        }
+        let host = match host {
+            Some(h) => h,
+            None => m.alloc_clusters(1).await?,
+        };
+        m.compressed_tail = Some(host + plen);
         let notify = Arc::new(Notify::new());
         m.inflight.insert(gc, Arc::clone(&notify));
         drop(m);
-        let nsect = (comp.len() as u64).div_ceil(512);
         let mut padded = comp;
-        padded.resize((nsect * 512) as usize, 0);
+        padded.resize(plen as usize, 0);
         let res = self.file.write_vec(host, padded).await;
         let mut m = self.meta.lock().await;
         let res = match res {
@@ -572,7 +585,7 @@ impl Qcow2 {
                 r
             }
             Err(e) => {
-                m.free_later(host, clusters * cs);
+                m.free_later(host, plen);
                 Err(e)
             }
         };
