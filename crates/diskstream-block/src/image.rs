@@ -5,6 +5,11 @@
 //! at their contents; relative names resolve against the overlay's directory; loops and chains
 //! deeper than a limit are refused. Only the top image of a user command may be probed, and only
 //! when the user did not name its format (as qemu-img does).
+//!
+//! Names of the form `scheme://...` (for example `nbd://host:10809/disk`) are not paths: they
+//! are opened through a [`ProtocolOpener`] registered for the scheme at startup (the block layer
+//! cannot depend on the crates that implement network protocols), are never resolved against
+//! the overlay's directory, and are never probed as backing files either.
 
 use crate::error::{BlockError, Result};
 use crate::format::qcow2::Qcow2;
@@ -13,8 +18,9 @@ use crate::format::Format;
 use crate::node::BlockNode;
 use crate::protocol::file::FileProtocol;
 use crate::protocol::Protocol;
+use async_trait::async_trait;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 /// A boxed future yielding an opened node (chain opening recurses).
 type NodeFuture<'a> =
@@ -50,9 +56,92 @@ impl Default for OpenOptions {
     }
 }
 
+/// Opens storage named by a URL (`scheme://...`) instead of a path.
+///
+/// This is the seam through which protocols implemented outside the block layer (NBD in
+/// `diskstream-nbd`) plug into [`open_image`]: a front end registers one opener per set of
+/// schemes at startup with [`register_protocol_opener`]; from then on a top image or a
+/// backing file named `nbd://host/export` is opened through it, with the format recorded in
+/// the overlay (or named by the user), exactly like a local file.
+#[async_trait]
+pub trait ProtocolOpener: Send + Sync {
+    /// The URL schemes handled, lower case, e.g. `["nbd", "nbd+tcp", "nbd+unix"]`.
+    fn schemes(&self) -> Vec<String>;
+    /// Open the storage named by `url`. Backing files are opened with `read_only` set.
+    async fn open(&self, url: &str, read_only: bool) -> Result<Arc<dyn Protocol>>;
+}
+
+/// The process-wide openers, by scheme.
+fn openers() -> &'static RwLock<Vec<(String, Arc<dyn ProtocolOpener>)>> {
+    static OPENERS: RwLock<Vec<(String, Arc<dyn ProtocolOpener>)>> = RwLock::new(Vec::new());
+    &OPENERS
+}
+
+/// Register `opener` for its schemes (replacing an earlier opener of the same scheme). Meant to
+/// be called once at startup by the binary (and by tests); registering again is harmless.
+pub fn register_protocol_opener(opener: Arc<dyn ProtocolOpener>) {
+    let mut v = openers().write().unwrap_or_else(|p| p.into_inner());
+    for scheme in opener.schemes() {
+        let scheme = scheme.to_ascii_lowercase();
+        v.retain(|(s, _)| *s != scheme);
+        v.push((scheme, Arc::clone(&opener)));
+    }
+}
+
+/// The opener registered for `scheme`, if any.
+fn opener_for(scheme: &str) -> Option<Arc<dyn ProtocolOpener>> {
+    let scheme = scheme.to_ascii_lowercase();
+    openers()
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .find(|(s, _)| *s == scheme)
+        .map(|(_, o)| Arc::clone(o))
+}
+
+/// The scheme of a URL-style name (`nbd` for `nbd://h/x`, `nbd+unix` for
+/// `nbd+unix:///x?socket=/s`), or `None` for a file name. A scheme is a letter followed by
+/// letters, digits, `+`, `-` or `.` (RFC 3986), and must be followed by `://`; so `./a:b` and
+/// `C:/x` stay file names.
+pub fn url_scheme(name: &str) -> Option<&str> {
+    let (scheme, _) = name.split_once("://")?;
+    let mut chars = scheme.chars();
+    let first = chars.next()?;
+    if first.is_ascii_alphabetic()
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    {
+        Some(scheme)
+    } else {
+        None
+    }
+}
+
+/// Open the protocol under an image: a registered URL scheme, else a local file.
+pub async fn open_protocol(name: &Path, read_only: bool) -> Result<Arc<dyn Protocol>> {
+    if let Some(url) = name.to_str() {
+        if let Some(scheme) = url_scheme(url) {
+            let Some(opener) = opener_for(scheme) else {
+                return Err(BlockError::Chain(format!(
+                    "'{url}': protocol '{scheme}' is not supported"
+                )));
+            };
+            return opener.open(url, read_only).await;
+        }
+    }
+    Ok(Arc::new(FileProtocol::open(name, read_only)?))
+}
+
 /// Guess the format of a user-named top image: qcow2 magic or raw.
 pub async fn probe(path: &Path) -> Result<Format> {
-    let f = FileProtocol::open(path, true)?;
+    let f = open_protocol(path, true).await?;
+    probe_protocol(f.as_ref()).await
+}
+
+async fn probe_protocol(f: &dyn Protocol) -> Result<Format> {
+    let len = f.len().await?;
+    if len < 4 {
+        return Ok(Format::Raw);
+    }
     let head = f.read_vec(0, 4).await?;
     Ok(if head == [0x51, 0x46, 0x49, 0xfb] {
         Format::Qcow2
@@ -61,10 +150,11 @@ pub async fn probe(path: &Path) -> Result<Format> {
     })
 }
 
-/// Resolve a backing file name recorded in `overlay` to a path.
+/// Resolve a backing file name recorded in `overlay` to a path. URL-style names (see
+/// [`url_scheme`]) are returned unchanged: they are never relative to the overlay.
 pub fn resolve_backing(overlay: &Path, name: &str) -> PathBuf {
     let p = Path::new(name);
-    if p.is_absolute() {
+    if p.is_absolute() || url_scheme(name).is_some() {
         return p.to_path_buf();
     }
     match overlay.parent() {
@@ -75,7 +165,12 @@ pub fn resolve_backing(overlay: &Path, name: &str) -> PathBuf {
 
 /// Open one image (no backing) in the given format.
 pub async fn open_node(path: &Path, format: Format, read_only: bool) -> Result<Arc<dyn BlockNode>> {
-    let file: Arc<dyn Protocol> = Arc::new(FileProtocol::open(path, read_only)?);
+    let file = open_protocol(path, read_only).await?;
+    open_node_on(file, format).await
+}
+
+/// Open a format driver over an already opened protocol.
+async fn open_node_on(file: Arc<dyn Protocol>, format: Format) -> Result<Arc<dyn BlockNode>> {
     Ok(match format {
         Format::Raw => Arc::new(RawNode::open(file).await?),
         Format::Qcow2 => Arc::new(Qcow2::open(file).await?),
@@ -84,12 +179,17 @@ pub async fn open_node(path: &Path, format: Format, read_only: bool) -> Result<A
 
 /// Open an image and its whole backing chain.
 pub async fn open_image(path: &Path, opts: &OpenOptions) -> Result<Arc<dyn BlockNode>> {
-    let format = match opts.format {
-        Some(f) => f,
-        None => probe(path).await?,
+    // A URL is opened once and probed through the same connection.
+    let (format, file) = match (opts.format, path.to_str().and_then(url_scheme)) {
+        (Some(f), _) => (f, None),
+        (None, Some(_)) => {
+            let file = open_protocol(path, opts.read_only).await?;
+            (probe_protocol(file.as_ref()).await?, Some(file))
+        }
+        (None, None) => (probe(path).await?, None),
     };
     let mut seen: Vec<PathBuf> = Vec::new();
-    open_chain(path, format, opts.read_only, opts, &mut seen, 0).await
+    open_chain(path, format, opts.read_only, opts, &mut seen, 0, file).await
 }
 
 fn open_chain<'a>(
@@ -99,6 +199,7 @@ fn open_chain<'a>(
     opts: &'a OpenOptions,
     seen: &'a mut Vec<PathBuf>,
     depth: usize,
+    file: Option<Arc<dyn Protocol>>,
 ) -> NodeFuture<'a> {
     Box::pin(async move {
         if depth >= opts.max_depth {
@@ -108,8 +209,14 @@ fn open_chain<'a>(
                 opts.max_depth
             )));
         }
-        let canon = std::fs::canonicalize(path)
-            .map_err(|e| BlockError::io(format!("Could not open '{}'", path.display()), e))?;
+        let is_url = path.to_str().and_then(url_scheme).is_some();
+        // A URL names itself; a file is identified by its canonical path.
+        let canon = if is_url {
+            path.to_path_buf()
+        } else {
+            std::fs::canonicalize(path)
+                .map_err(|e| BlockError::io(format!("Could not open '{}'", path.display()), e))?
+        };
         if seen.contains(&canon) {
             return Err(BlockError::Chain(format!(
                 "Backing chain loop: '{}' is its own backing file",
@@ -117,16 +224,27 @@ fn open_chain<'a>(
             )));
         }
         seen.push(canon);
-        let node = open_node(path, format, read_only).await?;
+        let file = match file {
+            Some(f) => f,
+            None => open_protocol(path, read_only).await?,
+        };
+        let node = open_node_on(file, format).await?;
         if opts.no_backing {
             return Ok(node);
         }
         if let Some(q) = node.as_any().downcast_ref::<Qcow2>() {
             let h = q.header().await;
             if let Some(name) = h.backing_file.clone() {
-                if name.starts_with("json:") || name.contains("://") {
+                let scheme = url_scheme(&name);
+                if name.starts_with("json:") || scheme.is_some_and(|s| opener_for(s).is_none()) {
                     return Err(BlockError::Chain(format!(
                         "'{}': backing file '{name}' uses a protocol not supported yet",
+                        path.display()
+                    )));
+                }
+                if is_url && scheme.is_none() && !Path::new(&name).is_absolute() {
+                    return Err(BlockError::Chain(format!(
+                        "'{}': relative backing file name '{name}' cannot be resolved against a URL",
                         path.display()
                     )));
                 }
@@ -147,7 +265,7 @@ fn open_chain<'a>(
                     }
                 };
                 let bpath = resolve_backing(path, &name);
-                let b = open_chain(&bpath, bfmt, true, opts, seen, depth + 1).await?;
+                let b = open_chain(&bpath, bfmt, true, opts, seen, depth + 1, None).await?;
                 q.set_backing_node(Some(b));
             }
         }
@@ -162,4 +280,34 @@ pub fn chain_layers(top: &Arc<dyn BlockNode>) -> Vec<Arc<dyn BlockNode>> {
         v.push(b);
     }
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_names_are_not_paths() {
+        assert_eq!(url_scheme("nbd://h:1/x"), Some("nbd"));
+        assert_eq!(url_scheme("nbd+unix:///x?socket=/s"), Some("nbd+unix"));
+        assert_eq!(url_scheme("base.qcow2"), None);
+        assert_eq!(url_scheme("./a://b"), None);
+        assert_eq!(url_scheme("1nbd://x"), None);
+        assert_eq!(url_scheme("dir/nbd://x"), None);
+        let url = "nbd://h/x";
+        assert_eq!(
+            resolve_backing(Path::new("/img/top.qcow2"), url),
+            PathBuf::from(url)
+        );
+        assert_eq!(
+            resolve_backing(Path::new("/img/top.qcow2"), "base.qcow2"),
+            PathBuf::from("/img/base.qcow2")
+        );
+    }
+
+    #[tokio::test]
+    async fn unregistered_scheme_is_a_clear_error() {
+        let e = open_protocol(Path::new("zzz://h/x"), true).await.err();
+        assert!(e.is_some_and(|e| e.to_string().contains("protocol 'zzz' is not supported")));
+    }
 }

@@ -66,6 +66,27 @@ pub trait BlockNode: Send + Sync + 'static {
     async fn discard(&self, offset: u64, len: u64) -> Result<()>;
     /// Make every completed write durable, metadata included.
     async fn flush(&self) -> Result<()>;
+    /// Copy-on-read population: write `data` at `offset`, but only over the parts that this
+    /// layer does not allocate at the moment the write is decided; allocated parts (a guest
+    /// write that landed first, a zero cluster) are left untouched. Returns the bytes written.
+    ///
+    /// Streaming and copy-on-read copy bytes that are already the guest-visible content (read
+    /// through the backing chain), so a copy must never replace newer data. The decision is
+    /// taken per cluster under the driver's metadata lock, after waiting for in-flight
+    /// allocations of the same cluster: a concurrent guest write either committed first (the
+    /// copy skips the cluster) or waits for the copy's allocation to commit and then overwrites
+    /// it. Layers that allocate everything (raw) write nothing.
+    async fn write_if_unallocated(&self, offset: u64, data: &[u8]) -> Result<u64> {
+        check_bounds(offset, data.len() as u64, self.size())?;
+        Ok(0)
+    }
+    /// Like [`BlockNode::write_if_unallocated`] for a range that reads as zeroes: marks the
+    /// still-unallocated parts as zero (zero clusters where the format has them, so nothing is
+    /// stored). Returns the bytes marked.
+    async fn zero_if_unallocated(&self, offset: u64, len: u64) -> Result<u64> {
+        check_bounds(offset, len, self.size())?;
+        Ok(0)
+    }
     /// Describe how this layer (alone) backs a prefix of `[offset, offset+len)`.
     async fn block_status(&self, offset: u64, len: u64) -> Result<LayerStatus>;
     /// Change the virtual size.
@@ -74,6 +95,13 @@ pub trait BlockNode: Send + Sync + 'static {
     async fn close(&self) -> Result<()>;
     /// Downcast hook for driver-specific operations (qcow2 check, backing rewrite).
     fn as_any(&self) -> &dyn Any;
+}
+
+/// Whether two handles name the same node. Compares data pointers only: `Arc::ptr_eq` on
+/// trait objects also compares vtable pointers, which may differ for one object across
+/// codegen units.
+pub fn same_node(a: &Arc<dyn BlockNode>, b: &Arc<dyn BlockNode>) -> bool {
+    std::ptr::eq(Arc::as_ptr(a) as *const (), Arc::as_ptr(b) as *const ())
 }
 
 /// Check that `[offset, offset+len)` lies inside a device of `size` bytes.

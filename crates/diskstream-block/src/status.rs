@@ -5,7 +5,7 @@
 //! it. The output matches `qemu-img map --output=json` field for field.
 
 use crate::error::Result;
-use crate::node::{Allocation, BlockNode};
+use crate::node::{same_node, Allocation, BlockNode};
 use serde::Serialize;
 use std::sync::Arc;
 
@@ -125,7 +125,7 @@ pub async fn allocated_above(
     let mut first = true;
     loop {
         if let Some(b) = base {
-            if !first && Arc::ptr_eq(&node, b) {
+            if !first && same_node(&node, b) {
                 return Ok((false, len));
             }
         }

@@ -6,7 +6,7 @@
 
 use crate::error::{BlockError, Result};
 use crate::node::{check_bounds, Allocation, BlockNode, LayerStatus};
-use crate::protocol::Protocol;
+use crate::protocol::{DebugEvent, Protocol};
 use async_trait::async_trait;
 use std::any::Any;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -56,11 +56,13 @@ impl BlockNode for RawNode {
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         check_bounds(offset, buf.len() as u64, self.size())?;
+        self.file.debug_event(DebugEvent::ReadAio);
         self.file.read_at(offset, buf).await
     }
 
     async fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
         check_bounds(offset, data.len() as u64, self.size())?;
+        self.file.debug_event(DebugEvent::WriteAio);
         self.file.write_at(offset, data).await
     }
 

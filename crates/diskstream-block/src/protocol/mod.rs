@@ -9,6 +9,16 @@ pub mod mem;
 use crate::error::Result;
 use async_trait::async_trait;
 
+/// Events a format driver announces to its protocol, so that a debugging protocol (QEMU's
+/// `blkdebug` equivalent, used to inject errors in tests) can tie failures to them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DebugEvent {
+    /// A guest data read is about to be issued (QEMU's `read_aio`).
+    ReadAio,
+    /// A guest data write is about to be issued (QEMU's `write_aio`).
+    WriteAio,
+}
+
 /// Byte-addressed storage under a format driver.
 ///
 /// Buffers are owned (`Vec<u8>`) at this level because the I/O may run on another thread; the
@@ -48,6 +58,9 @@ pub trait Protocol: Send + Sync {
     /// Whether the range starting at `offset` holds data (true) or is a hole (false), and for how
     /// many bytes (at most `len`) that answer holds.
     async fn data_status(&self, offset: u64, len: u64) -> Result<(bool, u64)>;
+
+    /// Announce a driver event (see [`DebugEvent`]); ordinary storage ignores it.
+    fn debug_event(&self, _event: DebugEvent) {}
 
     /// Read into a borrowed buffer (copies from the owned read).
     async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {

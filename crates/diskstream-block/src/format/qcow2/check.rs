@@ -137,7 +137,9 @@ pub async fn check(file: Arc<dyn Protocol>, repair: RepairMode) -> Result<CheckR
     }
     if first.rebuild && !all {
         // A refcount of 0 on a used cluster (or a broken refcount block) cannot be fixed
-        // without rebuilding; fixing leaks alone could free clusters that are in use.
+        // without rebuilding; fixing leaks alone could free clusters that are in use. QEMU
+        // stops right there, before its COPIED-flag pass, so those findings are not reported.
+        drop(std::mem::take(&mut first.copied_msgs));
         let mut r = first.into_result(0, 0, Vec::new());
         r.messages
             .push("ERROR need to rebuild refcount structures".to_string());
@@ -159,6 +161,12 @@ pub async fn check(file: Arc<dyn Protocol>, repair: RepairMode) -> Result<CheckR
         corruptions_fixed += first.rc_low + first.rc_zero + first.struct_corruptions;
         leaks_fixed += first.rc_leaks;
         refcounts_changed = true;
+        // The old structure is leaked now: repair that (as QEMU does, reported but not
+        // counted, since the rebuild itself introduced these leaks).
+        let fresh = Walk::run(f, false, false).await?;
+        if fresh.rc_leaks > 0 {
+            fix_refcounts_in_place(f, &fresh, false, &mut msgs).await?;
+        }
     } else if first.rc_leaks > 0 || (all && first.rc_low > 0) {
         let (l, c) = fix_refcounts_in_place(f, &first, all, &mut msgs).await?;
         leaks_fixed += l;
@@ -1220,6 +1228,8 @@ async fn fix_refcounts_in_place(
     let len = w.nb_file.max(w.used_end);
     let mut out = Msgs::default();
     let (mut leaks, mut corr) = (0, 0);
+    // Clusters a repair leaves unused are discarded, as QEMU does (QCOW2_DISCARD_ALWAYS).
+    let mut freed = Vec::new();
     let mut ti = 0u64;
     while ti * epb < len {
         if let Some(off) = w.ondisk.block_offset(ti) {
@@ -1242,6 +1252,9 @@ async fn fix_refcounts_in_place(
                 if fix {
                     rc_set(&mut data, order, i, r);
                     changed = true;
+                    if r == 0 {
+                        freed.push(c);
+                    }
                     out.push(|| format!("Repairing cluster {c} refcount={d} reference={r}"));
                 }
             }
@@ -1252,83 +1265,141 @@ async fn fix_refcounts_in_place(
         ti += 1;
     }
     f.flush().await?;
+    for c in freed {
+        f.discard(c * w.cs, w.cs).await?;
+    }
     out.append_to(msgs);
     Ok((leaks, corr))
 }
 
-/// Replace the refcount structure with a new one built from the recomputed counts: blocks and
-/// table go past the end of everything in use, are written and synced, and only then does the
-/// header point at them. The old table and blocks become free.
-async fn rebuild_refcounts(f: &dyn Protocol, w: &mut Walk<'_>) -> Result<()> {
+/// QEMU's `alloc_clusters_imrt`: the first run of `count` clusters with no references at or
+/// after `*first_free` (which moves to the first free cluster seen), growing the array at the
+/// end if needed; the run gets refcount 1. Returns its first cluster.
+fn alloc_imrt(computed: &mut Vec<u64>, count: u64, first_free: &mut u64) -> Result<u64> {
+    let mut cluster = *first_free;
+    let mut first_gap = true;
+    let mut contiguous = 0;
+    while cluster < computed.len() as u64 && contiguous < count {
+        if computed[cluster as usize] == 0 {
+            contiguous += 1;
+            if first_gap {
+                *first_free = cluster;
+                first_gap = false;
+            }
+        } else {
+            contiguous = 0;
+        }
+        cluster += 1;
+    }
+    if contiguous < count {
+        let len = (cluster + count - contiguous) as usize;
+        if len > MAX_ARRAY_CLUSTERS as usize {
+            return Err(BlockError::NoSpace(
+                "rebuilt refcount structure does not fit in memory".to_string(),
+            ));
+        }
+        computed.resize(len.max(computed.len()), 0);
+    }
+    let start = cluster - contiguous;
+    for c in start..start + count {
+        computed[c as usize] = 1;
+    }
+    Ok(start)
+}
+
+/// QEMU's `rebuild_refcounts_write_refblocks`: give every refcount block that covers a used
+/// cluster in `[first, end)` a home (allocated like QEMU, inside the image where possible) and
+/// write it as the slice of the recomputed counts. Returns whether the table had to grow.
+async fn write_refblocks(
+    f: &dyn Protocol,
+    w: &mut Walk<'_>,
+    first: u64,
+    end: u64,
+    table: &mut Vec<u64>,
+) -> Result<bool> {
     let cs = w.cs;
     let order = w.h.refcount_order;
     let epb = (cs * 8) >> order;
-    for (off, size) in std::mem::take(&mut w.old_structure) {
-        let first = off / cs;
-        let last = (off + size - 1) / cs;
-        for c in first..=last {
-            if let Some(v) = w.computed.get_mut(c as usize) {
-                *v = v.saturating_sub(1);
+    let mut first_free = 0;
+    let mut grown = false;
+    let mut end = end;
+    let mut cluster = first;
+    while cluster < end {
+        if w.computed.get(cluster as usize).copied().unwrap_or(0) == 0 {
+            cluster += 1;
+            continue;
+        }
+        let index = cluster / epb;
+        let block_start = index * epb;
+        let off = match table.get(index as usize) {
+            Some(&off) if off != 0 => off,
+            _ => {
+                first_free = first_free.max(block_start);
+                let c = alloc_imrt(&mut w.computed, 1, &mut first_free)?;
+                if c >= end {
+                    end = c + 1;
+                }
+                if table.len() as u64 <= index {
+                    let entries = ((index + 1) * 8).div_ceil(cs) * cs / 8;
+                    table.resize(entries as usize, 0);
+                    grown = true;
+                }
+                table[index as usize] = c * cs;
+                c * cs
             }
-        }
-    }
-    let used = w
-        .computed
-        .iter()
-        .rposition(|&v| v != 0)
-        .map_or(0, |i| i as u64 + 1);
-    let start = w.nb_file.max(used);
-    // Blocks and table must cover every cluster including their own.
-    let mut nb = start.div_ceil(epb).max(1);
-    let mut rt = (nb * 8).div_ceil(cs).max(1);
-    loop {
-        let total = start + nb + rt;
-        let nb2 = total.div_ceil(epb);
-        let rt2 = (nb2 * 8).div_ceil(cs).max(1);
-        if (nb2, rt2) == (nb, rt) {
-            break;
-        }
-        nb = nb2.max(nb);
-        rt = rt2.max(rt);
-    }
-    if rt * cs > MAX_REFTABLE_BYTES {
-        return Err(BlockError::NoSpace(format!(
-            "{}: rebuilt refcount table would exceed its maximum size",
-            f.name()
-        )));
-    }
-    let total = start + nb + rt;
-    let extra = (total as usize).saturating_sub(w.computed.len());
-    w.computed.try_reserve_exact(extra).map_err(|_| {
-        BlockError::NoSpace(format!("{}: cannot grow the refcount array", f.name()))
-    })?;
-    w.computed.resize(w.computed.len().max(total as usize), 0);
-    for c in start..total {
-        if let Some(v) = w.computed.get_mut(c as usize) {
-            *v = 1;
-        }
-    }
-    let mut table = vec![0u8; (rt * cs) as usize];
-    for b in 0..nb {
+        };
         let mut block = vec![0u8; cs as usize];
-        let first = b * epb;
-        let last = ((b + 1) * epb).min(total);
-        for c in first..last {
+        for c in block_start..block_start + epb {
             let v = w.computed.get(c as usize).copied().unwrap_or(0);
             if v != 0 {
-                rc_set(&mut block, order, (c - first) as usize, v.min(w.rc_max));
+                rc_set(
+                    &mut block,
+                    order,
+                    (c - block_start) as usize,
+                    v.min(w.rc_max),
+                );
             }
         }
-        let off = (start + b) * cs;
         f.write_vec(off, block).await?;
-        put64(&mut table, (b * 8) as usize, off);
+        cluster = block_start + epb;
     }
-    let table_off = (start + nb) * cs;
-    f.write_vec(table_off, table).await?;
+    Ok(grown)
+}
+
+/// Replace the refcount structure with a new one built from the recomputed counts, exactly as
+/// QEMU's `rebuild_refcount_structure` lays it out: the refcount blocks and then the table go
+/// to the first clusters nothing references (holes inside the image first), everything is
+/// written and synced, and only then does the header point at the new table. The old table and
+/// blocks were counted as used, so they are leaked now; the caller repairs those leaks.
+async fn rebuild_refcounts(f: &dyn Protocol, w: &mut Walk<'_>) -> Result<()> {
+    let cs = w.cs;
+    w.old_structure.clear();
+    let mut table = Vec::new();
+    let len = w.computed.len() as u64;
+    write_refblocks(f, w, 0, len, &mut table).await?;
+    let (table_off, table_clusters) = loop {
+        let clusters = (table.len() as u64 * 8).div_ceil(cs);
+        if clusters * cs > MAX_REFTABLE_BYTES {
+            return Err(BlockError::NoSpace(format!(
+                "{}: rebuilt refcount table would exceed its maximum size",
+                f.name()
+            )));
+        }
+        let mut first_free = 0;
+        let start = alloc_imrt(&mut w.computed, clusters, &mut first_free)?;
+        if !write_refblocks(f, w, start, start + clusters, &mut table).await? {
+            break (start * cs, clusters);
+        }
+    };
+    let mut raw = vec![0u8; (table_clusters * cs) as usize];
+    for (i, &off) in table.iter().enumerate() {
+        put64(&mut raw, i * 8, off);
+    }
+    f.write_vec(table_off, raw).await?;
     f.flush().await?;
     let mut h = w.h.clone();
     h.refcount_table_offset = table_off;
-    h.refcount_table_clusters = rt as u32;
+    h.refcount_table_clusters = table_clusters as u32;
     f.write_vec(0, h.serialize()?).await?;
     f.flush().await?;
     w.h = h;

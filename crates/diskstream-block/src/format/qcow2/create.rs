@@ -98,16 +98,16 @@ impl CreateOptions {
             return inv("Refcount width must be a power of two and may not exceed 64 bits");
         }
         if self.version == 2 && self.refcount_bits != 16 {
-            return inv("Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)");
+            return inv("Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)");
         }
         if self.version == 2 && self.lazy_refcounts {
-            return inv("Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)");
+            return inv("Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)");
         }
         if self.version == 2 && self.extended_l2 {
-            return inv("Extended L2 entries are only supported with compatibility level 1.1 and above (use compat=1.1 or greater)");
+            return inv("Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)");
         }
         if self.version == 2 && self.compression_type != header::CompressionType::Zlib {
-            return inv("Compression type other than zlib requires compatibility level 1.1 or above (use compat=1.1 or greater)");
+            return inv("Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)");
         }
         if self.extended_l2 && cs < 16384 {
             return inv(
@@ -120,7 +120,10 @@ impl CreateOptions {
         if self.backing_fmt.is_some() && self.backing_file.is_none() {
             return inv("Backing format cannot be used without backing file");
         }
-        if self.preallocation != Preallocation::Off && self.backing_file.is_some() {
+        if self.preallocation != Preallocation::Off
+            && self.backing_file.is_some()
+            && !self.extended_l2
+        {
             return inv("Backing file and preallocation can only be used at the same time if extended_l2 is on");
         }
         Ok(())
@@ -223,37 +226,74 @@ fn set_rc_raw(data: &mut [u8], order: u32, i: u64, v: u64) {
     }
 }
 
-/// Allocate every data cluster (and L2 table) of a fresh image.
+/// Allocate every data cluster (and L2 table) of a fresh image, laid out as qemu-img does.
+///
+/// * `metadata`: QEMU's `preallocate_co`: L2 table then data clusters, L2 table by L2 table,
+///   through the normal allocator; the file is extended to the end of the last data
+///   subcluster (cluster without extended L2).
+/// * `falloc`/`full`: QEMU's truncate path: a new refcount table (and any missing refcount
+///   blocks) after the existing metadata, sized for the data plus its L2 tables, then all data
+///   clusters in one run behind it (reserved with fallocate, or written with zeroes), then the
+///   L2 tables through the normal allocator (the first one reuses the freed old refcount
+///   table's cluster).
+///
+/// As with QEMU, preallocated clusters of extended-L2 images keep an empty subcluster bitmap.
 async fn preallocate(q: &Qcow2, mode: Preallocation) -> Result<()> {
     let cs = q.cs();
-    let clusters = q.size().div_ceil(cs);
+    let size = q.size();
+    let clusters = size.div_ceil(cs);
     let mut m = q.lock_writable().await?;
     let per_l2 = m.header.l2_entries();
-    let mut gc = 0;
-    while gc < clusters {
-        let n = (clusters - gc).min(per_l2 - gc % per_l2);
-        m.l2_prepare(gc).await?;
-        let host = m.alloc_clusters(n).await?;
-        for i in 0..n {
-            let bm = if q.extended {
-                super::meta::BITMAP_ALL_ALLOC
-            } else {
-                0
-            };
-            m.l2_set(gc + i, (host + i * cs) | OFLAG_COPIED, bm).await?;
+    if mode == Preallocation::Metadata {
+        let sub = if q.extended { cs / 32 } else { cs };
+        let mut gc = 0;
+        while gc < clusters {
+            let n = (clusters - gc).min(per_l2 - gc % per_l2);
+            m.l2_prepare(gc).await?;
+            let host = m.alloc_clusters(n).await?;
+            for i in 0..n {
+                m.l2_set(gc + i, (host + i * cs) | OFLAG_COPIED, 0).await?;
+            }
+            let used = (size - gc * cs).min(n * cs).div_ceil(sub) * sub;
+            if host + used > q.file.len().await? {
+                q.file.set_len(host + used).await?;
+            }
+            gc += n;
         }
-        let len = n * cs;
-        match mode {
-            Preallocation::Falloc => q.file.allocate(host, len).await?,
-            Preallocation::Full => q.file.write_zeroes(host, len, false).await?,
-            _ => {
-                let end = q.file.len().await?;
-                if host + len > end {
-                    q.file.set_len(host + len).await?;
-                }
+        return m.flush().await;
+    }
+    // The last cluster any metadata occupies (QEMU's qcow2_get_last_cluster).
+    let file_clusters = q.file.len().await?.div_ceil(cs);
+    let mut old_end = 0;
+    for c in (0..file_clusters).rev() {
+        if m.refcount(c).await? != 0 {
+            old_end = c + 1;
+            break;
+        }
+    }
+    let l2_tables = clusters.div_ceil(per_l2) + 1;
+    let start = m.refcount_area(old_end, clusters + l2_tables).await?;
+    for c in start..start + clusters {
+        m.set_refcount(c, 1).await?;
+    }
+    // Write the new refcount structures and free the old table, as QEMU does before it links
+    // the data clusters in.
+    m.flush().await?;
+    let (host, len) = (start * cs, clusters * cs);
+    match mode {
+        Preallocation::Falloc => q.file.allocate(host, len).await?,
+        _ => {
+            let zeroes = vec![0u8; (len.min(1 << 20)) as usize];
+            let mut pos = 0;
+            while pos < len {
+                let n = (len - pos).min(zeroes.len() as u64) as usize;
+                q.file.write_at(host + pos, &zeroes[..n]).await?;
+                pos += n as u64;
             }
         }
-        gc += n;
+    }
+    for gc in 0..clusters {
+        m.l2_set(gc, (host + gc * cs) | OFLAG_COPIED, 0).await?;
     }
     m.flush().await
 }

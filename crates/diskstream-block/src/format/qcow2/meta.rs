@@ -462,6 +462,9 @@ impl Meta {
             // New block: place it at the first free cluster. If it describes itself, its own
             // entry lives in the new block; otherwise another block records it.
             let c = self.find_free(1).await?;
+            // Taken now (as QEMU's allocation does), so that creating the block that describes
+            // this one, if that is needed too, cannot pick the same cluster.
+            self.free_cluster_index = c + 1;
             let boff = c << self.cluster_bits;
             self.rc.insert(
                 boff,
@@ -507,6 +510,88 @@ impl Meta {
         })
     }
 
+    /// QEMU's `qcow2_refcount_area(exact_size)`: build, from host cluster `start` on, the refcount
+    /// blocks still missing to cover `start + additional` clusters plus themselves, then a new
+    /// refcount table of exactly the needed size right after them; the new structures get
+    /// refcount 1 and the old table is freed at the next flush. Returns the first cluster after
+    /// the new structures. Every cluster from `start` on must be free. Used by falloc/full
+    /// preallocation, which must lay the file out as qemu-img does.
+    pub async fn refcount_area(&mut self, start: u64, additional: u64) -> Result<u64> {
+        let epb = self.rc_entries_per_block();
+        let per_cluster = self.cs() / 8;
+        // Fixed point of "clusters + refcount blocks + table clusters".
+        let clusters = start + additional;
+        let (mut blocks, mut table, mut n) = (0u64, 0u64, 0u64);
+        loop {
+            let last = n;
+            blocks = (clusters + table + blocks).div_ceil(epb);
+            table = blocks.div_ceil(per_cluster);
+            n = clusters + blocks + table;
+            if n == last {
+                break;
+            }
+        }
+        let table_size = (blocks.div_ceil(per_cluster) * per_cluster) as usize;
+        let table_clusters = table_size as u64 / per_cluster;
+        if table_clusters * self.cs() > super::header::MAX_REFTABLE_BYTES {
+            return Err(BlockError::NoSpace(format!(
+                "{}: refcount table would exceed its maximum size",
+                self.file.name()
+            )));
+        }
+        let mut new_table = self.reftable.clone();
+        new_table.resize(table_size, 0);
+        let area_index = start / epb;
+        let new_blocks = (area_index..blocks)
+            .filter(|&i| new_table[i as usize] & !0x1ff == 0)
+            .count() as u64;
+        let table_start = start + new_blocks;
+        let end = table_start + table_clusters;
+        let mut next_block = start;
+        for i in area_index..blocks {
+            let mut off = new_table[i as usize] & !0x1ff;
+            if off == 0 {
+                off = next_block << self.cluster_bits;
+                next_block += 1;
+                self.rc.insert(
+                    off,
+                    RcBlock {
+                        data: vec![0u8; self.cs() as usize],
+                        dirty: true,
+                    },
+                );
+                new_table[i as usize] = off;
+            } else {
+                self.load_rc(off).await?;
+            }
+            let first = i * epb;
+            if first < end {
+                let order = self.rc_order;
+                let b = self
+                    .rc
+                    .get_mut(&off)
+                    .ok_or_else(|| BlockError::corrupt("qcow2", "refcount cache lost a block"))?;
+                for c in start.max(first)..end.min(first + epb) {
+                    Self::rc_write(&mut b.data, order, c - first, 1);
+                }
+                b.dirty = true;
+            }
+        }
+        let old = (
+            self.header.refcount_table_offset,
+            self.header.refcount_table_clusters as u64,
+        );
+        self.reftable = new_table;
+        self.header.refcount_table_offset = table_start << self.cluster_bits;
+        self.header.refcount_table_clusters = table_clusters as u32;
+        if self.reftable_moved.is_none() {
+            self.reftable_moved = Some(old);
+        } else {
+            self.pending_frees.push((old.0, old.1 * self.cs()));
+        }
+        Ok(end)
+    }
+
     /// First run of `n` free clusters at or after the allocation cursor. The cursor moves to
     /// the run's start: clusters before it are in use or in a hole too small for this request
     /// (they are found again when a free lowers the cursor), so allocation stays linear.
@@ -527,16 +612,30 @@ impl Meta {
     }
 
     /// Allocate `n` contiguous host clusters with refcount 1; returns the byte offset.
+    ///
+    /// A run that needs a new refcount block is handled as QEMU does (so layouts stay
+    /// byte-identical): the block goes to the first free cluster after the run, and the search
+    /// restarts at the run's start.
     pub fn alloc_clusters(&mut self, n: u64) -> BoxFut<'_, u64> {
         Box::pin(async move {
             loop {
                 let start = self.find_free(n).await?;
-                // Creating refcount blocks may take clusters from the candidate run.
                 let epb = self.rc_entries_per_block();
+                let mut missing = None;
                 let mut c = start;
                 while c < start + n {
-                    self.ensure_rc_block(c).await?;
+                    let ti = (c / epb) as usize;
+                    if self.reftable.get(ti).is_none_or(|&e| e & !0x1ff == 0) {
+                        missing = Some(c);
+                        break;
+                    }
                     c = (c / epb + 1) * epb;
+                }
+                if let Some(c) = missing {
+                    self.free_cluster_index = start + n;
+                    self.ensure_rc_block(c).await?;
+                    self.free_cluster_index = start;
+                    continue;
                 }
                 let mut free = true;
                 for c in start..start + n {

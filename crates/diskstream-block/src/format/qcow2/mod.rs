@@ -9,6 +9,17 @@
 //! the whole clusters (guest data plus the old contents of the partial head and tail, read through
 //! this very driver), and only then points the L2 entries at them. A second writer of the same
 //! cluster waits for the first; reads never wait (they see the old mapping until the commit).
+//!
+//! # Copy-on-read population (streaming)
+//! [`BlockNode::write_if_unallocated`] and [`BlockNode::zero_if_unallocated`] write copied
+//! backing data only into clusters that are unallocated *when the write is decided*. The
+//! decision is taken under the metadata lock after waiting for the cluster's in-flight token,
+//! and an allocating population registers its own token before dropping the lock, exactly like
+//! an allocating guest write. So for a guest write G and a population P of the same cluster:
+//! either G committed (or was in flight, and P waited for it) before P looked, and P skips the
+//! cluster; or P registered first, G waits for P's L2 commit and then writes over the copy in
+//! place. Either way the newest guest data wins, and a copy never reaches a cluster that holds
+//! guest data.
 
 pub mod check;
 pub mod compress;
@@ -18,7 +29,7 @@ pub mod meta;
 
 use crate::error::{BlockError, Result};
 use crate::node::{check_bounds, read_backing, Allocation, BlockNode, LayerStatus};
-use crate::protocol::Protocol;
+use crate::protocol::{DebugEvent, Protocol};
 use async_trait::async_trait;
 use header::{CompressionType, Header};
 use meta::{
@@ -125,6 +136,7 @@ impl Qcow2 {
     pub async fn set_backing_file(&self, file: Option<(String, Option<String>)>) -> Result<()> {
         let mut m = self.lock_writable().await?;
         m.flush().await?;
+        let old_len = m.header.serialize()?.len();
         match file {
             Some((name, fmt)) => {
                 if name.len() > 1023 {
@@ -141,6 +153,14 @@ impl Qcow2 {
             }
         }
         m.write_header().await?;
+        // Like QEMU (which rewrites the whole header cluster), leave no stale extension or
+        // backing name bytes behind a header that got shorter.
+        let new_len = m.header.serialize()?.len();
+        if new_len < old_len {
+            self.file
+                .write_vec(new_len as u64, vec![0u8; old_len - new_len])
+                .await?;
+        }
         m.flush().await
     }
 
@@ -164,6 +184,79 @@ impl Qcow2 {
 
     fn backing_node(&self) -> Option<Arc<dyn BlockNode>> {
         self.backing.read().ok().and_then(|b| b.clone())
+    }
+
+    /// Whether bytes `[a, b)` (offsets inside one cluster) are unallocated in this layer
+    /// according to the cluster's words `(entry, bitmap)`.
+    fn words_unallocated(&self, entry: u64, bitmap: u64, a: u64, b: u64) -> bool {
+        if a >= b {
+            return true;
+        }
+        if entry & OFLAG_COMPRESSED != 0 {
+            return false;
+        }
+        if !self.extended {
+            return entry & (OFFSET_MASK | OFLAG_ZERO) == 0;
+        }
+        let unit = self.unit();
+        (a / unit..b.div_ceil(unit))
+            .all(|s| (bitmap >> s) & 1 == 0 && (bitmap >> (32 + s)) & 1 == 0)
+    }
+
+    /// Whether guest bytes `[a, b)` are unallocated in every backing layer (QEMU's
+    /// `is_unallocated`, including its view that bytes past a shorter layer's end count as
+    /// allocated there).
+    async fn backing_unallocated(&self, a: u64, b: u64) -> Result<bool> {
+        let mut pos = a;
+        while pos < b {
+            let Some(mut node) = self.backing_node() else {
+                return Ok(true);
+            };
+            let mut len = b - pos;
+            loop {
+                if pos + len > node.size() {
+                    return Ok(false);
+                }
+                let st = node.block_status(pos, len).await?;
+                len = st.len.max(1);
+                if st.alloc != Allocation::Unallocated {
+                    return Ok(false);
+                }
+                match node.backing() {
+                    Some(n) => node = n,
+                    None => break,
+                }
+            }
+            pos += len;
+        }
+        Ok(true)
+    }
+
+    /// QEMU's `handle_alloc_space` test: the copy-on-write ranges `head` and `tail` (guest byte
+    /// ranges around a write, inside the first and last cluster) read as zero because nothing
+    /// in the chain allocates them, so the host range can be zeroed efficiently instead of
+    /// being written with copied zeroes.
+    async fn zero_cow(
+        &self,
+        first: (u64, u64),
+        last: (u64, u64),
+        head: (u64, u64),
+        tail: (u64, u64),
+    ) -> Result<bool> {
+        let cs = self.cs();
+        if head.0 >= head.1 && tail.0 >= tail.1 {
+            return Ok(false);
+        }
+        if tail.1 > self.size() {
+            return Ok(false);
+        }
+        let in_cluster = |(a, b): (u64, u64)| (a % cs, b - a / cs * cs);
+        let (ha, hb) = in_cluster(head);
+        let (ta, tb) = in_cluster(tail);
+        Ok(self.words_unallocated(first.0, first.1, ha, hb)
+            && self.words_unallocated(last.0, last.1, ta, tb)
+            && self.backing_unallocated(head.0, head.1).await?
+            && self.backing_unallocated(tail.0, tail.1).await?)
     }
 
     async fn lock_writable(&self) -> Result<MutexGuard<'_, Meta>> {
@@ -338,6 +431,7 @@ impl Qcow2 {
                 let host = run.host.ok_or_else(|| {
                     BlockError::corrupt(self.file.name(), "data run without host")
                 })?;
+                self.file.debug_event(DebugEvent::ReadAio);
                 self.file.read_at(host, dst).await
             }
             Kind::Zero => {
@@ -346,6 +440,7 @@ impl Qcow2 {
             }
             Kind::Unalloc => read_backing(self.backing_node().as_ref(), off, dst).await,
             Kind::Compressed => {
+                self.file.debug_event(DebugEvent::ReadAio);
                 let cl = self.read_compressed(run.entry).await?;
                 let within = (off % self.cs()) as usize;
                 dst.copy_from_slice(&cl[within..within + dst.len()]);
@@ -388,19 +483,35 @@ impl Qcow2 {
         }
     }
 
-    /// One step of a write: handles a prefix of `data` at `off` and returns its length.
-    async fn write_step(&self, off: u64, data: &[u8]) -> Result<usize> {
+    /// One step of a write: handles a prefix of `data` at `off` and returns its length and
+    /// whether it was written (`only_unallocated` skips prefixes this layer allocates; see the
+    /// module documentation).
+    async fn write_step(
+        &self,
+        off: u64,
+        data: &[u8],
+        only_unallocated: bool,
+    ) -> Result<(usize, bool)> {
         let cs = self.cs();
         let unit = self.unit();
         let mut m = self.lock_writable().await?;
         m = self.wait_inflight(m, off / cs, 1).await;
         let run = self.map_run(&mut m, off, data.len() as u64).await?;
+        let data = if only_unallocated {
+            if run.kind != Kind::Unalloc {
+                return Ok((run.len as usize, false));
+            }
+            &data[..run.len as usize]
+        } else {
+            data
+        };
         if run.kind == Kind::Data && run.copied {
             drop(m);
             let n = run.len as usize;
             let host = run.host.unwrap_or_default();
+            self.file.debug_event(DebugEvent::WriteAio);
             self.file.write_at(host, &data[..n]).await?;
-            return Ok(n);
+            return Ok((n, true));
         }
         // Allocation. With extended L2, an allocated cluster gains subclusters in place.
         let gc = off / cs;
@@ -421,13 +532,30 @@ impl Qcow2 {
             m.inflight.insert(gc, Arc::clone(&notify));
             drop(m);
             let res = async {
-                let mut buf = vec![0u8; (stop - start) as usize];
-                self.read_current(start, &mut buf[..(off - start) as usize])
-                    .await?;
-                let tail = (end - start) as usize;
-                self.read_current(end, &mut buf[tail..]).await?;
-                buf[(off - start) as usize..tail].copy_from_slice(&data[..(end - off) as usize]);
-                self.file.write_vec(host_now + s0 * unit, buf).await?;
+                let words = (entry, bitmap);
+                if self
+                    .zero_cow(words, words, (start, off), (end, stop))
+                    .await?
+                {
+                    self.file
+                        .write_zeroes(host_now + s0 * unit, stop - start, false)
+                        .await?;
+                    self.file
+                        .write_vec(
+                            host_now + (off - gc * cs),
+                            data[..(end - off) as usize].to_vec(),
+                        )
+                        .await?;
+                } else {
+                    let mut buf = vec![0u8; (stop - start) as usize];
+                    self.read_current(start, &mut buf[..(off - start) as usize])
+                        .await?;
+                    let tail = (end - start) as usize;
+                    self.read_current(end, &mut buf[tail..]).await?;
+                    buf[(off - start) as usize..tail]
+                        .copy_from_slice(&data[..(end - off) as usize]);
+                    self.file.write_vec(host_now + s0 * unit, buf).await?;
+                }
                 let mut m = self.meta.lock().await;
                 let mask: u64 = (s0..=s1).fold(0, |a, s| a | 1 << s);
                 let nb = (bitmap | mask) & !(mask << 32);
@@ -439,7 +567,7 @@ impl Qcow2 {
             notify.notify_waiters();
             drop(m);
             res?;
-            return Ok((end - off) as usize);
+            return Ok(((end - off) as usize, true));
         }
         // Whole-cluster allocation of a run of clusters that need it.
         let l2_span = m.header.l2_entries();
@@ -465,6 +593,8 @@ impl Qcow2 {
         for c in gc..gc + n {
             olds.push(m.l2_get(c).await?);
         }
+        // The L2 table first, then the data clusters (QEMU's order, so layouts agree).
+        m.l2_prepare(gc).await?;
         let host = m.alloc_clusters(n).await?;
         let notify = Arc::new(Notify::new());
         for c in gc..gc + n {
@@ -474,16 +604,65 @@ impl Qcow2 {
         let start = gc * cs;
         let stop = (gc + n) * cs;
         let end = write_end.min(stop);
+        // With extended L2, only the subclusters the write touches (plus, in a cluster that had
+        // allocated subclusters, everything between them and the write) become allocated; the
+        // others keep their state (unallocated or zero), and their host space is not written,
+        // exactly as QEMU's copy-on-write ranges.
+        let (wstart, wstop, bitmaps) = if self.extended {
+            let mut bitmaps = Vec::with_capacity(n as usize);
+            let (mut first_from, mut last_to) = (0, cs);
+            for (i, &(e, bm)) in olds.iter().enumerate() {
+                let cstart = start + i as u64 * cs;
+                let ws = off.max(cstart) - cstart;
+                let we = write_end.min(cstart + cs) - cstart;
+                let alloc = (bm & BITMAP_ALL_ALLOC) as u32;
+                let (from, to) = if e & OFLAG_COMPRESSED != 0 {
+                    (0, cs)
+                } else if e & OFFSET_MASK != 0 {
+                    let last = (we - 1) / unit;
+                    (
+                        (ws / unit).min(u64::from(alloc.trailing_zeros())) * unit,
+                        cs - (31 - last).min(u64::from(alloc.leading_zeros())) * unit,
+                    )
+                } else {
+                    (ws / unit * unit, we.div_ceil(unit) * unit)
+                };
+                let mask = ((1u64 << (to / unit)) - 1) & !((1u64 << (from / unit)) - 1);
+                let old_bm = if e & OFLAG_COMPRESSED != 0 { 0 } else { bm };
+                bitmaps.push((old_bm & !(mask | mask << 32)) | mask);
+                if i == 0 {
+                    first_from = from;
+                }
+                last_to = to;
+            }
+            (start + first_from, stop - cs + last_to, bitmaps)
+        } else {
+            (start, stop, vec![0; n as usize])
+        };
         let res = async {
-            let mut buf = vec![0u8; (stop - start) as usize];
-            self.read_current(start, &mut buf[..(off - start) as usize])
+            let first = olds[0];
+            let last = olds[olds.len() - 1];
+            if self
+                .zero_cow(first, last, (wstart, off), (end, wstop))
+                .await?
+            {
+                self.file
+                    .write_zeroes(host + (wstart - start), wstop - wstart, false)
+                    .await?;
+                return self
+                    .file
+                    .write_vec(host + (off - start), data[..(end - off) as usize].to_vec())
+                    .await;
+            }
+            let mut buf = vec![0u8; (wstop - wstart) as usize];
+            self.read_current(wstart, &mut buf[..(off - wstart) as usize])
                 .await?;
-            let tail = (end - start) as usize;
-            if end < stop && end < self.size() {
+            let tail = (end - wstart) as usize;
+            if end < wstop && end < self.size() {
                 self.read_current(end, &mut buf[tail..]).await?;
             }
-            buf[(off - start) as usize..tail].copy_from_slice(&data[..(end - off) as usize]);
-            self.file.write_vec(host, buf).await
+            buf[(off - wstart) as usize..tail].copy_from_slice(&data[..(end - off) as usize]);
+            self.file.write_vec(host + (wstart - start), buf).await
         }
         .await;
         let mut m = self.meta.lock().await;
@@ -493,8 +672,7 @@ impl Qcow2 {
                 for (i, (old, _)) in olds.iter().enumerate() {
                     let c = gc + i as u64;
                     let new_entry = (host + i as u64 * cs) | OFLAG_COPIED;
-                    let bm = if self.extended { BITMAP_ALL_ALLOC } else { 0 };
-                    if let Err(e) = m.l2_set(c, new_entry, bm).await {
+                    if let Err(e) = m.l2_set(c, new_entry, bitmaps[i]).await {
                         r = Err(e);
                         break;
                     }
@@ -513,7 +691,7 @@ impl Qcow2 {
         notify.notify_waiters();
         drop(m);
         res?;
-        Ok((end - off) as usize)
+        Ok(((end - off) as usize, true))
     }
 
     /// Schedule the release of whatever host storage an overwritten L2 entry held.
@@ -551,6 +729,8 @@ impl Qcow2 {
         let mut m = self.lock_writable().await?;
         m = self.wait_inflight(m, gc, 1).await;
         let (old, _) = m.l2_get(gc).await?;
+        // The L2 table before the data, as QEMU allocates them.
+        m.l2_prepare(gc).await?;
         // Pack compressed clusters back to back (each starting on a 512-byte boundary, never
         // crossing a host cluster): a host cluster holding k of them has refcount k.
         let nsect = (comp.len() as u64).div_ceil(512);
@@ -604,9 +784,10 @@ impl Qcow2 {
             let host = old & OFFSET_MASK;
             let compressed = old & OFLAG_COMPRESSED != 0;
             let allocated = compressed || host != 0;
-            if old == 0 && bitmap == 0 && !has_backing {
+            if discard && old == 0 && bitmap == 0 && !has_backing {
                 continue; // already reads as zero and nothing to free
             }
+            // (Write-zeroes still marks such a cluster zero, as QEMU does.)
             let keep = !unmap && !discard && !compressed && host != 0 && old & OFLAG_COPIED != 0;
             let (entry, bm) = if self.extended {
                 if keep {
@@ -675,7 +856,10 @@ impl BlockNode for Qcow2 {
         check_bounds(offset, data.len() as u64, self.size())?;
         let mut pos = 0;
         while pos < data.len() {
-            pos += self.write_step(offset + pos as u64, &data[pos..]).await?;
+            pos += self
+                .write_step(offset + pos as u64, &data[pos..], false)
+                .await?
+                .0;
         }
         Ok(())
     }
@@ -733,6 +917,54 @@ impl BlockNode for Qcow2 {
         m.flush().await
     }
 
+    async fn write_if_unallocated(&self, offset: u64, data: &[u8]) -> Result<u64> {
+        check_bounds(offset, data.len() as u64, self.size())?;
+        let mut pos = 0;
+        let mut written = 0u64;
+        while pos < data.len() {
+            let (n, wrote) = self
+                .write_step(offset + pos as u64, &data[pos..], true)
+                .await?;
+            if wrote {
+                written += n as u64;
+            }
+            pos += n;
+        }
+        Ok(written)
+    }
+
+    async fn zero_if_unallocated(&self, offset: u64, len: u64) -> Result<u64> {
+        check_bounds(offset, len, self.size())?;
+        if len == 0 {
+            return Ok(0);
+        }
+        let cs = self.cs();
+        let end = offset + len;
+        let a = offset.div_ceil(cs) * cs;
+        let b = if end == self.size() {
+            end.div_ceil(cs) * cs
+        } else {
+            end / cs * cs
+        };
+        // Without a zero flag (v2) or for partial clusters, zeroes are written as data.
+        if a >= b || self.version < 3 {
+            return self.write_zero_data_if_unallocated(offset, len).await;
+        }
+        let mut written = 0;
+        if offset < a {
+            written += self
+                .write_zero_data_if_unallocated(offset, a - offset)
+                .await?;
+        }
+        written += self
+            .zero_clusters_if_unallocated(a / cs, (b - a) / cs)
+            .await?;
+        if b < end {
+            written += self.write_zero_data_if_unallocated(b, end - b).await?;
+        }
+        Ok(written)
+    }
+
     async fn block_status(&self, offset: u64, len: u64) -> Result<LayerStatus> {
         check_bounds(offset, len, self.size())?;
         let run = self.run_at(offset, len).await?;
@@ -777,17 +1009,25 @@ impl BlockNode for Qcow2 {
         }
         let mut m = self.lock_writable().await?;
         if new_size < old_size {
-            // Shrink only over a tail that holds nothing in this layer.
+            // Shrink only over a tail that stores no data in this layer; zero clusters there
+            // are dropped.
             let first = new_size.div_ceil(cs);
             let last = old_size.div_ceil(cs);
+            let mut zeroed = Vec::new();
             for c in first..last {
                 let (e, bm) = m.l2_get(c).await?;
-                if e != 0 || bm != 0 {
+                if e & (OFFSET_MASK | OFLAG_COMPRESSED) != 0 || bm & BITMAP_ALL_ALLOC != 0 {
                     return Err(BlockError::InvalidArgument(format!(
                         "{}: cannot shrink: the tail beyond {new_size} bytes holds data",
                         self.file.name()
                     )));
                 }
+                if e != 0 || bm != 0 {
+                    zeroed.push(c);
+                }
+            }
+            for c in zeroed {
+                m.l2_set(c, 0, 0).await?;
             }
             m.flush().await?;
             m.header.size = new_size;
@@ -802,17 +1042,36 @@ impl BlockNode for Qcow2 {
         m.write_header().await?;
         self.size.store(new_size, Ordering::Release);
         drop(m);
-        // The new area must read as zeroes: neither a stale partial cluster tail nor a longer
-        // backing file may show through.
-        let mut zero_to = old_size.div_ceil(cs) * cs;
-        if let Some(b) = self.backing_node() {
-            zero_to = zero_to.max(b.size());
-        }
-        let zero_to = zero_to.min(new_size);
-        if zero_to > old_size {
-            self.write_zeroes(old_size, zero_to - old_size, false)
-                .await?;
+        // The new area must read as zeroes. A longer backing file must not show through: as
+        // QEMU does, the whole new area becomes zero (sub)clusters, with explicit zeroes up to
+        // the first (sub)cluster boundary. Without that, only a stale tail of the old last
+        // cluster (data past an earlier, unaligned shrink) is overwritten with zeroes.
+        let unit = self.unit();
+        let backing_size = self.backing_node().map_or(0, |b| b.size());
+        if backing_size > old_size && self.version < 3 {
+            // No zero clusters in v2 (QEMU refuses this resize): write zeroes, but only where
+            // the backing file would show through.
+            let to = backing_size.min(new_size);
+            self.write_zeroes(old_size, to - old_size, false).await?;
             self.flush().await?;
+        } else if backing_size > old_size {
+            let zero_start = old_size.div_ceil(unit) * unit;
+            if new_size > zero_start {
+                self.write_zeroes(zero_start, new_size - zero_start, false)
+                    .await?;
+            }
+            if zero_start > old_size {
+                let len = zero_start.min(new_size) - old_size;
+                self.write(old_size, &vec![0u8; len as usize]).await?;
+            }
+            self.flush().await?;
+        } else if old_size % cs != 0 {
+            let run = self.run_at(old_size, cs - old_size % cs).await?;
+            if matches!(run.kind, Kind::Data | Kind::Compressed) {
+                let len = (old_size.div_ceil(cs) * cs).min(new_size) - old_size;
+                self.write(old_size, &vec![0u8; len as usize]).await?;
+                self.flush().await?;
+            }
         }
         Ok(())
     }
@@ -847,6 +1106,52 @@ impl Qcow2 {
             self.free_old_entry(&mut m, old);
         }
         m.flush().await
+    }
+
+    /// Populate `[offset, offset+len)` with zero data where this layer is still unallocated.
+    async fn write_zero_data_if_unallocated(&self, offset: u64, len: u64) -> Result<u64> {
+        let chunk = len.min(1 << 20);
+        let zeroes = vec![0u8; chunk as usize];
+        let mut pos = 0;
+        let mut written = 0;
+        while pos < len {
+            let n = (len - pos).min(chunk);
+            written += self
+                .write_if_unallocated(offset + pos, &zeroes[..n as usize])
+                .await?;
+            pos += n;
+        }
+        Ok(written)
+    }
+
+    /// Mark the still-unallocated units of whole clusters `[gc, gc+n)` as zero (v3 only), in
+    /// one critical section after their in-flight allocations finished; returns bytes marked.
+    async fn zero_clusters_if_unallocated(&self, gc: u64, n: u64) -> Result<u64> {
+        let cs = self.cs();
+        let unit = self.unit();
+        let size = self.size();
+        let mut m = self.lock_writable().await?;
+        m = self.wait_inflight(m, gc, n).await;
+        let mut marked = 0;
+        for c in gc..gc + n {
+            let (entry, bitmap) = m.l2_get(c).await?;
+            let cluster_len = cs.min(size.saturating_sub(c * cs));
+            if self.extended {
+                if entry & OFLAG_COMPRESSED != 0 {
+                    continue;
+                }
+                let unalloc = !(bitmap | bitmap >> 32) & 0xffff_ffff;
+                if unalloc == 0 {
+                    continue;
+                }
+                m.l2_set(c, entry, bitmap | unalloc << 32).await?;
+                marked += (unalloc.count_ones() as u64 * unit).min(cluster_len);
+            } else if entry == 0 {
+                m.l2_set(c, OFLAG_ZERO, 0).await?;
+                marked += cluster_len;
+            }
+        }
+        Ok(marked)
     }
 
     async fn write_explicit_zeroes(&self, offset: u64, len: u64) -> Result<()> {
