@@ -1,0 +1,466 @@
+//! An NBD server over block nodes, interoperable with qemu-nbd's clients.
+//!
+//! A [`Server`] serves a fixed set of [`Export`]s, each an `Arc<dyn BlockNode>` (usually the
+//! top of a backing chain), on any number of listeners (TCP or unix sockets) or on streams the
+//! caller hands over ([`Server::handle`]), which is how the daemon of the stream issue will reuse
+//! it. The wire format comes from [`crate::proto`]; this module owns policy:
+//!
+//! * **Handshake** ([`handshake`]): fixed newstyle with `NO_ZEROES`, the options qemu-nbd 10
+//!   implements (GO, INFO, LIST, ABORT, EXPORT_NAME, STRUCTURED_REPLY, LIST/SET_META_CONTEXT,
+//!   EXTENDED_HEADERS, STARTTLS via rustls), bounded by a handshake timeout.
+//! * **Transmission** ([`transmission`]): one reader per connection decodes requests and reads
+//!   write payloads; every request then runs in its own task, so replies go out in completion
+//!   order (pipelining); one writer task per connection owns the socket's write half and writes
+//!   each reply whole. A per-connection semaphore pair bounds requests and buffered bytes in
+//!   flight; permits travel with the reply and are released once it is written (or dropped
+//!   with it when the client is gone), so a vanished client leaks nothing.
+//! * **Limits**: server-wide connection limit (accepting pauses at the limit, like qemu-nbd's
+//!   `--shared`), per-export connection limit (checked when a client picks the export),
+//!   32 MiB payloads, 4096-byte strings.
+
+mod handshake;
+mod transmission;
+
+use crate::proto;
+use diskstream_block::node::BlockNode;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{watch, Semaphore};
+
+/// A byte stream a connection runs over (TCP, unix socket, TLS on either, an in-memory pipe).
+pub trait NbdStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> NbdStream for T {}
+
+/// A boxed connection stream; STARTTLS replaces it with a TLS stream over itself.
+pub type BoxStream = Box<dyn NbdStream>;
+
+/// Default handshake timeout (QEMU's `handshake-max-seconds`).
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default server-wide connection limit (QEMU's `max-connections`).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 100;
+/// Default number of requests one connection may have in flight. Enough for nbdcopy (64) and
+/// fio at QD32 to keep the disk busy without letting one client hog the I/O pool.
+pub const DEFAULT_MAX_REQUESTS: usize = 64;
+/// Default number of payload bytes one connection may hold in flight (write payloads being
+/// applied, read data waiting to be sent): four maximum-size requests.
+pub const DEFAULT_MAX_BUFFERED: usize = 4 * proto::MAX_PAYLOAD as usize;
+/// Most extents sent per context in one block status reply (QEMU: 1 MiB of descriptors / 8).
+pub const MAX_EXTENTS: usize = 131_072;
+
+/// One export: a node under a name, with the policy clients get for it.
+pub struct Export {
+    /// Name clients ask for ("" is qemu-nbd's default name; names match exactly).
+    pub name: String,
+    /// Description shown by `NBD_OPT_LIST` and `NBD_INFO_DESCRIPTION` ("" for none).
+    pub description: String,
+    /// The node served (top of its chain). Its size is fixed while exported.
+    pub node: Arc<dyn BlockNode>,
+    /// Refuse writes (advertised as `NBD_FLAG_READ_ONLY`, enforced with EPERM).
+    pub read_only: bool,
+    /// Offer the `qemu:allocation-depth` context.
+    pub allocation_depth: bool,
+    /// Connections allowed on this export at once; above 1, `CAN_MULTI_CONN` is advertised
+    /// (safe because every connection shares the same node, so a flush on one covers writes
+    /// made through all).
+    pub max_connections: usize,
+}
+
+impl std::fmt::Debug for Export {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Export")
+            .field("name", &self.name)
+            .field("node", &self.node.filename())
+            .field("read_only", &self.read_only)
+            .field("allocation_depth", &self.allocation_depth)
+            .field("max_connections", &self.max_connections)
+            .finish()
+    }
+}
+
+/// Everything a [`Server`] is built from.
+pub struct ServerConfig {
+    /// The exports; names must be unique.
+    pub exports: Vec<Export>,
+    /// TLS credentials; when set, TLS is mandatory (FORCEDTLS mode, like QEMU with tls-creds).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Time a client has from connecting to entering transmission.
+    pub handshake_timeout: Duration,
+    /// Connections served at once; accepting pauses at the limit.
+    pub max_connections: usize,
+    /// Requests one connection may have in flight.
+    pub max_requests: usize,
+    /// Payload bytes one connection may hold in flight (at least [`proto::MAX_PAYLOAD`]).
+    pub max_buffered: usize,
+}
+
+impl ServerConfig {
+    /// A configuration with qemu-nbd's defaults for the given exports.
+    pub fn new(exports: Vec<Export>) -> Self {
+        ServerConfig {
+            exports,
+            tls: None,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_requests: DEFAULT_MAX_REQUESTS,
+            max_buffered: DEFAULT_MAX_BUFFERED,
+        }
+    }
+}
+
+/// Why a server could not be set up or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The configuration is inconsistent.
+    #[error("invalid NBD server configuration: {0}")]
+    Config(String),
+    /// TLS credentials could not be loaded.
+    #[error("TLS credentials '{path}': {msg}")]
+    Tls {
+        /// The file at fault.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A socket operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Load an X.509 certificate chain and private key (PEM files) into a rustls server config.
+/// Client certificates are not requested (QEMU's default `verify-peer=off` for servers).
+pub fn tls_config_from_pem(
+    cert: &Path,
+    key: &Path,
+) -> Result<Arc<rustls::ServerConfig>, ServerError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let tls_err = |path: &Path, msg: String| ServerError::Tls {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| tls_err(cert, e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| tls_err(cert, e.to_string()))?;
+    if certs.is_empty() {
+        return Err(tls_err(cert, "no certificate found".into()));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| tls_err(key, e.to_string()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_err(cert, e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key_der)
+        .map_err(|e| tls_err(key, e.to_string()))?;
+    Ok(Arc::new(cfg))
+}
+
+/// A listening socket the server accepts connections on.
+pub enum Listener {
+    /// TCP.
+    Tcp(TcpListener),
+    /// Unix domain socket and its path (the socket file stays until its owner removes it;
+    /// `diskstream serve` does on exit, as qemu-nbd does).
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// Bind a TCP listener.
+    pub async fn bind_tcp(addr: &str) -> Result<Self, ServerError> {
+        TcpListener::bind(addr)
+            .await
+            .map(Listener::Tcp)
+            .map_err(|source| ServerError::Io {
+                context: format!("cannot listen on {addr}"),
+                source,
+            })
+    }
+
+    /// Bind a unix socket at `path`. A stale socket file there is replaced, as qemu-nbd does.
+    pub fn bind_unix(path: &Path) -> Result<Self, ServerError> {
+        if let Ok(md) = std::fs::symlink_metadata(path) {
+            use std::os::unix::fs::FileTypeExt;
+            if md.file_type().is_socket() {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        UnixListener::bind(path)
+            .map(|l| Listener::Unix(l, path.to_path_buf()))
+            .map_err(|source| ServerError::Io {
+                context: format!("cannot listen on unix socket '{}'", path.display()),
+                source,
+            })
+    }
+
+    /// The address clients connect to, for messages ("127.0.0.1:10809", "unix:/path").
+    pub fn local_addr(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "tcp".into()),
+            Listener::Unix(_, p) => format!("unix:{}", p.display()),
+        }
+    }
+
+    /// The TCP port, if this is a TCP listener.
+    pub fn port(&self) -> Option<u16> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().ok().map(|a| a.port()),
+            Listener::Unix(..) => None,
+        }
+    }
+
+    async fn accept(&self) -> io::Result<BoxStream> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept().await?;
+                // Replies are written whole by one writer; Nagle would only add latency.
+                let _ = s.set_nodelay(true);
+                Ok(Box::new(s))
+            }
+            Listener::Unix(l, _) => {
+                let (s, _) = l.accept().await?;
+                Ok(Box::new(s))
+            }
+        }
+    }
+}
+
+/// Connection counters, observable through [`Server::counts`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnCounts {
+    /// Connections currently open (any phase).
+    pub active: usize,
+    /// Connections accepted since the server started.
+    pub total: u64,
+}
+
+/// An export plus its live connection count.
+pub(crate) struct ExportState {
+    pub(crate) export: Export,
+    active: AtomicUsize,
+}
+
+/// Holds one of an export's connection slots until dropped.
+pub(crate) struct ExportSlot(Arc<ExportState>);
+
+impl Drop for ExportSlot {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl ExportState {
+    /// Take a connection slot, or `None` when the export is at its limit.
+    pub(crate) fn try_slot(self: &Arc<Self>) -> Option<ExportSlot> {
+        let max = self.export.max_connections;
+        self.active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| ExportSlot(Arc::clone(self)))
+    }
+
+    /// Export size as advertised: the node's size rounded down to 512 bytes, as QEMU does.
+    pub(crate) fn size(&self) -> u64 {
+        self.export.node.size() / 512 * 512
+    }
+}
+
+pub(crate) struct Shared {
+    pub(crate) exports: Vec<Arc<ExportState>>,
+    pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
+    pub(crate) handshake_timeout: Duration,
+    pub(crate) max_requests: usize,
+    pub(crate) max_buffered: usize,
+    slots: Arc<Semaphore>,
+    shutdown: watch::Sender<bool>,
+    counts: watch::Sender<ConnCounts>,
+}
+
+impl Shared {
+    pub(crate) fn find(&self, name: &str) -> Option<&Arc<ExportState>> {
+        self.exports.iter().find(|e| e.export.name == name)
+    }
+}
+
+/// Decrements the active count when a connection ends, however it ends.
+struct ConnGuard(Arc<Shared>);
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.0.counts.send_modify(|c| c.active -= 1);
+    }
+}
+
+/// The NBD server. Cheap to clone; clones share exports, limits and shutdown state.
+#[derive(Clone)]
+pub struct Server {
+    shared: Arc<Shared>,
+}
+
+impl Server {
+    /// Build a server; checks that export names are unique and limits are usable.
+    pub fn new(config: ServerConfig) -> Result<Self, ServerError> {
+        let mut names = std::collections::HashSet::new();
+        for e in &config.exports {
+            if !names.insert(e.name.as_str()) {
+                return Err(ServerError::Config(format!(
+                    "export name '{}' is used twice",
+                    e.name
+                )));
+            }
+            if e.name.len() > proto::MAX_STRING || e.description.len() > proto::MAX_STRING {
+                return Err(ServerError::Config(format!(
+                    "export '{}': name and description are limited to {} bytes",
+                    proto::truncate_str(&e.name, 64),
+                    proto::MAX_STRING
+                )));
+            }
+            if e.max_connections == 0 {
+                return Err(ServerError::Config(format!(
+                    "export '{}': max_connections must be at least 1",
+                    e.name
+                )));
+            }
+        }
+        if config.max_connections == 0 || config.max_requests == 0 {
+            return Err(ServerError::Config(
+                "connection and request limits must be at least 1".into(),
+            ));
+        }
+        if config.max_buffered < proto::MAX_PAYLOAD as usize {
+            return Err(ServerError::Config(format!(
+                "max_buffered must be at least {} bytes (one maximum payload)",
+                proto::MAX_PAYLOAD
+            )));
+        }
+        let exports = config
+            .exports
+            .into_iter()
+            .map(|export| {
+                Arc::new(ExportState {
+                    export,
+                    active: AtomicUsize::new(0),
+                })
+            })
+            .collect();
+        Ok(Server {
+            shared: Arc::new(Shared {
+                exports,
+                tls: config.tls.map(tokio_rustls::TlsAcceptor::from),
+                handshake_timeout: config.handshake_timeout,
+                max_requests: config.max_requests,
+                max_buffered: config.max_buffered,
+                slots: Arc::new(Semaphore::new(
+                    config.max_connections.min(Semaphore::MAX_PERMITS),
+                )),
+                shutdown: watch::channel(false).0,
+                counts: watch::channel(ConnCounts::default()).0,
+            }),
+        })
+    }
+
+    /// Accept connections on `listener` until [`Server::shutdown`]. Each connection runs in its
+    /// own task; at the connection limit (shared by all listeners), accepting pauses until one
+    /// ends. Call once per listener.
+    pub async fn serve(&self, listener: Listener) -> Result<(), ServerError> {
+        let mut stop = self.shared.shutdown.subscribe();
+        loop {
+            let stream = tokio::select! {
+                _ = stop.wait_for(|s| *s) => return Ok(()),
+                r = listener.accept() => r,
+            };
+            let stream = match stream {
+                Ok(s) => s,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning; the listener stays.
+                    tracing::warn!("accept on {} failed: {e}", listener.local_addr());
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            // At the limit, the accepted connection waits (without a greeting) for a slot and
+            // this listener stops accepting, so further clients wait in the kernel's backlog,
+            // as with qemu-nbd. Taking the slot only after accept() keeps idle listeners from
+            // reserving slots.
+            let permit = tokio::select! {
+                _ = stop.wait_for(|s| *s) => return Ok(()),
+                p = Arc::clone(&self.shared.slots).acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return Ok(()),
+                },
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                me.handle(stream).await;
+                drop(permit);
+            });
+        }
+    }
+
+    /// Serve one connection on an already-connected stream until it ends. The caller owns
+    /// connection limits for streams it hands over directly.
+    pub async fn handle<S: NbdStream>(&self, stream: S) {
+        self.shared.counts.send_modify(|c| {
+            c.active += 1;
+            c.total += 1;
+        });
+        let _guard = ConnGuard(Arc::clone(&self.shared));
+        let stop = self.shared.shutdown.subscribe();
+        if *stop.borrow() {
+            return;
+        }
+        let boxed: BoxStream = Box::new(stream);
+        let neg = tokio::time::timeout(
+            self.shared.handshake_timeout,
+            handshake::negotiate(&self.shared, boxed, stop.clone()),
+        )
+        .await;
+        let (stream, session) = match neg {
+            Err(_) => {
+                tracing::info!("NBD client did not finish the handshake in time; disconnecting");
+                return;
+            }
+            Ok(Err(e)) => {
+                e.log();
+                return;
+            }
+            Ok(Ok(None)) => return,
+            Ok(Ok(Some(t))) => t,
+        };
+        transmission::run(&self.shared, stream, session, stop).await;
+    }
+
+    /// Stop accepting, let every connection finish the requests it has read (their replies are
+    /// sent), then close the connections. Wait for [`Server::wait_idle`] before closing nodes.
+    pub fn shutdown(&self) {
+        self.shared.shutdown.send_replace(true);
+    }
+
+    /// Watch the connection counters (the standalone front end exits when the last client
+    /// leaves).
+    pub fn counts(&self) -> watch::Receiver<ConnCounts> {
+        self.shared.counts.subscribe()
+    }
+
+    /// Wait until no connection is open.
+    pub async fn wait_idle(&self) {
+        let mut rx = self.shared.counts.subscribe();
+        let _ = rx.wait_for(|c| c.active == 0).await;
+    }
+}
