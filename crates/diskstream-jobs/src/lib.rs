@@ -1,0 +1,18 @@
+//! diskstream's job framework and the block-stream job.
+//!
+//! [`state`] holds QEMU's job state machine (transition and verb tables), [`job`] the job
+//! lifecycle (pause points, cancel, auto-finalize/auto-dismiss, on-error policy, progress,
+//! events), [`ratelimit`] the speed limiter, and [`stream`] the block-stream job. The QMP
+//! monitor (`diskstream-qmp`) turns commands into calls here and [`job::JobEvent`]s into QMP
+//! events; nothing in this crate knows about JSON.
+
+pub mod error;
+pub mod job;
+pub mod ratelimit;
+pub mod state;
+pub mod stream;
+
+pub use error::{JobError, JobFailure};
+pub use job::{Job, JobDriver, JobEvent, JobManager, JobOptions, JobType, OnError};
+pub use state::{JobStatus, JobVerb};
+pub use stream::{StreamConfig, StreamJob};

@@ -1,0 +1,288 @@
+//! The QMP commands: argument schemas (validated before any side effect, with QEMU's texts)
+//! and their implementations.
+
+use crate::error::{ErrorClass, QmpError, QmpResult};
+use crate::monitor::{package, Monitor, MonitorContext, QEMU_VERSION};
+use crate::schema::{check_blockdev_options, check_object, opt, req, Member, Ty, ON_ERROR};
+use crate::stream_cmd;
+use diskstream_jobs::job::JobInfo;
+use diskstream_jobs::Job;
+use serde_json::{json, Map, Value};
+use std::sync::Arc;
+
+const NONE: &[Member] = &[];
+const DEVICE: &[Member] = &[req("device", Ty::Str)];
+const ID: &[Member] = &[req("id", Ty::Str)];
+
+/// `block-stream`'s arguments.
+pub const BLOCK_STREAM: &[Member] = &[
+    opt("job-id", Ty::Str),
+    req("device", Ty::Str),
+    opt("base", Ty::Str),
+    opt("base-node", Ty::Str),
+    opt("backing-file", Ty::Str),
+    opt("backing-mask-protocol", Ty::Bool),
+    opt("bottom", Ty::Str),
+    opt("speed", Ty::Int),
+    opt("on-error", ON_ERROR),
+    opt("filter-node-name", Ty::Str),
+    opt("auto-finalize", Ty::Bool),
+    opt("auto-dismiss", Ty::Bool),
+];
+
+const LEGACY_BLOCK_STREAM: &[Member] = &[
+    req("device", Ty::Str),
+    opt("all", Ty::Bool),
+    opt("stop", Ty::Bool),
+    opt("base", Ty::Str),
+];
+
+/// Every command of the monitor itself and its argument schema (`None`: checked by the
+/// command, e.g. the `blockdev-add` union).
+const COMMANDS: &[(&str, Option<&[Member]>)] = &[
+    (
+        "qmp_capabilities",
+        Some(&[opt("enable", Ty::List(&Ty::Enum(&["oob"])))]),
+    ),
+    ("query-version", Some(NONE)),
+    ("query-commands", Some(NONE)),
+    ("quit", Some(NONE)),
+    ("blockdev-add", None),
+    ("blockdev-del", Some(&[req("node-name", Ty::Str)])),
+    ("query-named-block-nodes", Some(&[opt("flat", Ty::Bool)])),
+    ("query-block", Some(NONE)),
+    ("block-stream", Some(BLOCK_STREAM)),
+    (
+        "block-job-set-speed",
+        Some(&[req("device", Ty::Str), req("speed", Ty::Int)]),
+    ),
+    (
+        "block-job-cancel",
+        Some(&[req("device", Ty::Str), opt("force", Ty::Bool)]),
+    ),
+    ("block-job-pause", Some(DEVICE)),
+    ("block-job-resume", Some(DEVICE)),
+    ("block-job-complete", Some(DEVICE)),
+    ("block-job-finalize", Some(ID)),
+    ("block-job-dismiss", Some(ID)),
+    ("job-pause", Some(ID)),
+    ("job-resume", Some(ID)),
+    ("job-cancel", Some(ID)),
+    ("job-complete", Some(ID)),
+    ("job-finalize", Some(ID)),
+    ("job-dismiss", Some(ID)),
+    ("query-block-jobs", Some(NONE)),
+    ("query-jobs", Some(NONE)),
+    ("block_stream", Some(LEGACY_BLOCK_STREAM)),
+    ("query-block-stream", Some(NONE)),
+];
+
+/// `qmp_capabilities` (the only command before negotiation); returns whether OOB was
+/// enabled. OOB is offered and accepted as QSD does (qemu.qmp enables it whenever offered),
+/// although no command supports it.
+pub fn qmp_capabilities(mut args: Map<String, Value>) -> QmpResult<bool> {
+    check_object(
+        &mut args,
+        &[opt("enable", Ty::List(&Ty::Enum(&["oob"])))],
+        "",
+        false,
+    )?;
+    Ok(matches!(args.get("enable"), Some(Value::Array(caps)) if !caps.is_empty()))
+}
+
+fn str_arg<'a>(a: &'a Map<String, Value>, k: &str) -> Option<&'a str> {
+    a.get(k).and_then(|v| v.as_str())
+}
+
+fn bool_arg(a: &Map<String, Value>, k: &str) -> Option<bool> {
+    a.get(k).and_then(|v| v.as_bool())
+}
+
+/// `block-job-*` lookup: `DeviceNotActive` when missing, as QEMU.
+fn block_job(mon: &Monitor, id: &str) -> QmpResult<Arc<Job>> {
+    mon.jobs.find(id).ok_or_else(|| {
+        QmpError::new(
+            ErrorClass::DeviceNotActive,
+            format!("Block job '{id}' not found"),
+        )
+    })
+}
+
+/// `job-*` lookup: `GenericError` "Job not found".
+fn any_job(mon: &Monitor, id: &str) -> QmpResult<Arc<Job>> {
+    mon.jobs
+        .find(id)
+        .ok_or_else(|| QmpError::generic("Job not found"))
+}
+
+fn block_job_info(i: &JobInfo) -> Value {
+    let mut v = json!({
+        "auto-finalize": i.auto_finalize,
+        "io-status": i.io_status.as_str(),
+        "device": i.id,
+        "auto-dismiss": i.auto_dismiss,
+        "busy": i.busy,
+        "len": i.total,
+        "offset": i.current,
+        "status": i.status.as_str(),
+        "paused": i.paused,
+        "speed": i.speed,
+        "ready": matches!(i.status, diskstream_jobs::JobStatus::Ready | diskstream_jobs::JobStatus::Standby),
+        "type": i.job_type.as_str(),
+    });
+    if let (Some(e), Some(o)) = (&i.error, v.as_object_mut()) {
+        o.insert("error".into(), json!(e));
+    }
+    v
+}
+
+fn job_info(i: &JobInfo) -> Value {
+    let mut v = json!({
+        "current-progress": i.current,
+        "status": i.status.as_str(),
+        "total-progress": i.total,
+        "type": i.job_type.as_str(),
+        "id": i.id,
+    });
+    if let (Some(e), Some(o)) = (&i.error, v.as_object_mut()) {
+        o.insert("error".into(), json!(e));
+    }
+    v
+}
+
+/// Names of every command currently available.
+pub fn command_names(mon: &Monitor) -> Vec<String> {
+    let mut v: Vec<String> = COMMANDS.iter().map(|(n, _)| n.to_string()).collect();
+    if let Some(p) = mon.export_provider() {
+        v.extend(p.commands().into_iter().map(str::to_string));
+    }
+    v
+}
+
+/// Validate and run a command (negotiation already done).
+pub async fn dispatch(
+    mon: &Arc<Monitor>,
+    cmd: &str,
+    mut args: Map<String, Value>,
+) -> QmpResult<Value> {
+    let schema = COMMANDS.iter().find(|(n, _)| *n == cmd).map(|(_, s)| *s);
+    let Some(schema) = schema else {
+        if let Some(p) = mon.export_provider() {
+            if p.commands().contains(&cmd) {
+                return p
+                    .execute(Arc::new(MonitorContext(Arc::clone(mon))), cmd, args)
+                    .await;
+            }
+        }
+        return Err(QmpError::new(
+            ErrorClass::CommandNotFound,
+            format!("The command {cmd} has not been found"),
+        ));
+    };
+    match schema {
+        Some(members) => check_object(&mut args, members, "", false)?,
+        None => check_blockdev_options(&mut args, "", false)?,
+    }
+    let a = &args;
+    match cmd {
+        "query-version" => {
+            let (ma, mi, mc) = QEMU_VERSION;
+            Ok(json!({"qemu": {"micro": mc, "minor": mi, "major": ma}, "package": package()}))
+        }
+        "query-commands" => Ok(Value::Array(
+            command_names(mon)
+                .into_iter()
+                .map(|n| json!({"name": n}))
+                .collect(),
+        )),
+        "quit" => Ok(json!({})),
+        "blockdev-add" => {
+            mon.graph.lock().await.blockdev_add(a).await?;
+            Ok(json!({}))
+        }
+        "blockdev-del" => {
+            let name = str_arg(a, "node-name").unwrap_or_default();
+            mon.graph.lock().await.blockdev_del(name).await?;
+            Ok(json!({}))
+        }
+        "query-named-block-nodes" => {
+            let flat = bool_arg(a, "flat").unwrap_or(false);
+            Ok(mon.graph.lock().await.query_named_block_nodes(flat).await)
+        }
+        "query-block" => Ok(json!([])),
+        "block-stream" => stream_cmd::block_stream(mon, a).await,
+        "block_stream" => stream_cmd::legacy_block_stream(mon, a).await,
+        "query-block-stream" => Ok(stream_cmd::query_block_stream(mon)),
+        "block-job-set-speed" => {
+            let job = block_job(mon, str_arg(a, "device").unwrap_or_default())?;
+            job.set_speed(a.get("speed").and_then(|v| v.as_i64()).unwrap_or(0))?;
+            Ok(json!({}))
+        }
+        "block-job-cancel" => {
+            let id = str_arg(a, "device").unwrap_or_default();
+            let job = block_job(mon, id)?;
+            if job.user_paused() && !bool_arg(a, "force").unwrap_or(false) {
+                return Err(diskstream_jobs::JobError::CurrentlyPaused(id.to_string()).into());
+            }
+            job.cancel().await?;
+            Ok(json!({}))
+        }
+        "job-cancel" => {
+            any_job(mon, str_arg(a, "id").unwrap_or_default())?
+                .cancel()
+                .await?;
+            Ok(json!({}))
+        }
+        "block-job-pause" | "job-pause" => {
+            let job = job_for(mon, cmd, a)?;
+            job.user_pause().await?;
+            Ok(json!({}))
+        }
+        "block-job-resume" | "job-resume" => {
+            job_for(mon, cmd, a)?.user_resume()?;
+            Ok(json!({}))
+        }
+        "block-job-complete" | "job-complete" => {
+            job_for(mon, cmd, a)?.complete()?;
+            Ok(json!({}))
+        }
+        "block-job-finalize" | "job-finalize" => {
+            job_for(mon, cmd, a)?.finalize().await?;
+            Ok(json!({}))
+        }
+        "block-job-dismiss" | "job-dismiss" => {
+            job_for(mon, cmd, a)?.dismiss()?;
+            Ok(json!({}))
+        }
+        "query-block-jobs" => Ok(Value::Array(
+            mon.jobs
+                .list()
+                .iter()
+                .map(|j| block_job_info(&j.info()))
+                .collect(),
+        )),
+        "query-jobs" => Ok(Value::Array(
+            mon.jobs
+                .list()
+                .iter()
+                .map(|j| job_info(&j.info()))
+                .collect(),
+        )),
+        _ => Err(QmpError::new(
+            ErrorClass::CommandNotFound,
+            format!("The command {cmd} has not been found"),
+        )),
+    }
+}
+
+fn job_for(mon: &Monitor, cmd: &str, a: &Map<String, Value>) -> QmpResult<Arc<Job>> {
+    if cmd.starts_with("block-job-") {
+        // finalize/dismiss take `id` even in their block-job-* spelling.
+        let id = str_arg(a, "device")
+            .or_else(|| str_arg(a, "id"))
+            .unwrap_or_default();
+        block_job(mon, id)
+    } else {
+        any_job(mon, str_arg(a, "id").unwrap_or_default())
+    }
+}

@@ -1,0 +1,981 @@
+//! The named node graph: what `blockdev-add` builds, `blockdev-del` tears down and
+//! `query-named-block-nodes` shows, with QEMU's naming, ownership and error rules.
+//!
+//! Every layer is a node with a name (the user's `node-name`, or an automatic `#blockN` for
+//! implicit nodes: inline children, backing files opened from an image header, job filters).
+//! Protocol nodes (`file`, `blkdebug`) hold a [`Protocol`]; format nodes (`raw`, `qcow2`) hold
+//! the [`BlockNode`] built on their `file` child and link to their `backing` node. While a
+//! stream job runs, a `copy-on-read` filter node sits above the streamed node (overlays point
+//! at the filter), as in QEMU, so job conflicts name the same nodes QSD names.
+//!
+//! Images are opened as QSD opens them: a missing `backing` opens the chain recorded in the
+//! header (read-only, implicit nodes, never probing a format the image does not record),
+//! `backing: null` opens none, a string references an existing node. Opening a file that is
+//! already open in the graph follows QEMU's image locking (one writer, no reader beside a
+//! writer): "Failed to get \"write\" lock".
+
+use crate::blkdebug::{BlkdebugProtocol, InjectRule};
+use crate::error::{QmpError, QmpResult};
+use diskstream_block::format::qcow2::Qcow2;
+use diskstream_block::format::raw::RawNode;
+use diskstream_block::image::resolve_backing;
+use diskstream_block::node::same_node;
+use diskstream_block::protocol::file::FileProtocol;
+use diskstream_block::protocol::Protocol;
+use diskstream_block::BlockNode;
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Identity of a node inside the graph (stable across renames; names are unique anyway).
+pub type NodeId = u64;
+
+/// The drivers diskstream implements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Driver {
+    /// Protocol: a local file.
+    File,
+    /// Protocol wrapper injecting errors.
+    Blkdebug,
+    /// Format: raw.
+    Raw,
+    /// Format: qcow2.
+    Qcow2,
+    /// Filter inserted by a stream job.
+    CopyOnRead,
+}
+
+impl Driver {
+    /// QEMU's driver name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Driver::File => "file",
+            Driver::Blkdebug => "blkdebug",
+            Driver::Raw => "raw",
+            Driver::Qcow2 => "qcow2",
+            Driver::CopyOnRead => "copy-on-read",
+        }
+    }
+}
+
+/// One node.
+pub struct GraphNode {
+    /// Identity.
+    pub id: NodeId,
+    /// Name (`#blockN` when implicit).
+    pub name: String,
+    /// Driver.
+    pub driver: Driver,
+    /// Opened read-only.
+    pub read_only: bool,
+    /// Read-only was requested for this very node (a job may not reopen it read-write).
+    pub explicit_ro: bool,
+    /// Created by a top-level `blockdev-add` (only those may be deleted).
+    pub monitor_owned: bool,
+    /// File name shown by queries.
+    pub filename: String,
+    /// Protocol nodes: the storage.
+    pub proto: Option<Arc<dyn Protocol>>,
+    /// Format nodes: the image.
+    pub block: Option<Arc<dyn BlockNode>>,
+    /// The `file` (or `image`) child.
+    pub file: Option<NodeId>,
+    /// The backing child in the graph.
+    pub backing: Option<NodeId>,
+    /// The job type that holds this node (op blocker), e.g. "stream".
+    pub blocker: Option<&'static str>,
+    /// qcow2: the backing node was opened from the header (not named by the user).
+    pub backing_from_header: bool,
+    /// QEMU's `bs->backing_file`: the backing node's shown name when the link was made (at
+    /// open, or the name a stream recorded); filters inserted later do not change it. Used to
+    /// find a backing image by file name.
+    pub backing_file_str: Option<String>,
+    /// Canonical path whose lock this node holds (protocol nodes).
+    lock_path: Option<(PathBuf, bool)>,
+}
+
+impl GraphNode {
+    /// The next node down a chain: a filter's child, a format node's backing.
+    pub fn chain_next(&self) -> Option<NodeId> {
+        match self.driver {
+            Driver::CopyOnRead => self.file,
+            _ => self.backing,
+        }
+    }
+}
+
+/// The graph.
+#[derive(Default)]
+pub struct Graph {
+    nodes: Vec<GraphNode>,
+    next_id: NodeId,
+    auto_counter: u64,
+    /// Open files: (writers, readers).
+    locks: HashMap<PathBuf, (u32, u32)>,
+}
+
+/// QEMU's node-name rule: a letter first, then letters, digits, `-`, `.`, `_`; at most 31.
+pub fn node_name_valid(n: &str) -> bool {
+    n.len() < 32 && diskstream_jobs::job::id_wellformed(n)
+}
+
+fn strerror(e: &std::io::Error) -> String {
+    diskstream_jobs::error::strerror(e.raw_os_error().unwrap_or(5))
+}
+
+fn block_err(e: diskstream_block::BlockError) -> QmpError {
+    match &e {
+        diskstream_block::BlockError::Io { context, source } => {
+            QmpError::generic(format!("{context}: {}", strerror(source)))
+        }
+        _ => QmpError::generic(e.to_string()),
+    }
+}
+
+/// Nodes opened by one `blockdev-add`, committed to the graph only if all of it succeeds.
+struct Staging {
+    nodes: Vec<GraphNode>,
+}
+
+impl Graph {
+    /// Every node, oldest first.
+    pub fn nodes(&self) -> &[GraphNode] {
+        &self.nodes
+    }
+
+    /// The node with this id.
+    pub fn get(&self, id: NodeId) -> Option<&GraphNode> {
+        self.nodes.iter().find(|n| n.id == id)
+    }
+
+    /// The node with this id, mutable.
+    pub fn get_mut(&mut self, id: NodeId) -> Option<&mut GraphNode> {
+        self.nodes.iter_mut().find(|n| n.id == id)
+    }
+
+    /// The node with this name.
+    pub fn find(&self, name: &str) -> Option<&GraphNode> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// The node holding this block node.
+    pub fn find_block(&self, b: &Arc<dyn BlockNode>) -> Option<NodeId> {
+        self.nodes
+            .iter()
+            .find(|n| n.block.as_ref().is_some_and(|x| same_node(x, b)))
+            .map(|n| n.id)
+    }
+
+    /// Nodes whose backing link is `id`.
+    pub fn backing_parents(&self, id: NodeId) -> Vec<NodeId> {
+        self.nodes
+            .iter()
+            .filter(|n| n.backing == Some(id))
+            .map(|n| n.id)
+            .collect()
+    }
+
+    fn auto_name(&mut self) -> String {
+        self.auto_counter += 1;
+        format!("#block{}", self.auto_counter * 100 + 15)
+    }
+
+    fn new_id(&mut self) -> NodeId {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    fn name_taken(&self, staging: &Staging, name: &str) -> bool {
+        self.find(name).is_some() || staging.nodes.iter().any(|n| n.name == name)
+    }
+
+    fn staged_or_graph<'a>(&'a self, staging: &'a Staging, name: &str) -> Option<&'a GraphNode> {
+        staging
+            .nodes
+            .iter()
+            .find(|n| n.name == name)
+            .or_else(|| self.find(name))
+    }
+
+    fn lock_check(&self, staging: &Staging, path: &Path, write: bool) -> QmpResult<()> {
+        let (mut w, mut r) = self.locks.get(path).copied().unwrap_or((0, 0));
+        for n in &staging.nodes {
+            if let Some((p, wr)) = &n.lock_path {
+                if p == path {
+                    if *wr {
+                        w += 1
+                    } else {
+                        r += 1
+                    }
+                }
+            }
+        }
+        if write && (w > 0 || r > 0) {
+            return Err(QmpError::generic("Failed to get \"write\" lock"));
+        }
+        if !write && w > 0 {
+            return Err(QmpError::generic("Failed to get shared \"write\" lock"));
+        }
+        Ok(())
+    }
+
+    /// `blockdev-add`: open the (already validated) options and add the nodes.
+    pub async fn blockdev_add(&mut self, opts: &Map<String, Value>) -> QmpResult<()> {
+        let name = opts.get("node-name").and_then(|v| v.as_str());
+        if name.is_none() {
+            return Err(QmpError::generic(
+                "'node-name' must be specified for the root node",
+            ));
+        }
+        let mut staging = Staging { nodes: Vec::new() };
+        let id = self.open_options(&mut staging, opts, false).await?;
+        for n in staging.nodes.iter_mut() {
+            if n.id == id {
+                n.monitor_owned = true;
+            }
+        }
+        let added: Vec<NodeId> = staging.nodes.iter().map(|n| n.id).collect();
+        for n in staging.nodes {
+            if let Some((p, w)) = &n.lock_path {
+                let e = self.locks.entry(p.clone()).or_insert((0, 0));
+                if *w {
+                    e.0 += 1
+                } else {
+                    e.1 += 1
+                }
+            }
+            self.nodes.push(n);
+        }
+        for id in added {
+            let Some(n) = self.get(id) else { continue };
+            if n.driver != Driver::Qcow2 {
+                continue;
+            }
+            let shown = match n.backing.and_then(|b| self.get(b)) {
+                Some(b) => Some(self.display_filename(b).await),
+                None => match n
+                    .block
+                    .as_ref()
+                    .and_then(|b| b.as_any().downcast_ref::<Qcow2>())
+                {
+                    Some(q) => q.header().await.backing_file,
+                    None => None,
+                },
+            };
+            if let Some(n) = self.get_mut(id) {
+                n.backing_file_str = shown;
+            }
+        }
+        Ok(())
+    }
+
+    fn open_options<'a>(
+        &'a mut self,
+        st: &'a mut Staging,
+        opts: &'a Map<String, Value>,
+        parent_ro: bool,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = QmpResult<NodeId>> + Send + 'a>> {
+        Box::pin(async move {
+            let driver = opts.get("driver").and_then(|v| v.as_str()).unwrap_or("");
+            let explicit_ro = opts.get("read-only").and_then(|v| v.as_bool());
+            let read_only = explicit_ro.unwrap_or(parent_ro);
+            let name = match opts.get("node-name").and_then(|v| v.as_str()) {
+                Some(n) => {
+                    if !node_name_valid(n) {
+                        return Err(QmpError::generic(format!("Invalid node-name: '{n}'")));
+                    }
+                    if self.name_taken(st, n) {
+                        return Err(QmpError::generic(format!(
+                            "Duplicate nodes with node-name='{n}'"
+                        )));
+                    }
+                    n.to_string()
+                }
+                None => self.auto_name(),
+            };
+            let id = self.new_id();
+            let mut node = GraphNode {
+                id,
+                name,
+                driver: Driver::File,
+                read_only,
+                explicit_ro: explicit_ro == Some(true),
+                monitor_owned: false,
+                filename: String::new(),
+                proto: None,
+                block: None,
+                file: None,
+                backing: None,
+                blocker: None,
+                backing_from_header: false,
+                backing_file_str: None,
+                lock_path: None,
+            };
+            match driver {
+                "file" => {
+                    let filename = opts
+                        .get("filename")
+                        .and_then(|v| v.as_str())
+                        .unwrap_or_default();
+                    let path = Path::new(filename);
+                    let f = FileProtocol::open(path, read_only).map_err(|e| match e {
+                        diskstream_block::BlockError::Io { source, .. } => QmpError::generic(
+                            format!("Could not open '{filename}': {}", strerror(&source)),
+                        ),
+                        other => block_err(other),
+                    })?;
+                    let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+                    self.lock_check(st, &canon, !read_only)?;
+                    node.filename = filename.to_string();
+                    node.proto = Some(Arc::new(f));
+                    node.lock_path = Some((canon, !read_only));
+                }
+                "blkdebug" => {
+                    let image = opts.get("image").cloned().unwrap_or(Value::Null);
+                    let child = self.open_ref(st, &image, read_only).await?;
+                    let inner = self.protocol_of(st, child)?;
+                    let mut rules = Vec::new();
+                    for r in opts
+                        .get("inject-error")
+                        .and_then(|v| v.as_array())
+                        .into_iter()
+                        .flatten()
+                    {
+                        let iotypes: Vec<&str> = r
+                            .get("iotype")
+                            .and_then(|v| v.as_array())
+                            .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+                            .unwrap_or_else(|| vec!["read", "write"]);
+                        rules.push(InjectRule {
+                            event: r
+                                .get("event")
+                                .and_then(|v| v.as_str())
+                                .unwrap_or_default()
+                                .to_string(),
+                            errno: r.get("errno").and_then(|v| v.as_i64()).unwrap_or(5) as i32,
+                            once: r.get("once").and_then(|v| v.as_bool()).unwrap_or(false),
+                            sector: r
+                                .get("sector")
+                                .and_then(|v| v.as_i64())
+                                .filter(|s| *s >= 0)
+                                .map(|s| s as u64),
+                            reads: iotypes.contains(&"read"),
+                            writes: iotypes.contains(&"write"),
+                            armed: r
+                                .get("immediately")
+                                .and_then(|v| v.as_bool())
+                                .unwrap_or(false),
+                        });
+                    }
+                    node.driver = Driver::Blkdebug;
+                    node.filename = inner.name().to_string();
+                    node.proto = Some(Arc::new(BlkdebugProtocol::new(inner, rules)));
+                    node.file = Some(child);
+                }
+                "raw" | "qcow2" => {
+                    let file = opts.get("file").cloned().unwrap_or(Value::Null);
+                    let child = self.open_ref(st, &file, read_only).await?;
+                    let proto = self.protocol_of(st, child)?;
+                    if !read_only && proto.read_only() {
+                        return Err(QmpError::generic("Block node is read-only"));
+                    }
+                    node.file = Some(child);
+                    node.filename = proto.name().to_string();
+                    if driver == "raw" {
+                        node.driver = Driver::Raw;
+                        let r = RawNode::open(proto).await.map_err(block_err)?;
+                        node.block = Some(Arc::new(r));
+                    } else {
+                        node.driver = Driver::Qcow2;
+                        if opts.contains_key("data-file") {
+                            return Err(QmpError::generic(
+                                "diskstream does not support qcow2 external data files",
+                            ));
+                        }
+                        let q = Arc::new(Qcow2::open(proto).await.map_err(block_err)?);
+                        let b: Arc<dyn BlockNode> = q.clone();
+                        node.block = Some(Arc::clone(&b));
+                        let from_header = !opts.contains_key("backing");
+                        node.backing_from_header = from_header;
+                        let filename = node.filename.clone();
+                        // QEMU lists a node before the backing nodes it opens.
+                        st.nodes.push(node);
+                        let backing_id = match opts.get("backing") {
+                            Some(Value::Null) => None,
+                            Some(v @ (Value::String(_) | Value::Object(_))) => {
+                                Some(self.open_ref(st, v, true).await?)
+                            }
+                            _ => self.open_header_backing(st, &q, &filename).await?,
+                        };
+                        if let Some(bid) = backing_id {
+                            let bb = self
+                                .staged_or_graph_id(st, bid)
+                                .and_then(|n| n.block.clone())
+                                .ok_or_else(|| {
+                                    QmpError::generic("backing node is not a block image")
+                                })?;
+                            q.set_backing_node(Some(bb));
+                        }
+                        if let Some(n) = st.nodes.iter_mut().find(|n| n.id == id) {
+                            n.backing = backing_id;
+                        }
+                        return Ok(id);
+                    }
+                }
+                other => {
+                    return Err(QmpError::generic(format!(
+                        "Driver '{other}' is not supported by diskstream"
+                    )))
+                }
+            }
+            st.nodes.push(node);
+            Ok(id)
+        })
+    }
+
+    fn staged_or_graph_id<'a>(&'a self, st: &'a Staging, id: NodeId) -> Option<&'a GraphNode> {
+        st.nodes
+            .iter()
+            .find(|n| n.id == id)
+            .or_else(|| self.get(id))
+    }
+
+    fn protocol_of(&self, st: &Staging, id: NodeId) -> QmpResult<Arc<dyn Protocol>> {
+        self.staged_or_graph_id(st, id)
+            .and_then(|n| n.proto.clone())
+            .ok_or_else(|| {
+                QmpError::generic(
+                    "diskstream: the 'file' child of a format node must be a protocol node (file, blkdebug)",
+                )
+            })
+    }
+
+    async fn open_ref(
+        &mut self,
+        st: &mut Staging,
+        r: &Value,
+        parent_ro: bool,
+    ) -> QmpResult<NodeId> {
+        match r {
+            Value::String(name) => self.staged_or_graph(st, name).map(|n| n.id).ok_or_else(|| {
+                QmpError::generic(format!(
+                    "Cannot find device='{name}' nor node-name='{name}'"
+                ))
+            }),
+            Value::Object(o) => self.open_options(st, o, parent_ro).await,
+            _ => Err(QmpError::generic("Invalid BlockdevRef")),
+        }
+    }
+
+    /// Open the backing chain recorded in a qcow2 header as implicit read-only nodes.
+    async fn open_header_backing(
+        &mut self,
+        st: &mut Staging,
+        q: &Arc<Qcow2>,
+        overlay_filename: &str,
+    ) -> QmpResult<Option<NodeId>> {
+        let h = q.header().await;
+        let Some(name) = h.backing_file.clone() else {
+            return Ok(None);
+        };
+        if name.starts_with("json:") || name.contains("://") {
+            return Err(QmpError::generic(format!(
+                "Could not open backing file: '{name}' uses a protocol diskstream does not support"
+            )));
+        }
+        let Some(fmt) = h.backing_format.clone() else {
+            return Err(QmpError::generic(format!(
+                "Could not open backing file: '{overlay_filename}' does not record the format of its backing file '{name}' and diskstream never probes; pass 'backing' explicitly"
+            )));
+        };
+        if fmt != "qcow2" && fmt != "raw" {
+            return Err(QmpError::generic(format!(
+                "Could not open backing file: unsupported backing format '{fmt}'"
+            )));
+        }
+        let path = resolve_backing(Path::new(overlay_filename), &name);
+        let opts = json!({
+            "driver": fmt,
+            "read-only": true,
+            "file": {"driver": "file", "filename": path.display().to_string()},
+        });
+        let Value::Object(o) = opts else {
+            return Ok(None);
+        };
+        if st.nodes.len() > 256 {
+            return Err(QmpError::generic("Backing chain is too deep"));
+        }
+        let id = self
+            .open_options(st, &o, true)
+            .await
+            .map_err(|e| QmpError::generic(format!("Could not open backing file: {}", e.desc)))?;
+        Ok(Some(id))
+    }
+
+    /// Whether `id` is referenced by another node (as file, backing or filter child).
+    fn has_parents(&self, id: NodeId) -> Vec<&GraphNode> {
+        self.nodes
+            .iter()
+            .filter(|n| n.file == Some(id) || n.backing == Some(id))
+            .collect()
+    }
+
+    /// `blockdev-del`.
+    pub async fn blockdev_del(&mut self, name: &str) -> QmpResult<()> {
+        let Some(node) = self.find(name) else {
+            return Err(QmpError::generic(format!(
+                "Failed to find node with node-name='{name}'"
+            )));
+        };
+        let id = node.id;
+        if node.driver == Driver::CopyOnRead {
+            // A job filter carries the job's block backend (QEMU's bdrv_has_blk check).
+            return Err(QmpError::generic(format!("Node {name} is in use")));
+        }
+        if let Some(job) = node.blocker {
+            return Err(QmpError::generic(format!(
+                "Node '{name}' is busy: block device is in use by block job: {job}"
+            )));
+        }
+        if let Some(p) = self.nodes.iter().find(|n| n.backing == Some(id)) {
+            return Err(QmpError::generic(format!(
+                "Node '{name}' is busy: node is used as backing hd of '{}'",
+                p.name
+            )));
+        }
+        if !node.monitor_owned {
+            return Err(QmpError::generic(format!(
+                "Node {name} is not owned by the monitor"
+            )));
+        }
+        if !self.has_parents(id).is_empty() {
+            return Err(QmpError::generic(format!("Block device {name} is in use")));
+        }
+        self.remove_tree(id).await;
+        Ok(())
+    }
+
+    /// Remove `id` and every child that is left without parents and is not monitor-owned.
+    pub async fn remove_tree(&mut self, id: NodeId) {
+        let Some(pos) = self.nodes.iter().position(|n| n.id == id) else {
+            return;
+        };
+        let node = self.nodes.remove(pos);
+        if let Some(b) = &node.block {
+            if let Err(e) = b.close().await {
+                tracing::warn!(node = %node.name, "closing: {e}");
+            }
+        }
+        if let Some((p, w)) = &node.lock_path {
+            if let Some(e) = self.locks.get_mut(p) {
+                if *w {
+                    e.0 = e.0.saturating_sub(1)
+                } else {
+                    e.1 = e.1.saturating_sub(1)
+                }
+            }
+        }
+        for child in [node.file, node.backing].into_iter().flatten() {
+            let orphan = self
+                .get(child)
+                .is_some_and(|c| !c.monitor_owned && c.blocker.is_none())
+                && self.has_parents(child).is_empty();
+            if orphan {
+                Box::pin(self.remove_tree(child)).await;
+            }
+        }
+    }
+
+    /// Insert a node record (job filters).
+    pub fn insert_filter(&mut self, name: Option<&str>, target: NodeId) -> QmpResult<NodeId> {
+        let name = match name {
+            Some(n) => {
+                if !node_name_valid(n) {
+                    return Err(QmpError::generic(format!("Invalid node-name: '{n}'")));
+                }
+                if self.find(n).is_some() {
+                    return Err(QmpError::generic(format!(
+                        "Duplicate nodes with node-name='{n}'"
+                    )));
+                }
+                n.to_string()
+            }
+            None => self.auto_name(),
+        };
+        let implicit = name.starts_with('#');
+        let t = self
+            .get(target)
+            .ok_or_else(|| QmpError::generic("filter target vanished"))?;
+        // QEMU names a filter created with options of its own (an explicit node name) by a
+        // json: pseudo-filename, an implicit one by its child's file name.
+        let filename = t.filename.clone();
+        let _ = implicit;
+        let read_only = t.read_only;
+        let id = self.new_id();
+        for n in self.nodes.iter_mut() {
+            if n.backing == Some(target) {
+                n.backing = Some(id);
+            }
+        }
+        self.nodes.push(GraphNode {
+            id,
+            name,
+            driver: Driver::CopyOnRead,
+            read_only,
+            explicit_ro: false,
+            monitor_owned: false,
+            filename,
+            proto: None,
+            block: None,
+            file: Some(target),
+            backing: None,
+            blocker: None,
+            backing_from_header: false,
+            backing_file_str: None,
+            lock_path: None,
+        });
+        Ok(id)
+    }
+
+    /// Remove a job filter, pointing its parents back at its child.
+    pub fn remove_filter(&mut self, id: NodeId) {
+        let Some(target) = self.get(id).and_then(|n| n.file) else {
+            return;
+        };
+        for n in self.nodes.iter_mut() {
+            if n.backing == Some(id) {
+                n.backing = Some(target);
+            }
+        }
+        self.nodes.retain(|n| n.id != id);
+    }
+
+    /// Replace the image of a node (reopen read-write / read-only for a job), keeping every
+    /// parent's block-layer backing pointer in step.
+    pub fn replace_image(
+        &mut self,
+        id: NodeId,
+        proto: Arc<dyn Protocol>,
+        block: Arc<dyn BlockNode>,
+        read_only: bool,
+    ) {
+        let old = self.get(id).and_then(|n| n.block.clone());
+        let file = self.get(id).and_then(|n| n.file);
+        if let Some(n) = self.get_mut(id) {
+            n.block = Some(Arc::clone(&block));
+            n.read_only = read_only;
+        }
+        if let Some(fid) = file {
+            let lock = self.get(fid).and_then(|f| f.lock_path.clone());
+            if let Some(f) = self.get_mut(fid) {
+                f.proto = Some(proto);
+                f.read_only = read_only;
+                if let Some((p, _)) = &lock {
+                    f.lock_path = Some((p.clone(), !read_only));
+                }
+            }
+            if let Some((p, was_w)) = lock {
+                if let Some(e) = self.locks.get_mut(&p) {
+                    if was_w {
+                        e.0 = e.0.saturating_sub(1)
+                    } else {
+                        e.1 = e.1.saturating_sub(1)
+                    }
+                    if read_only {
+                        e.1 += 1
+                    } else {
+                        e.0 += 1
+                    }
+                }
+            }
+        }
+        if let Some(old) = old {
+            for n in &self.nodes {
+                if let Some(b) = &n.block {
+                    let points_at_old = b.backing().is_some_and(|x| same_node(&x, &old));
+                    if let (true, Some(q)) = (points_at_old, b.as_any().downcast_ref::<Qcow2>()) {
+                        q.set_backing_node(Some(Arc::clone(&block)));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Flush and close every image (shutdown).
+    pub async fn close_all(&mut self) {
+        for n in self.nodes.iter().rev() {
+            if let Some(b) = &n.block {
+                if let Err(e) = b.close().await {
+                    tracing::warn!(node = %n.name, "closing: {e}");
+                }
+            }
+        }
+    }
+
+    /// `query-named-block-nodes`.
+    pub async fn query_named_block_nodes(&self, flat: bool) -> Value {
+        let mut out = Vec::new();
+        for n in self.nodes.iter().rev() {
+            out.push(self.device_info(n, flat).await);
+        }
+        Value::Array(out)
+    }
+
+    fn actual_size(&self, n: &GraphNode) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt;
+        let path = self.protocol_path(n)?;
+        std::fs::metadata(path).ok().map(|m| m.blocks() * 512)
+    }
+
+    fn protocol_path(&self, n: &GraphNode) -> Option<String> {
+        let mut cur = n;
+        loop {
+            if cur.driver == Driver::File {
+                return Some(cur.filename.clone());
+            }
+            cur = self.get(cur.file?)?;
+        }
+    }
+
+    /// Whether a qcow2 node's backing differs from what its header names (QEMU then shows a
+    /// `json:` pseudo-filename holding the options).
+    async fn backing_overridden(&self, n: &GraphNode) -> bool {
+        if n.driver != Driver::Qcow2 || n.backing_from_header {
+            return false;
+        }
+        let Some(q) = n
+            .block
+            .as_ref()
+            .and_then(|b| b.as_any().downcast_ref::<Qcow2>())
+        else {
+            return false;
+        };
+        let recorded = q.header().await.backing_file;
+        match (n.backing.and_then(|b| self.get(b)), recorded) {
+            (None, rec) => rec.is_some(),
+            (Some(b), Some(rec)) => Box::pin(self.display_filename(b)).await != rec,
+            (Some(_), None) => true,
+        }
+    }
+
+    /// The options that describe a node, as QEMU's `json:` pseudo-filenames show them.
+    fn full_options<'a>(
+        &'a self,
+        n: &'a GraphNode,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Value> + Send + 'a>> {
+        Box::pin(async move {
+            let child = |id: Option<NodeId>| id.and_then(|c| self.get(c));
+            match n.driver {
+                Driver::File => json!({"driver": "file", "filename": n.filename}),
+                Driver::Blkdebug | Driver::Raw | Driver::CopyOnRead => {
+                    let key = if n.driver == Driver::Blkdebug {
+                        "image"
+                    } else {
+                        "file"
+                    };
+                    let mut m = Map::new();
+                    m.insert("driver".into(), json!(n.driver.as_str()));
+                    if let Some(c) = child(n.file) {
+                        m.insert(key.into(), self.full_options(c).await);
+                    }
+                    Value::Object(m)
+                }
+                Driver::Qcow2 => {
+                    let mut m = Map::new();
+                    m.insert("driver".into(), json!("qcow2"));
+                    if let Some(c) = child(n.file) {
+                        m.insert("file".into(), self.full_options(c).await);
+                    }
+                    if self.backing_overridden(n).await {
+                        let b = match child(n.backing) {
+                            Some(b) => self.full_options(b).await,
+                            None => Value::Null,
+                        };
+                        m.insert("backing".into(), b);
+                    }
+                    Value::Object(m)
+                }
+            }
+        })
+    }
+
+    /// The file name QEMU shows for a node (`json:{...}` when its options say more than a
+    /// file name: an overridden backing, an explicitly named filter).
+    pub fn display_filename<'a>(
+        &'a self,
+        n: &'a GraphNode,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send + 'a>> {
+        Box::pin(async move {
+            let json_name = match n.driver {
+                Driver::File => false,
+                Driver::CopyOnRead => !n.name.starts_with('#'),
+                Driver::Qcow2 => self.backing_overridden(n).await,
+                Driver::Raw | Driver::Blkdebug => false,
+            };
+            if json_name {
+                return format!(
+                    "json:{}",
+                    crate::json::to_qemu_json(&self.full_options(n).await)
+                );
+            }
+            match n.file.and_then(|c| self.get(c)) {
+                Some(c) if n.driver != Driver::File => self.display_filename(c).await,
+                _ => n.filename.clone(),
+            }
+        })
+    }
+
+    async fn image_info(&self, n: &GraphNode, flat: bool) -> Value {
+        let mut img = Map::new();
+        img.insert("filename".into(), json!(self.display_filename(n).await));
+        img.insert("format".into(), json!(n.driver.as_str()));
+        img.insert("dirty-flag".into(), json!(false));
+        if let Some(a) = self.actual_size(n) {
+            img.insert("actual-size".into(), json!(a));
+        }
+        match n.driver {
+            Driver::File | Driver::Blkdebug => {
+                let len = match &n.proto {
+                    Some(p) => p.len().await.unwrap_or(0),
+                    None => 0,
+                };
+                img.insert("virtual-size".into(), json!(len));
+                if n.driver == Driver::File {
+                    img.insert(
+                        "format-specific".into(),
+                        json!({"type": "file", "data": {}}),
+                    );
+                }
+            }
+            Driver::Raw => {
+                let size = n.block.as_ref().map(|b| b.size()).unwrap_or(0);
+                img.insert("virtual-size".into(), json!(size));
+            }
+            Driver::CopyOnRead => {
+                if let Some(t) = n.file.and_then(|f| self.get(f)) {
+                    if let Some(b) = &t.block {
+                        img.insert("virtual-size".into(), json!(b.size()));
+                        if let Some(cs) = b.cluster_size() {
+                            img.insert("cluster-size".into(), json!(cs));
+                        }
+                    }
+                    if let Some(a) = self.actual_size(t) {
+                        img.insert("actual-size".into(), json!(a));
+                    }
+                }
+            }
+            Driver::Qcow2 => {
+                if let Some(q) = n
+                    .block
+                    .as_ref()
+                    .and_then(|b| b.as_any().downcast_ref::<Qcow2>())
+                {
+                    let h = q.header().await;
+                    img.insert("virtual-size".into(), json!(h.size));
+                    img.insert("cluster-size".into(), json!(h.cluster_size()));
+                    let mut data = Map::new();
+                    if h.version >= 3 {
+                        data.insert("compat".into(), json!("1.1"));
+                        data.insert(
+                            "compression-type".into(),
+                            json!(if h.compression_type == 1 {
+                                "zstd"
+                            } else {
+                                "zlib"
+                            }),
+                        );
+                        data.insert(
+                            "lazy-refcounts".into(),
+                            json!(h.compatible_features & 1 != 0),
+                        );
+                        data.insert("refcount-bits".into(), json!(h.refcount_bits()));
+                        data.insert("corrupt".into(), json!(h.incompatible_features & 2 != 0));
+                        data.insert("extended-l2".into(), json!(h.extended_l2()));
+                    } else {
+                        data.insert("compat".into(), json!("0.10"));
+                        data.insert("compression-type".into(), json!("zlib"));
+                        data.insert("refcount-bits".into(), json!(h.refcount_bits()));
+                    }
+                    img.insert(
+                        "format-specific".into(),
+                        json!({"type": "qcow2", "data": data}),
+                    );
+                    // ImageInfo shows the header's backing name (BlockDeviceInfo the node's).
+                    let (bf, bfmt) = (h.backing_file.clone(), h.backing_format.clone());
+                    if let Some(bf) = &bf {
+                        img.insert("backing-filename".into(), json!(bf));
+                        let full = if bf.contains(':') || bf.starts_with('/') {
+                            bf.clone()
+                        } else {
+                            resolve_backing(Path::new(&n.filename), bf)
+                                .display()
+                                .to_string()
+                        };
+                        img.insert("full-backing-filename".into(), json!(full));
+                        if let Some(f) = &bfmt {
+                            img.insert("backing-filename-format".into(), json!(f));
+                        }
+                    }
+                }
+                if !flat {
+                    if let Some(b) = n.backing.and_then(|id| self.get(id)) {
+                        let b = self.skip_filters(b);
+                        let bi = Box::pin(self.image_info(b, flat)).await;
+                        img.insert("backing-image".into(), bi);
+                    }
+                }
+            }
+        }
+        Value::Object(img)
+    }
+
+    fn skip_filters<'a>(&'a self, mut n: &'a GraphNode) -> &'a GraphNode {
+        while n.driver == Driver::CopyOnRead {
+            match n.file.and_then(|f| self.get(f)) {
+                Some(c) => n = c,
+                None => break,
+            }
+        }
+        n
+    }
+
+    fn backing_depth(&self, n: &GraphNode) -> u64 {
+        let mut d = 0;
+        let mut cur = n.backing.and_then(|b| self.get(b));
+        while let Some(c) = cur {
+            let c = self.skip_filters(c);
+            d += 1;
+            cur = c.backing.and_then(|b| self.get(b));
+        }
+        d
+    }
+
+    async fn device_info(&self, n: &GraphNode, flat: bool) -> Value {
+        let mut m = Map::new();
+        m.insert("file".into(), json!(self.display_filename(n).await));
+        m.insert("node-name".into(), json!(n.name));
+        m.insert("ro".into(), json!(n.read_only));
+        m.insert("drv".into(), json!(n.driver.as_str()));
+        if let Some(b) = n.backing.and_then(|b| self.get(b)) {
+            m.insert("backing_file".into(), json!(self.display_filename(b).await));
+        }
+        m.insert(
+            "backing_file_depth".into(),
+            json!(if flat { 0 } else { self.backing_depth(n) }),
+        );
+        m.insert("active".into(), json!(true));
+        m.insert("encrypted".into(), json!(false));
+        m.insert("detect_zeroes".into(), json!("off"));
+        for k in ["bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"] {
+            m.insert(k.into(), json!(0));
+        }
+        m.insert("image".into(), self.image_info(n, flat).await);
+        m.insert(
+            "cache".into(),
+            json!({"writeback": true, "direct": false, "no-flush": false}),
+        );
+        m.insert("write_threshold".into(), json!(0));
+        Value::Object(m)
+    }
+}

@@ -1,0 +1,1012 @@
+#!/usr/bin/env python3
+"""Differential QMP harness: run the same scenario against qemu-storage-daemon (QSD) and
+`diskstream daemon`, compare replies and event sequences (modulo timestamps, automatic node
+names, work directories and values that depend on timing), then check the images offline
+with qemu-img check / compare / map / info.
+
+Scenarios use the qemu.qmp client library (what management scripts use), except the raw
+protocol scenario, which speaks to the socket directly to send malformed input.
+
+Usage: harness.py --ours PATH/TO/diskstream [--qsd qemu-storage-daemon] [--only NAME ...]
+Exit status 0 when every scenario matches; every mismatch is printed.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from qemu.qmp import QMPClient, ExecuteError, EventListener
+
+MiB = 1 << 20
+
+
+def run(*cmd, check=True):
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr}{r.stdout}")
+    return r
+
+
+def qemu_img(*args, check=True):
+    return run("qemu-img", *args, check=check)
+
+
+def qemu_io(img, fmt, *cmds):
+    args = ["qemu-io", "-f", fmt]
+    for c in cmds:
+        args += ["-c", c]
+    run(*args, img)
+
+
+def create(path, size, backing=None, bfmt="qcow2", fmt="qcow2"):
+    args = ["create", "-q", "-f", fmt]
+    if backing:
+        args += ["-b", backing, "-F", bfmt]
+    args += [path]
+    if size is not None:
+        args += [str(size)]
+    qemu_img(*args)
+
+
+# ----------------------------------------------------------------------------------------
+# Normalisation
+
+
+def normalize(v, workdir):
+    if isinstance(v, dict):
+        out = {}
+        for k, x in v.items():
+            if k in ("timestamp", "actual-size"):
+                continue
+            out[k] = normalize(x, workdir)
+        # A file node's size is its file's length, which depends on the writer's allocator.
+        if out.get("format") == "file" and "virtual-size" in out:
+            out["virtual-size"] = "<file-length>"
+        return out
+    if isinstance(v, list):
+        return [normalize(x, workdir) for x in v]
+    if isinstance(v, str):
+        v = v.replace(workdir, "$DIR")
+        v = re.sub(r"#block\d+", "#block", v)
+        if v.startswith("Debian ") or v.startswith("diskstream "):
+            v = "<package>"
+        return v
+    return v
+
+
+def mask(v, keys):
+    """Replace the given keys (at any depth) by a placeholder."""
+    if isinstance(v, dict):
+        return {k: ("<masked>" if k in keys else mask(x, keys)) for k, x in v.items()}
+    if isinstance(v, list):
+        return [mask(x, keys) for x in v]
+    return v
+
+
+# ----------------------------------------------------------------------------------------
+# Peers
+
+
+class Peer:
+    def __init__(self, kind, exe, workdir):
+        self.kind = kind
+        self.exe = exe
+        self.dir = workdir
+        self.sock = os.path.join(workdir, "qmp.sock")
+        self.proc = None
+        self.client = None
+        self.listener = None
+        self.events = []
+        self.transcript = []
+        self.pump = None
+
+    def argv(self, extra):
+        base = [self.exe] if self.kind == "qsd" else [self.exe, "daemon"]
+        return base + [
+            "--chardev", f"socket,id=m,path={self.sock},server=on,wait=off",
+            "--monitor", "chardev=m",
+        ] + list(extra)
+
+    async def start(self, extra=()):
+        if os.path.exists(self.sock):
+            os.unlink(self.sock)
+        self.proc = subprocess.Popen(self.argv(extra), cwd=self.dir,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 10
+        while not os.path.exists(self.sock):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.kind} exited: {self.proc.stderr.read().decode()}")
+            if time.time() > deadline:
+                raise RuntimeError(f"{self.kind} did not create its socket")
+            await asyncio.sleep(0.01)
+
+    async def connect(self):
+        self.client = QMPClient(self.kind)
+        self.listener = EventListener()
+        self.client.register_listener(self.listener)
+        await self.client.connect(self.sock)
+        self.pump = asyncio.get_running_loop().create_task(self._pump())
+
+    async def _pump(self):
+        while True:
+            ev = await self.listener.get()
+            self.events.append(dict(ev))
+
+    async def cmd(self, name, args=None, masked=(), record=True):
+        try:
+            ret = await self.client.execute(name, args)
+            reply = {"return": ret}
+        except ExecuteError as e:
+            reply = {"error": {"class": e.error_class, "desc": e.error.error.desc}}
+        rec = mask(normalize(reply, self.dir), set(masked))
+        if record:
+            self.transcript.append((name, rec))
+        return reply
+
+    def note(self, label, value):
+        self.transcript.append((label, normalize(value, self.dir)))
+
+    async def wait_event(self, name, timeout=60, **data):
+        deadline = time.time() + timeout
+        seen = 0
+        while time.time() < deadline:
+            for ev in self.events[seen:]:
+                if ev.get("event") == name and all(ev.get("data", {}).get(k) == v for k, v in data.items()):
+                    return ev
+            seen = 0
+            await asyncio.sleep(0.01)
+        raise RuntimeError(f"{self.kind}: timeout waiting for {name} {data}")
+
+    async def wait_job_gone(self, job, timeout=60):
+        # null, or concluded for jobs that are not auto-dismissed
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for ev in self.events:
+                if ev.get("event") == "JOB_STATUS_CHANGE" and ev["data"]["id"] == job and \
+                        ev["data"]["status"] in ("null", "concluded"):
+                    return
+            await asyncio.sleep(0.01)
+        raise RuntimeError(f"{self.kind}: job {job} did not end")
+
+    async def quit(self):
+        if self.client:
+            try:
+                await self.client.execute("quit")
+            except Exception:
+                pass
+            try:
+                await self.client.disconnect()
+            except Exception:
+                pass
+        if self.pump:
+            self.pump.cancel()
+        if self.proc:
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill9(self):
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def drop_drain_pairs(evs):
+    """QEMU pauses and resumes every job around graph changes (drains), emitting a `paused`
+    immediately followed by `running`; diskstream does not drain. Such pairs are removed from
+    both sides (a user pause is checked through the replies of the query commands)."""
+    out = []
+    for e in evs:
+        if out and e["event"] == "JOB_STATUS_CHANGE" and e["data"]["status"] == "running" and \
+                out[-1]["event"] == "JOB_STATUS_CHANGE" and out[-1]["data"]["status"] == "paused":
+            out.pop()
+            continue
+        out.append(e)
+    return out
+
+
+def job_events(events, workdir):
+    """Events grouped per job (interleaving between jobs and with replies is not specified)."""
+    per = {}
+    for ev in events:
+        d = ev.get("data", {})
+        key = d.get("id") if ev["event"] in ("JOB_STATUS_CHANGE", "BLOCK_JOB_PENDING") else d.get("device", "")
+        e = normalize({"event": ev["event"], "data": d}, workdir)
+        # Where a cancel or a reported error stops a job depends on timing and chunk size
+        # (QEMU: 512 KiB one at a time, ours: 1 MiB, several in flight).
+        stopped = ev["event"] == "BLOCK_JOB_CANCELLED" or \
+            (ev["event"] == "BLOCK_JOB_COMPLETED" and "error" in d and d["offset"] != d["len"])
+        if stopped and 0 < d.get("offset", 0) < d.get("len", 0):
+            e["data"]["offset"] = "<partial>"
+        per.setdefault(key, []).append(e)
+    return {k: drop_drain_pairs(v) for k, v in per.items()}
+
+
+# ----------------------------------------------------------------------------------------
+# Images
+
+
+def mkchain(d):
+    """The reference transcripts' chain: base (0x11 @0-16M, 0x22 @32-40M) <- mid (0x33 @8-16M)
+    <- top (0x44 @48-49M), 64 MiB."""
+    create(f"{d}/base.qcow2", 64 * MiB)
+    qemu_io(f"{d}/base.qcow2", "qcow2", "write -P 0x11 0 16M", "write -P 0x22 32M 8M")
+    create(f"{d}/mid.qcow2", None, "base.qcow2")
+    qemu_io(f"{d}/mid.qcow2", "qcow2", "write -P 0x33 8M 8M")
+    create(f"{d}/top.qcow2", None, "mid.qcow2")
+    qemu_io(f"{d}/top.qcow2", "qcow2", "write -P 0x44 48M 1M")
+    return ["base.qcow2", "mid.qcow2", "top.qcow2"]
+
+
+def add_chain_cmds():
+    return [
+        ("blockdev-add", {"driver": "qcow2", "node-name": "base",
+                          "file": {"driver": "file", "filename": "base.qcow2"}}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "mid", "backing": "base",
+                          "file": {"driver": "file", "filename": "mid.qcow2"}}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "top", "backing": "mid",
+                          "file": {"driver": "file", "filename": "top.qcow2"}}),
+    ]
+
+
+async def add_chain(p):
+    for c, a in add_chain_cmds():
+        await p.cmd(c, a)
+
+
+def mk030(d, size=MiB):
+    """iotest 030's chain: raw backing.img <- qcow2 mid.img <- qcow2 test.img (1 MiB)."""
+    with open(f"{d}/backing.img", "wb") as f:
+        f.truncate(size)
+    create(f"{d}/mid.img", None, f"{d}/backing.img", bfmt="raw")
+    create(f"{d}/test.img", None, f"{d}/mid.img")
+    qemu_io(f"{d}/backing.img", "raw", "write -P 0x1 0 512")
+    qemu_io(f"{d}/mid.img", "qcow2", "write -P 0x1 524288 512")
+    return ["backing.img", "mid.img", "test.img"]
+
+
+async def add030(p, ro=False):
+    await p.cmd("blockdev-add", {
+        "driver": "qcow2", "node-name": "drive0",
+        "file": {"driver": "file", "filename": "test.img"},
+        "backing": {"driver": "qcow2", "node-name": "mid",
+                    "file": {"driver": "file", "filename": "mid.img"},
+                    "backing": {"driver": "raw", "node-name": "base",
+                                "file": {"driver": "file", "filename": "backing.img"}}}})
+
+
+def mkparallel(d, n=9, size=4 * MiB):
+    imgs = [f"img-{i}.img" for i in range(n)]
+    create(f"{d}/{imgs[0]}", size)
+    for i in range(1, n):
+        create(f"{d}/{imgs[i]}", None, imgs[i - 1])
+    for i in range(n // 2):
+        idx = i * 2 + 1
+        kb = 512 + 512 * (i % 2)
+        qemu_io(f"{d}/{imgs[idx]}", "qcow2", f"write -P {i + 1} {i * MiB} {kb * 1024}")
+    return imgs
+
+
+async def addparallel(p, n=9):
+    for i in range(n):
+        a = {"driver": "qcow2", "node-name": f"node{i}",
+             "file": {"driver": "file", "filename": f"img-{i}.img"}}
+        a["backing"] = f"node{i - 1}" if i else None
+        await p.cmd("blockdev-add", a)
+
+
+# ----------------------------------------------------------------------------------------
+# Scenarios: each is (setup(dir) -> images to check, async body(peer))
+
+
+async def sc_t2(p):
+    await add_chain(p)
+    await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": "top",
+                                 "file": {"driver": "file", "filename": "top.qcow2"}})
+    await p.cmd("query-block")
+    await p.cmd("query-named-block-nodes", {"flat": True})
+    await p.cmd("query-named-block-nodes")
+    await p.cmd("block-stream", {"job-id": "s1", "device": "top", "base-node": "base",
+                                 "speed": 4 * MiB})
+    await p.cmd("query-block-jobs", masked=("offset", "busy"))
+    await p.cmd("query-jobs", masked=("current-progress",))
+    await p.cmd("block-job-pause", {"device": "s1"})
+    await p.cmd("block-job-pause", {"device": "s1"})
+    r = await p.cmd("query-block-jobs", masked=("offset",))
+    off1 = r["return"][0]["offset"]
+    await asyncio.sleep(0.3)
+    r = await p.cmd("query-block-jobs", masked=("offset",))
+    p.note("paused job keeps its offset", r["return"][0]["offset"] == off1)
+    await p.cmd("block-job-complete", {"device": "s1"})
+    await p.cmd("block-job-resume", {"device": "s1"})
+    await p.cmd("block-job-resume", {"device": "s1"})
+    await p.cmd("block-job-set-speed", {"device": "s1", "speed": -1})
+    await p.cmd("block-job-set-speed", {"device": "s1", "speed": 0})
+    await p.wait_job_gone("s1")
+    await p.cmd("query-block-jobs")
+    await p.cmd("query-named-block-nodes", {"flat": True})
+
+
+async def sc_t3(p):
+    await add_chain(p)
+    await p.cmd("block-stream", {"device": "top"})
+    await p.cmd("block-stream", {"job-id": "s", "device": "top", "base-node": "top"})
+    await p.cmd("block-stream", {"job-id": "s", "device": "mid", "base-node": "top"})
+    await p.cmd("block-stream", {"job-id": "s", "device": "top", "base": "base.qcow2", "base-node": "base"})
+    await p.cmd("block-stream", {"job-id": "s", "device": "top", "bottom": "mid", "base-node": "base"})
+    await p.cmd("block-stream", {"job-id": "s", "device": "top", "base": "base.qcow2", "bottom": "mid"})
+    await p.cmd("block-stream", {"job-id": "s", "device": "top", "backing-file": "x"})
+    await p.cmd("block-stream", {"job-id": "bad id!", "device": "top"})
+    await p.cmd("block-stream", {"job-id": "s", "device": "top", "base": "nope.qcow2"})
+    await p.cmd("block-stream", {"job-id": "s", "device": "top", "bottom": "nope"})
+    await p.cmd("block-stream", {"job-id": "s", "device": "mid", "bottom": "top"})
+    await p.cmd("block-stream", {"job-id": "s", "device": "top", "base-node": "nope"})
+    await p.cmd("block-stream", {"job-id": "s", "device": "top", "speed": -1})
+    await p.cmd("query-jobs")
+    # manual finalize/dismiss; bottom + explicit filter name
+    await p.cmd("block-stream", {"job-id": "s2", "device": "top", "bottom": "mid",
+                                 "filter-node-name": "cor0", "auto-finalize": False,
+                                 "auto-dismiss": False, "speed": 8 * MiB})
+    await p.cmd("block-stream", {"job-id": "s2", "device": "top"})
+    await p.cmd("block-stream", {"job-id": "s3", "device": "top"})
+    await p.cmd("block-stream", {"job-id": "s3", "device": "mid", "base-node": "base"})
+    await p.cmd("blockdev-del", {"node-name": "top"})
+    await p.cmd("blockdev-del", {"node-name": "cor0"})
+    await p.cmd("query-named-block-nodes", {"flat": True})
+    await p.cmd("block-job-dismiss", {"id": "s2"})
+    await p.cmd("block-job-finalize", {"id": "s2"})
+    await p.cmd("block-job-complete", {"device": "s2"})
+    await p.cmd("block-job-set-speed", {"device": "s2", "speed": 0})
+    await p.wait_event("BLOCK_JOB_PENDING", id="s2")
+    await p.cmd("query-jobs")
+    await p.cmd("block-job-set-speed", {"device": "s2", "speed": 0})
+    await p.cmd("block-job-pause", {"device": "s2"})
+    await p.cmd("block-job-cancel", {"device": "s2"})
+    await p.cmd("query-block-jobs")
+    await p.cmd("job-dismiss", {"id": "s2"})
+    await p.cmd("query-jobs")
+    # T3b: finalize after pending
+    await p.cmd("block-stream", {"job-id": "s4", "device": "top", "base-node": "base",
+                                 "auto-finalize": False, "auto-dismiss": False})
+    await p.wait_event("BLOCK_JOB_PENDING", id="s4")
+    await p.cmd("job-finalize", {"id": "s4"})
+    await p.cmd("query-jobs")
+    await p.cmd("block-job-dismiss", {"id": "s4"})
+    await p.cmd("query-jobs")
+    await p.cmd("query-named-block-nodes", {"flat": True})
+    # cancel while running (throttled): chain untouched
+    await p.cmd("block-stream", {"job-id": "s5", "device": "top", "speed": MiB})
+    await asyncio.sleep(0.2)
+    await p.cmd("block-job-cancel", {"device": "s5"})
+    await p.wait_job_gone("s5")
+    await p.cmd("query-named-block-nodes", {"flat": True})
+    # lookups
+    await p.cmd("block-job-cancel", {"device": "nojob"})
+    await p.cmd("job-cancel", {"id": "nojob"})
+    await p.cmd("block-job-finalize", {"id": "nojob"})
+    await p.cmd("job-pause", {"id": "nojob"})
+
+
+async def sc_paused_cancel(p):
+    await add_chain(p)
+    await p.cmd("block-stream", {"job-id": "j", "device": "top", "speed": 1})
+    await asyncio.sleep(0.3)
+    await p.cmd("block-job-pause", {"device": "j"})
+    await p.cmd("query-block-jobs", masked=("offset",))
+    await p.cmd("block-job-cancel", {"device": "j"})
+    await p.cmd("block-job-cancel", {"device": "j", "force": True})
+    await p.wait_job_gone("j")
+    await p.cmd("block-stream", {"job-id": "k", "device": "top", "speed": 1})
+    await p.cmd("job-pause", {"id": "k"})
+    await p.cmd("job-resume", {"id": "k"})
+    await p.cmd("job-complete", {"id": "k"})
+    await p.cmd("job-cancel", {"id": "k"})
+    await p.wait_job_gone("k")
+    await p.cmd("query-jobs")
+
+
+async def sc_graph(p):
+    await p.cmd("blockdev-add", {"driver": "qcow2"})
+    await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": "a", "file": {"driver": "file"}})
+    await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": "a",
+                                 "file": {"driver": "file", "filename": "nonexist.qcow2"}})
+    await p.cmd("blockdev-add", {"driver": "bogus", "node-name": "a"})
+    await p.cmd("blockdev-add", {"node-name": "a"})
+    await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": "a",
+                                 "file": {"driver": "file", "filename": "base.qcow2", "bogus": 1}})
+    await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": "a", "file": 5})
+    await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": "a", "file": "nonode"})
+    await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": "1a",
+                                 "file": {"driver": "file", "filename": "base.qcow2"}})
+    await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": "a", "read-only": "yes",
+                                 "file": {"driver": "file", "filename": "base.qcow2"}})
+    await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": "a", "cache": {"direct": 1},
+                                 "file": {"driver": "file", "filename": "base.qcow2"}})
+    # implicit backing chain from the header
+    await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": "top",
+                                 "file": {"driver": "file", "filename": "top.qcow2"}})
+    await p.cmd("query-named-block-nodes", {"flat": True})
+    await p.cmd("query-named-block-nodes")
+    await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": "x", "backing": None,
+                                 "file": {"driver": "file", "filename": "mid.qcow2"}})
+    await p.cmd("blockdev-del", {"node-name": "top"})
+    await p.cmd("blockdev-del", {"node-name": "top"})
+    # explicit nodes, references, file nodes
+    await p.cmd("blockdev-add", {"driver": "file", "node-name": "bf", "filename": "base.qcow2",
+                                 "read-only": True})
+    await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": "base", "file": "bf",
+                                 "read-only": True})
+    await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": "mid", "backing": "base",
+                                 "file": {"driver": "file", "filename": "mid.qcow2"}})
+    await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": "top", "backing": "mid",
+                                 "file": {"driver": "file", "filename": "top.qcow2"}})
+    await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": "top2", "backing": "mid",
+                                 "file": {"driver": "file", "filename": "top.qcow2"}})
+    await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": "midro", "read-only": True,
+                                 "file": {"driver": "file", "filename": "mid.qcow2"}})
+    await p.cmd("blockdev-del", {"node-name": "bf"})
+    await p.cmd("blockdev-del", {"node-name": "mid"})
+    await p.cmd("blockdev-del", {"node-name": "nonode"})
+    await p.cmd("query-named-block-nodes", {"flat": True})
+    await p.cmd("query-named-block-nodes", {"flat": False})
+    await p.cmd("query-block")
+    await p.cmd("blockdev-del", {"node-name": "top"})
+    await p.cmd("blockdev-del", {"node-name": "mid"})
+    await p.cmd("blockdev-del", {"node-name": "base"})
+    await p.cmd("blockdev-del", {"node-name": "bf"})
+    await p.cmd("query-named-block-nodes", {"flat": True})
+
+
+# --- iotest 030 ---
+
+async def sc_030_stream(p):
+    await add030(p)
+    await p.cmd("block-stream", {"job-id": "drive0", "device": "drive0"})
+    await p.wait_job_gone("drive0")
+    await p.cmd("query-block-jobs")
+    await p.cmd("query-named-block-nodes", {"flat": True})
+
+
+async def sc_030_intermediate(p):
+    await add030(p)
+    await p.cmd("block-stream", {"device": "mid"})
+    await p.cmd("block-stream", {"device": "mid", "job-id": "stream-mid"})
+    await p.wait_job_gone("stream-mid")
+    await p.cmd("query-named-block-nodes", {"flat": True})
+
+
+async def sc_030_pause(p):
+    await add030(p)
+    await p.cmd("block-stream", {"job-id": "drive0", "device": "drive0", "speed": 65536})
+    await asyncio.sleep(0.3)  # let the first chunk land: QSD pauses before replying only when idle
+    await p.cmd("block-job-pause", {"device": "drive0"})
+    r1 = await p.cmd("query-block-jobs", masked=("offset",))
+    await asyncio.sleep(0.5)
+    r2 = await p.cmd("query-block-jobs", masked=("offset",))
+    p.note("offset constant while paused", r1["return"][0]["offset"] == r2["return"][0]["offset"])
+    await p.cmd("block-job-resume", {"device": "drive0"})
+    await p.cmd("block-job-set-speed", {"device": "drive0", "speed": 0})
+    await p.wait_job_gone("drive0")
+
+
+async def sc_030_no_op(p):
+    await add030(p)
+    # A relative name cannot be found below a node shown as json:{...} (QEMU compares
+    # against the backing node's shown name); the iotest passes absolute paths.
+    await p.cmd("block-stream", {"job-id": "drive0", "device": "drive0", "base": "mid.img"})
+    await p.cmd("block-stream", {"job-id": "drive0", "device": "drive0",
+                                 "base": f"{p.dir}/mid.img"})
+    # base-node works; backing-file keeps QEMU from writing a json: name into the header
+    await p.cmd("block-stream", {"job-id": "drive0", "device": "drive0", "base-node": "mid",
+                                 "backing-file": "mid.img"})
+    await p.wait_job_gone("drive0")
+    await p.cmd("query-named-block-nodes", {"flat": True})
+
+
+async def sc_030_partial(p):
+    await add030(p)
+    await p.cmd("block-stream", {"job-id": "drive0", "device": "drive0", "base": "backing.img"})
+    await p.wait_job_gone("drive0")
+    await p.cmd("query-named-block-nodes", {"flat": True})
+
+
+async def sc_030_errors(p):
+    await add030(p)
+    await p.cmd("block-stream", {"device": "nonexistent"})
+    await p.cmd("block-stream", {"device": "mid"})
+    await p.cmd("block-stream", {"job-id": "x", "device": "drive0", "speed": -1})
+    await p.cmd("query-block-jobs")
+    await p.cmd("block-stream", {"job-id": "x", "device": "drive0", "speed": 4 * MiB})
+    await p.cmd("query-block-jobs", masked=("offset", "busy"))
+    await p.cmd("block-job-set-speed", {"device": "x", "speed": 8 * MiB})
+    await p.cmd("query-block-jobs", masked=("offset", "busy"))
+    await p.cmd("block-job-set-speed", {"device": "x", "speed": -1})
+    await p.cmd("block-job-cancel", {"device": "x"})
+    await p.wait_job_gone("x")
+    await asyncio.sleep(0.2)  # QSD releases the job's nodes shortly after its last event
+    await p.cmd("block-stream", {"job-id": "y", "device": "drive0"})
+    await p.wait_job_gone("y")
+    await p.cmd("query-block-jobs")
+
+
+async def sc_030_read_only(p):
+    await add030(p)
+    await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": "ro-top", "read-only": True,
+                                 "backing": "mid",
+                                 "file": {"driver": "file", "filename": "ro-top.img",
+                                          "read-only": True}})
+    await p.cmd("block-stream", {"job-id": "s", "device": "ro-top", "base-node": "base"})
+    await p.cmd("blockdev-del", {"node-name": "ro-top"})
+    await p.cmd("query-named-block-nodes", {"flat": True})
+
+
+def mk030_ro(d):
+    imgs = mk030(d)
+    create(f"{d}/ro-top.img", None, f"{d}/mid.img")
+    return imgs + ["ro-top.img"]
+
+
+async def sc_030_parallel_base(p):
+    # With 'base', a stream below another stream's filter is refused (the filter is in its
+    # chain); QEMU 10's iotest uses 'bottom' for this reason (next scenario).
+    await addparallel(p)
+    jobs = []
+    for i in range(2, 9, 2):
+        job = f"stream-node{i}"
+        r = await p.cmd("block-stream", {"device": f"node{i}", "job-id": job,
+                                         "base": f"img-{i - 2}.img", "speed": 1024})
+        if "return" in r:
+            jobs.append(job)
+    for j in jobs:
+        await p.cmd("block-job-set-speed", {"device": j, "speed": 0})
+    for j in jobs:
+        await p.wait_job_gone(j)
+    await p.cmd("query-block-jobs")
+
+
+async def sc_030_parallel_bottom(p):
+    await addparallel(p)
+    jobs = []
+    for i in range(2, 9, 2):
+        job = f"stream-node{i}"
+        jobs.append(job)
+        await p.cmd("block-stream", {"device": f"node{i}", "job-id": job,
+                                     "bottom": f"node{i - 1}", "speed": 1024})
+    for j in jobs:
+        await p.cmd("block-job-set-speed", {"device": j, "speed": 0})
+    for j in jobs:
+        await p.wait_job_gone(j)
+
+
+async def sc_030_overlapping(p):
+    await addparallel(p)
+    await p.cmd("block-stream", {"device": "node4", "job-id": "stream-node4", "base": "img-1.img",
+                                 "filter-node-name": "stream-filter", "speed": 1024})
+    await p.cmd("block-stream", {"device": "node5", "job-id": "stream-node5", "base": "img-2.img"})
+    await p.cmd("block-stream", {"device": "node3", "job-id": "stream-node3", "base": "img-2.img"})
+    await p.cmd("block-stream", {"device": "node4", "job-id": "stream-node4-v2"})
+    await p.cmd("block-stream", {"device": "node6", "job-id": "stream-node6", "base": "img-4.img"})
+    await p.cmd("block-stream", {"device": "node2", "job-id": "stream-node2", "base": "img-0.img"})
+    await p.cmd("block-stream", {"device": "node5", "job-id": "stream-node5b",
+                                 "bottom": "node5"})
+    await p.cmd("block-stream", {"device": "node6", "job-id": "stream-node6", "bottom": "stream-filter"})
+    await p.cmd("block-stream", {"device": "node8", "job-id": "stream-node8", "base-node": "node5",
+                                 "speed": 1024})
+    await p.cmd("query-named-block-nodes", {"flat": True})
+    await p.cmd("blockdev-del", {"node-name": "node3"})
+    await p.cmd("blockdev-del", {"node-name": "node2"})
+    # node4's stream first: while its filter sits below node5, QEMU would record node5's
+    # json: name in node8's header (diskstream records the plain file name).
+    await p.cmd("block-job-set-speed", {"device": "stream-node4", "speed": 0})
+    await p.wait_job_gone("stream-node4")
+    await asyncio.sleep(0.1)
+    await p.cmd("block-job-set-speed", {"device": "stream-node8", "speed": 0})
+    await p.wait_job_gone("stream-node8")
+    await p.cmd("query-named-block-nodes", {"flat": True})
+
+
+async def sc_030_base_node(p):
+    await addparallel(p)
+    await p.cmd("block-stream", {"device": "node4", "base-node": "none", "job-id": "stream"})
+    await p.cmd("block-stream", {"device": "node4", "base-node": "node6", "job-id": "stream"})
+    await p.cmd("block-stream", {"device": "node4", "base-node": "node4", "job-id": "stream"})
+    await p.cmd("block-stream", {"device": "node4", "base-node": "node2", "base": "img-2.img",
+                                 "job-id": "stream"})
+    await p.cmd("block-stream", {"device": "node4", "base-node": "node2", "job-id": "stream"})
+    await p.wait_job_gone("stream")
+    await p.cmd("query-named-block-nodes", {"flat": True})
+
+
+def mk030_smaller(d):
+    create(f"{d}/backing.img", MiB)
+    qemu_io(f"{d}/backing.img", "qcow2", "write -P 0x1 0 1M")
+    create(f"{d}/test.img", 2 * MiB, f"{d}/backing.img")
+    return ["backing.img", "test.img"]
+
+
+async def sc_030_smaller(p):
+    await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": "drive0",
+                                 "file": {"driver": "file", "filename": "test.img"}})
+    await p.cmd("block-stream", {"job-id": "drive0", "device": "drive0"})
+    await p.wait_job_gone("drive0")
+
+
+def mkeio(d):
+    create(f"{d}/base.qcow2", 2 * MiB)
+    qemu_io(f"{d}/base.qcow2", "qcow2", "write -P 0x11 0 2M")
+    create(f"{d}/top.qcow2", None, "base.qcow2")
+    return ["base.qcow2", "top.qcow2"]
+
+
+def eio_scenario(on_error, errno, sector=None, resume=False):
+    async def body(p):
+        rule = {"event": "read_aio", "once": True, "errno": errno}
+        if sector is not None:
+            rule["sector"] = sector
+        await p.cmd("blockdev-add", {"driver": "file", "node-name": "base-file",
+                                     "filename": "base.qcow2", "read-only": True})
+        await p.cmd("blockdev-add", {"driver": "blkdebug", "node-name": "base-dbg",
+                                     "image": "base-file", "inject-error": [rule],
+                                     "read-only": True})
+        await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": "base", "file": "base-dbg",
+                                     "read-only": True})
+        await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": "top", "backing": "base",
+                                     "file": {"driver": "file", "filename": "top.qcow2"}})
+        await p.cmd("block-stream", {"job-id": "s", "device": "top", "on-error": on_error})
+        if resume:
+            await p.wait_event("JOB_STATUS_CHANGE", id="s", status="paused")
+            await p.cmd("query-block-jobs", masked=("offset",))
+            await p.cmd("block-job-resume", {"device": "s"})
+        await p.wait_job_gone("s")
+        await p.cmd("query-block-jobs")
+    return body
+
+
+async def sc_030_stop_stream(p):
+    # TestStreamStop: only status events right after start, cancel ends the job
+    await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": "drive0",
+                                 "file": {"driver": "file", "filename": "test.img"}})
+    await p.cmd("block-stream", {"job-id": "drive0", "device": "drive0", "speed": MiB})
+    await asyncio.sleep(0.1)
+    p.note("events so far", sorted({e["event"] for e in p.events}))
+    await p.cmd("block-job-cancel", {"device": "drive0"})
+    await p.wait_job_gone("drive0")
+    await p.cmd("query-block-jobs")
+
+
+def mk_stop(d):
+    create(f"{d}/backing.img", 8 * 1024 * MiB)
+    qemu_io(f"{d}/backing.img", "qcow2", "write -P 0x1 0 4M", "write -P 0x2 4G 4M")
+    create(f"{d}/test.img", None, f"{d}/backing.img")
+    return ["backing.img", "test.img"]
+
+
+NO_MAP_COMPARE = {"t3", "paused_cancel", "030_stream_stop", "030_errors_set_speed", "eio_report",
+                  "eio_ignore", "eio_enospc_eio"}
+
+SCENARIOS = {
+    "t2": (mkchain, sc_t2),
+    "t3": (mkchain, sc_t3),
+    "paused_cancel": (mkchain, sc_paused_cancel),
+    "graph": (mkchain, sc_graph),
+    "030_stream": (mk030, sc_030_stream),
+    "030_intermediate": (mk030, sc_030_intermediate),
+    "030_pause": (mk030, sc_030_pause),
+    "030_no_op": (mk030, sc_030_no_op),
+    "030_partial": (mk030, sc_030_partial),
+    "030_errors_set_speed": (lambda d: mk030(d, 64 * MiB), sc_030_errors),
+    "030_read_only": (mk030_ro, sc_030_read_only),
+    "030_parallel_base": (mkparallel, sc_030_parallel_base),
+    "030_parallel_bottom": (mkparallel, sc_030_parallel_bottom),
+    "030_overlapping": (mkparallel, sc_030_overlapping),
+    "030_base_node_name": (mkparallel, sc_030_base_node),
+    "030_smaller_backing": (mk030_smaller, sc_030_smaller),
+    "030_stream_stop": (mk_stop, sc_030_stop_stream),
+    "eio_report": (mkeio, eio_scenario("report", 5, sector=2048)),
+    "eio_ignore": (mkeio, eio_scenario("ignore", 5, sector=2048)),
+    "eio_stop": (mkeio, eio_scenario("stop", 5, resume=True)),
+    "eio_enospc_eio": (mkeio, eio_scenario("enospc", 5, sector=2048)),
+    "enospc_stop": (mkeio, eio_scenario("enospc", 28, resume=True)),
+}
+
+
+# ----------------------------------------------------------------------------------------
+# Raw protocol scenario (T1 and malformed input)
+
+RAW_LINES = [
+    '{"execute": "query-version", "id": 1}',
+    '{"execute": "no-such-command", "id": 0}',
+    '{"execute": "qmp_capabilities", "id": "neg"}',
+    '{"execute": "qmp_capabilities"}',
+    '{"execute": "query-version", "id": {"any": ["json", 1]}}',
+    '{"execute": "no-such-command", "id": 2}',
+    '{ "execute": }',
+    '{"execute": "block-stream", "arguments": {"device": "nope"}, "id": 3}',
+    '{"execute": "block-stream", "arguments": {"device": "x", "bogus": 1}, "id": 4}',
+    '{"execute": "block-stream", "arguments": {"device": 5}, "id": 5}',
+    '{"execute": "block-stream", "id": 6}',
+    '{"execute": "query-block-jobs", "id": 7}',
+    '{"execute": "query-jobs", "id": 8}',
+    '{"execute": "query-version", "unexpected": 1, "id": 9}',
+    '{"execute": "query-version", "arguments": [], "id": 10}',
+    '[1,2]',
+    '{"execute": "block-job-cancel", "arguments": {"device": "nojob"}, "id": 11}',
+    '{"execute": "job-cancel", "arguments": {"id": "nojob"}, "id": 12}',
+    '{"execute": "blockdev-del", "arguments": {"node-name": "nonode"}, "id": 13}',
+    '{"execute" "x"}',
+    '{"execute": "x",}',
+    '{"execute": "query-version", "id": 14}{"execute": "query-version", "id": 15}',
+    "{'execute': 'query-version', 'id': 'sq'}",
+    '"abc"',
+    '123',
+    '}',
+    ']',
+    '{"execute": "query-version", "id": 16, "id": 17}',
+    '@',
+    '{"execute": "query-version", "id": tru}',
+    '{"execute": "query-version", "id": "\\u00e9\\ud83d\\ude00 a/b\\u0001\\t~"}',
+    '{"execute": "query-version", "id": 1.5e3}',
+    '{"execute": "query-version", "id": -0}',
+    '{"execute": "query-version", "id": 0.1}',
+    '{"execute": "query-version", "id": 12345678901234567890}',
+    '{"execute": "query-version", "id": "a\\qb"}',
+    '{"exec-oob": "query-version", "id": 18}',
+    '{"execute": 5, "id": 19}',
+    '{"arguments": {}, "id": 20}',
+    '{"execute": "query-version", "arguments": {"x": 1}, "id": 21}',
+    '{"execute": "query-version", "arguments": null, "id": 22}',
+    '{"execute": "block-stream", "arguments": {"device": "x", "speed": "x"}, "id": 23}',
+    '{"execute": "block-stream", "arguments": {"device": "x", "speed": 1.5}, "id": 24}',
+    '{"execute": "block-stream", "arguments": {"device": "x", "on-error": "bogus"}, "id": 25}',
+    '{"execute": "block-stream", "arguments": {"device": "x", "on-error": 5}, "id": 26}',
+    '{"execute": "block-stream", "arguments": {"device": "x", "auto-finalize": "yes"}, "id": 27}',
+    '{"execute": "block-stream", "arguments": {"device": "x", "auto-finalize": null}, "id": 28}',
+    '{"execute": "block-stream", "arguments": {"device": "x", "speed": 9223372036854775808}, "id": 29}',
+    '{"execute": "block-stream", "arguments": {"device": null}, "id": 30}',
+    '{"execute": "block-job-set-speed", "arguments": {"device": "x"}, "id": 31}',
+    '{"execute": "query-named-block-nodes", "arguments": {"flat": 1}, "id": 32}',
+    '{"execute": "block-job-dismiss", "arguments": {"id": "x"}, "id": 33}',
+    '{"execute": "job-finalize", "arguments": {"id": "x"}, "id": 34}',
+    '{"execute": "query-jobs", "id": [1, {"a": null}]}',
+    '{"execute": "quit", "id": "bye"}',
+]
+
+
+def raw_session(sock, lines):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sock)
+    s.settimeout(0.01)
+    buf = b""
+
+    def drain(t):
+        nonlocal buf
+        end = time.time() + t
+        while time.time() < end:
+            try:
+                d = s.recv(65536)
+                if not d:
+                    break
+                buf += d
+            except socket.timeout:
+                if buf.endswith(b"\r\n"):
+                    break
+            except ConnectionResetError:
+                break  # the peer exited after `quit`
+
+    out = []
+    drain(2.0)
+    for line in lines:
+        try:
+            s.sendall(line.encode() + b"\n")
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        drain(1.0)
+    drain(0.5)
+    s.close()
+    raw = buf.decode("ascii")
+    if not all(part.endswith("\r\n") or part == "" for part in [raw]):
+        out.append(("framing", "output does not end with CRLF"))
+    for l in raw.split("\r\n"):
+        if l:
+            out.append(json.loads(l))
+    return out, raw
+
+
+async def run_raw(peer):
+    await peer.start()
+    res, raw = await asyncio.get_running_loop().run_in_executor(None, raw_session, peer.sock, RAW_LINES)
+    peer.proc.wait(timeout=10)
+    lines = raw.split("\r\n")
+    crlf_ok = raw.endswith("\r\n") and all("\n" not in l for l in lines)
+    ascii_ok = all(ord(c) < 128 for c in raw)
+    return [normalize(r, peer.dir) for r in res] + [("crlf", crlf_ok), ("ascii", ascii_ok)]
+
+
+# ----------------------------------------------------------------------------------------
+# Offline checks
+
+
+def norm_map(path):
+    """Allocation map: which layer provides each range. Whether an allocated range is stored as
+    data or as zero clusters is not compared: diskstream copies zero extents as zero clusters
+    where QEMU's copy-on-read writes whole buffers as data (contents are compared exactly)."""
+    r = qemu_img("map", "--output=json", "-U", path)
+    ext = json.loads(r.stdout)
+    out = []
+    for e in ext:
+        e = {k: e[k] for k in ("start", "length", "depth", "present")}
+        if out and out[-1]["start"] + out[-1]["length"] == e["start"] and \
+                all(out[-1][k] == e[k] for k in ("depth", "present")):
+            out[-1]["length"] += e["length"]
+        else:
+            out.append(e)
+    return out
+
+
+def backing_of(path, workdir):
+    info = json.loads(qemu_img("info", "--output=json", "-U", path).stdout)
+    return normalize({k: info.get(k) for k in ("backing-filename", "backing-filename-format",
+                                               "virtual-size")}, workdir)
+
+
+def offline_checks(name, images, dq, do, maps=True):
+    problems = []
+    for img in images:
+        a, b = os.path.join(dq, img), os.path.join(do, img)
+        fmt = "raw" if img.endswith(".img") and open(a, "rb").read(4) != b"QFI\xfb" else "qcow2"
+        if fmt == "qcow2":
+            for who, path in (("qsd", a), ("ours", b)):
+                r = qemu_img("check", "-U", path, check=False)
+                if r.returncode != 0:
+                    problems.append(f"{name}: qemu-img check {who} {img}: {r.stdout}{r.stderr}")
+        r = qemu_img("compare", "-U", "-f", fmt, "-F", fmt, a, b, check=False)
+        if r.returncode != 0:
+            problems.append(f"{name}: qemu-img compare {img}: {r.stdout}{r.stderr}")
+        ma, mb = norm_map(a), norm_map(b)
+        if maps and ma != mb:
+            problems.append(f"{name}: map of {img} differs:\n  qsd  {ma}\n  ours {mb}")
+        if fmt == "qcow2":
+            ia, ib = backing_of(a, dq), backing_of(b, do)
+            if ia != ib:
+                problems.append(f"{name}: backing of {img} differs: qsd {ia} ours {ib}")
+    return problems
+
+
+def first_diff(a, b, path=""):
+    """The first path where two JSON values differ, with both sub-values."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if k not in a or k not in b:
+                return f"{path}/{k}", a.get(k, "<absent>"), b.get(k, "<absent>")
+            d = first_diff(a[k], b[k], f"{path}/{k}")
+            if d:
+                return d
+        return None
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        for i in range(max(len(a), len(b))):
+            if i >= len(a) or i >= len(b):
+                return f"{path}[{i}]", a[i] if i < len(a) else "<absent>", b[i] if i < len(b) else "<absent>"
+            d = first_diff(a[i], b[i], f"{path}[{i}]")
+            if d:
+                return d
+        return None
+    return None if a == b else (path, a, b)
+
+
+def diff_lists(name, what, a, b):
+    problems = []
+    for i in range(max(len(a), len(b))):
+        x = a[i] if i < len(a) else "<missing>"
+        y = b[i] if i < len(b) else "<missing>"
+        if x != y:
+            d = first_diff(x, y) or ("", x, y)
+            problems.append(f"{name}: {what} #{i} differs at {d[0]}:\n  qsd  {json.dumps(d[1])[:600]}\n  ours {json.dumps(d[2])[:600]}")
+    return problems
+
+
+async def run_scenario(name, setup, body, qsd, ours, keep, maps=True):
+    problems = []
+    results = {}
+    root = tempfile.mkdtemp(prefix=f"qmpdiff-{name}-")
+    dirs = {}
+    for kind, exe in (("qsd", qsd), ("ours", ours)):
+        d = os.path.join(root, kind)
+        os.makedirs(d)
+        images = setup(d)
+        dirs[kind] = d
+        peer = Peer(kind, exe, d)
+        try:
+            await peer.start()
+            await peer.connect()
+            await body(peer)
+        except Exception as e:
+            problems.append(f"{name}: {kind} raised {type(e).__name__}: {e}")
+        finally:
+            await asyncio.sleep(0.05)
+            await peer.quit()
+        results[kind] = peer
+    q, o = results["qsd"], results["ours"]
+    if os.environ.get("QMPDIFF_DUMP"):
+        for peer in (q, o):
+            with open(os.path.join(os.environ["QMPDIFF_DUMP"], f"{name}.{peer.kind}.json"), "w") as f:
+                json.dump({"transcript": peer.transcript, "events": peer.events}, f, indent=1)
+    problems += diff_lists(name, "reply", q.transcript, o.transcript)
+    eq, eo = job_events(q.events, q.dir), job_events(o.events, o.dir)
+    for job in sorted(set(eq) | set(eo)):
+        problems += diff_lists(name, f"events of job '{job}'", eq.get(job, []), eo.get(job, []))
+    if not problems:
+        problems += offline_checks(name, images, dirs["qsd"], dirs["ours"], maps)
+    if not keep:
+        shutil.rmtree(root, ignore_errors=True)
+    return problems, len(q.transcript), sum(len(v) for v in eq.values())
+
+
+async def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ours", required=True)
+    ap.add_argument("--qsd", default="qemu-storage-daemon")
+    ap.add_argument("--only", nargs="*")
+    ap.add_argument("--keep", action="store_true")
+    args = ap.parse_args()
+    args.ours = os.path.abspath(args.ours)
+    for tool in (args.qsd, "qemu-img", "qemu-io"):
+        if shutil.which(tool) is None:
+            print(f"FATAL: peer/tool '{tool}' not found", file=sys.stderr)
+            return 2
+    if not os.access(args.ours, os.X_OK):
+        print(f"FATAL: diskstream binary '{args.ours}' not found", file=sys.stderr)
+        return 2
+    failures = 0
+    passed = 0
+    names = args.only or ["raw"] + list(SCENARIOS)
+    for name in names:
+        t0 = time.time()
+        if name == "raw":
+            root = tempfile.mkdtemp(prefix="qmpdiff-raw-")
+            res = {}
+            for kind, exe in (("qsd", args.qsd), ("ours", args.ours)):
+                d = os.path.join(root, kind)
+                os.makedirs(d)
+                res[kind] = await run_raw(Peer(kind, exe, d))
+            problems = diff_lists("raw", "message", res["qsd"], res["ours"])
+            n, ev = len(res["qsd"]), 0
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            setup, body = SCENARIOS[name]
+            # Where a cancelled stream stopped depends on timing and chunk size.
+            maps = name not in NO_MAP_COMPARE
+            problems, n, ev = await run_scenario(name, setup, body, args.qsd, args.ours,
+                                                 args.keep, maps)
+            if problems:
+                # QSD's own timing (a job caught mid-I/O by a command) can make one run
+                # differ; a real difference shows up again.
+                print(f"retry {name}: first run differed ({problems[0].splitlines()[0]})")
+                problems, n, ev = await run_scenario(name, setup, body, args.qsd, args.ours,
+                                                     args.keep, maps)
+        dt = time.time() - t0
+        if problems:
+            failures += 1
+            print(f"FAIL {name} ({dt:.1f}s)")
+            for pr in problems:
+                print("   " + pr.replace("\n", "\n   "))
+        else:
+            passed += 1
+            print(f"ok   {name}: {n} replies, {ev} job events identical ({dt:.1f}s)")
+        sys.stdout.flush()
+    print(f"{passed} passed, {failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
