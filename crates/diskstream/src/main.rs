@@ -4,8 +4,10 @@
 //! `--output=json`) so scripts written for qemu-img work with few changes. The front end only
 //! translates arguments and prints results; all image logic lives in `diskstream-block`.
 
+mod daemon;
 mod demo;
 mod img;
+mod serve;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -24,6 +26,14 @@ enum Command {
     Img {
         #[command(subcommand)]
         cmd: img::ImgCommand,
+    },
+    /// Export an image over NBD (qemu-nbd compatible options).
+    Serve(serve::ServeArgs),
+    /// Run the storage daemon (qemu-storage-daemon compatible QMP control socket).
+    Daemon {
+        /// qemu-storage-daemon style options (--blockdev, --chardev, --monitor, --pidfile, --daemonize).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
     /// Walk through the engine on built-in defaults: build a 3-layer chain, write, map, flatten, verify, check.
     Demo {
@@ -47,7 +57,13 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // `nbd://` / `nbd+unix://` names work wherever an image or backing file name does.
+    diskstream_nbd::client::register_url_opener(diskstream_nbd::client::OpenerConfig::from_env());
     let cli = Cli::parse();
+    if let Command::Daemon { args } = cli.cmd {
+        // The daemon builds its own runtime: --daemonize must fork before threads exist.
+        return ExitCode::from(daemon::main(args));
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -61,6 +77,8 @@ fn main() -> ExitCode {
     let code = rt.block_on(async {
         match cli.cmd {
             Command::Img { cmd } => img::run(cmd).await,
+            Command::Serve(args) => serve::run(args).await,
+            Command::Daemon { .. } => 0,
             Command::Demo { dir } => match demo::run(dir).await {
                 Ok(()) => 0,
                 Err(e) => {

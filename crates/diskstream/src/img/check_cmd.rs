@@ -11,7 +11,10 @@ pub async fn check(a: CheckArgs) -> u8 {
     use diskstream_block::format::qcow2::check::{self as qcheck, RepairMode};
     use diskstream_block::protocol::{file::FileProtocol, Protocol};
     let fail = |e: String| {
-        eprintln!("diskstream: {e}");
+        eprintln!(
+            "diskstream: {}",
+            super::name_file(&a.file, anyhow::anyhow!("{e}"))
+        );
         1u8
     };
     let repair = match a.repair.as_deref() {
@@ -41,43 +44,57 @@ pub async fn check(a: CheckArgs) -> u8 {
         Ok(r) => r,
         Err(e) => return fail(format!("Check failed: {e}")),
     };
+    // Like qemu-img, the per-cluster findings go to stderr, whatever the output format; the
+    // repair summary ("The following inconsistencies were found and repaired: ... Double
+    // checking the fixed image now...") goes to stdout, in human output only.
+    let mut in_summary = false;
+    for m in &r.messages {
+        if m.starts_with("The following inconsistencies were found and repaired") {
+            in_summary = true;
+        }
+        if in_summary {
+            if a.output == Output::Human && !a.quiet {
+                println!("{m}");
+            }
+            if m.starts_with("Double checking the fixed image now") {
+                in_summary = false;
+            }
+        } else {
+            eprintln!("{m}");
+        }
+    }
+    if repair != RepairMode::None && r.check_errors > 0 {
+        // qemu-img: a repair that would need a rebuild it may not do fails the whole check.
+        return fail(
+            "Check failed: the refcount structures need to be rebuilt (use -r all)".to_string(),
+        );
+    }
     match a.output {
         Output::Json => {
             let mut v = json!({
-                "image-end-offset": r.image_end_offset,
-                "total-clusters": r.total_clusters,
                 "check-errors": r.check_errors,
                 "filename": a.file.display().to_string(),
                 "format": "qcow2",
             });
-            // qemu-img leaves out the cluster statistics that are zero.
+            // qemu-img leaves out the optional counts that are zero.
             for (k, n) in [
+                ("image-end-offset", r.image_end_offset),
+                ("total-clusters", r.total_clusters),
                 ("allocated-clusters", r.allocated_clusters),
                 ("fragmented-clusters", r.fragmented_clusters),
                 ("compressed-clusters", r.compressed_clusters),
+                ("corruptions", r.corruptions),
+                ("leaks", r.leaks),
+                ("corruptions-fixed", r.corruptions_fixed),
+                ("leaks-fixed", r.leaks_fixed),
             ] {
                 if n > 0 {
                     v[k] = json!(n);
                 }
             }
-            if r.corruptions > 0 {
-                v["corruptions"] = json!(r.corruptions);
-            }
-            if r.leaks > 0 {
-                v["leaks"] = json!(r.leaks);
-            }
-            if r.corruptions_fixed > 0 {
-                v["corruptions-fixed"] = json!(r.corruptions_fixed);
-            }
-            if r.leaks_fixed > 0 {
-                v["leaks-fixed"] = json!(r.leaks_fixed);
-            }
             println!("{}", super::qemu_json(&v));
         }
         Output::Human if !a.quiet => {
-            for m in &r.messages {
-                println!("{m}");
-            }
             if r.corruptions == 0 && r.leaks == 0 && r.check_errors == 0 {
                 println!("No errors were found on the image.");
             } else {

@@ -7,8 +7,7 @@
 use super::{create_raw, open, parse_format};
 use anyhow::{anyhow, bail, Result};
 use clap::Args;
-use diskstream_block::format::qcow2::create::{CreateOptions, Preallocation};
-use diskstream_block::format::qcow2::header::CompressionType;
+use diskstream_block::format::qcow2::create::Preallocation;
 use diskstream_block::format::qcow2::Qcow2;
 use diskstream_block::format::Format;
 use diskstream_block::node::BlockNode;
@@ -76,81 +75,80 @@ const CHUNK: u64 = 2 << 20;
 
 /// Run `convert`.
 pub async fn convert(a: ConvertArgs) -> Result<()> {
+    let (src, dst) = (a.src.clone(), a.dst.clone());
+    convert_inner(a)
+        .await
+        .map_err(|e| super::name_files(&[&dst, &src], e))
+}
+
+async fn convert_inner(a: ConvertArgs) -> Result<()> {
+    // Everything is validated before the target is created or written.
     let out_fmt = parse_format(&a.out_fmt)?;
     if a.compress && out_fmt != Format::Qcow2 {
-        bail!("Compression not supported for output format '{out_fmt}'");
+        bail!("Compression not supported for this file format");
+    }
+    let mut kv = super::opts::parse_kv(&a.options)?;
+    if kv.iter().any(|(k, _)| k == "size") {
+        bail!("Invalid parameter 'size'");
+    }
+    if out_fmt == Format::Raw && a.backing.is_some() {
+        bail!("Backing file not supported for file format 'raw'");
+    }
+    if let Some(b) = &a.backing {
+        kv.push(("backing_file".into(), b.clone()));
+    }
+    if let Some(f) = &a.backing_fmt {
+        kv.push(("backing_fmt".into(), f.clone()));
+    }
+    let spec = super::parse_format_options(out_fmt, &kv)?;
+    if out_fmt == Format::Raw && spec.prealloc == Preallocation::Metadata {
+        bail!("Unsupported preallocation mode: metadata");
+    }
+    if spec.opts.backing_file.is_some() && spec.opts.backing_fmt.is_none() {
+        bail!(
+            "Use of backing file requires explicit backing format (-F; formats are never guessed)"
+        );
     }
     let src = open(&a.src, a.fmt.as_deref(), true).await?;
     let size = src.size();
     if !a.no_create {
-        let mut o = CreateOptions {
-            size,
-            backing_file: a.backing.clone(),
-            backing_fmt: a.backing_fmt.clone(),
-            ..Default::default()
-        };
-        let mut prealloc = Preallocation::Off;
-        for (k, v) in super::opts::parse_kv(&a.options)? {
-            match k.as_str() {
-                "preallocation" => prealloc = v.parse().map_err(|e| anyhow!("{e}"))?,
-                "cluster_size" if out_fmt == Format::Qcow2 => {
-                    o.cluster_size = super::opts::parse_size(&v)?
-                }
-                "compat" if out_fmt == Format::Qcow2 => {
-                    o.version = match v.as_str() {
-                        "0.10" | "v2" => 2,
-                        "1.1" | "v3" => 3,
-                        _ => bail!("Invalid compatibility level: '{v}'"),
-                    }
-                }
-                "lazy_refcounts" if out_fmt == Format::Qcow2 => {
-                    o.lazy_refcounts = super::opts::parse_bool(&k, &v)?
-                }
-                "extended_l2" if out_fmt == Format::Qcow2 => {
-                    o.extended_l2 = super::opts::parse_bool(&k, &v)?
-                }
-                "refcount_bits" if out_fmt == Format::Qcow2 => {
-                    o.refcount_bits = v
-                        .parse()
-                        .map_err(|_| anyhow!("Invalid refcount_bits '{v}'"))?
-                }
-                "compression_type" if out_fmt == Format::Qcow2 => {
-                    o.compression_type = match v.as_str() {
-                        "zlib" => CompressionType::Zlib,
-                        "zstd" => CompressionType::Zstd,
-                        _ => bail!("Invalid parameter '{v}' for compression_type"),
-                    }
-                }
-                _ => bail!("Invalid parameter '{k}' for format {out_fmt}"),
-            }
-        }
-        o.preallocation = prealloc;
-        if o.backing_file.is_some() && o.backing_fmt.is_none() {
-            bail!("Backing file specified without backing format (use -F <fmt>)");
-        }
+        let mut o = spec.opts.clone();
+        o.size = size;
         match out_fmt {
-            Format::Qcow2 => diskstream_block::format::qcow2::create::create(&a.dst, &o)
-                .await
-                .map_err(|e| anyhow!("{}: {e}", a.dst.display()))?,
-            Format::Raw => {
-                if a.backing.is_some() {
-                    bail!("Format 'raw' does not support backing files");
+            Format::Qcow2 => {
+                o.validate().map_err(|e| anyhow!("{e}"))?;
+                if let (Some(b), Some(f)) = (&o.backing_file, &o.backing_fmt) {
+                    let path = diskstream_block::image::resolve_backing(&a.dst, b);
+                    open(&path, Some(f), true)
+                        .await
+                        .map_err(|e| anyhow!("Could not open backing image: {e:#}"))?;
                 }
-                create_raw(&a.dst, size, prealloc).await?
+                diskstream_block::format::qcow2::create::create(&a.dst, &o)
+                    .await
+                    .map_err(|e| anyhow!("{e}"))?
             }
+            Format::Raw => create_raw(&a.dst, size, spec.prealloc).await?,
         }
     }
     let dst = open(&a.dst, Some(out_fmt.name()), false).await?;
     if dst.size() < size {
-        bail!(
-            "{}: target is smaller than the source ({} < {size} bytes)",
-            a.dst.display(),
-            dst.size()
-        );
+        bail!("output file is smaller than input file");
     }
     let fresh = !a.no_create && dst.backing().is_none();
     let pb = progress_bar(a.progress && !a.quiet, size);
-    let gran = dst.cluster_size().unwrap_or(4096).max(4096);
+    // Zero detection works on 4 KiB granules at least (qemu-img's default -S), compression on
+    // exactly one target cluster.
+    // With extended L2 the target allocates subclusters, so zero runs are skipped at that
+    // granularity too (a skipped 4 KiB run stays unallocated there, as with qemu-img).
+    let extended = match dst.as_any().downcast_ref::<Qcow2>() {
+        Some(q) => q.header().await.extended_l2(),
+        None => false,
+    };
+    let gran = match dst.cluster_size() {
+        Some(cs) if a.compress => cs,
+        _ if extended => 4096,
+        cs => cs.unwrap_or(4096).max(4096),
+    };
     let mut tasks: JoinSet<Result<u64>> = JoinSet::new();
     // Reads run in parallel; for allocating formats the writes are issued in guest order so the
     // output's clusters are laid out sequentially (as qemu-img does without -W).
@@ -163,9 +161,22 @@ pub async fn convert(a: ConvertArgs) -> Result<()> {
         let e = status::map_extent(&src, pos, (size - pos).min(CHUNK))
             .await
             .map_err(|e| anyhow!("{e}"))?;
-        let (start, len) = (pos, e.length);
+        let (start, mut len, mut zero) = (pos, e.length, e.zero);
+        if a.compress {
+            // Compressed clusters are written whole (as qemu-img does): a data range is widened
+            // to the target's cluster boundaries, a zero range keeps only the whole clusters it
+            // covers. `start` is always cluster aligned here.
+            let end = start + len;
+            let whole = end / gran * gran;
+            if zero && whole > start {
+                len = whole - start;
+            } else {
+                zero = false;
+                len = (end.div_ceil(gran) * gran).min(size) - start;
+            }
+        }
         pos += len;
-        if e.zero && fresh {
+        if zero && fresh {
             pb.inc(len);
             continue;
         }
@@ -176,7 +187,6 @@ pub async fn convert(a: ConvertArgs) -> Result<()> {
         }
         let (src, dst) = (Arc::clone(&src), Arc::clone(&dst));
         let compress = a.compress;
-        let zero = e.zero;
         let turn = ordered.then(|| Turn {
             me: seq,
             rx: turn_rx.clone(),

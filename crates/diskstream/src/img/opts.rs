@@ -81,21 +81,43 @@ pub fn parse_bool(key: &str, v: &str) -> Result<bool> {
     }
 }
 
-/// Human-readable size as qemu-img prints it ("6 MiB", "1.5 GiB").
+/// Human-readable size as qemu-img prints it ("6 MiB", "1.5 GiB", "977 KiB"): QEMU's
+/// `size_to_str`, i.e. the unit switches once the number would reach 1000, printed with C's
+/// `%0.3g`.
 pub fn human_size(v: u64) -> String {
-    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-    let mut f = v as f64;
-    let mut i = 0;
-    while f >= 1024.0 && i < UNITS.len() - 1 {
-        f /= 1024.0;
-        i += 1;
+    const UNITS: [&str; 7] = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"];
+    // frexp's exponent of v * 1024 / 1000, minus one, is floor(log2(...)).
+    let x = v as f64 / (1000.0 / 1024.0);
+    let exp = if x == 0.0 {
+        0
+    } else {
+        x.log2().floor() as i64 + 1
+    };
+    let i = ((exp - 1) / 10).clamp(0, 6) as usize;
+    let div = (1u64 << (i * 10)) as f64;
+    format!("{} {}B", c_g3(v as f64 / div), UNITS[i])
+}
+
+/// C's `%0.3g`.
+fn c_g3(v: f64) -> String {
+    if v == 0.0 {
+        return "0".to_string();
     }
-    if i == 0 {
-        return format!("{v} B");
+    let sci = format!("{v:.2e}");
+    let (mant, exp) = sci.split_once('e').unwrap_or((sci.as_str(), "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let trim = |s: &str| {
+        if s.contains('.') {
+            s.trim_end_matches('0').trim_end_matches('.').to_string()
+        } else {
+            s.to_string()
+        }
+    };
+    if !(-4..3).contains(&exp) {
+        let sign = if exp < 0 { '-' } else { '+' };
+        return format!("{}e{sign}{:02}", trim(mant), exp.abs());
     }
-    let s = format!("{f:.3}");
-    let s = s.trim_end_matches('0').trim_end_matches('.');
-    format!("{s} {}", UNITS[i])
+    trim(&format!("{:.*}", (2 - exp) as usize, v))
 }
 
 #[cfg(test)]
@@ -104,10 +126,10 @@ mod tests {
 
     #[test]
     fn sizes() {
-        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
-        assert_eq!(parse_size("64k").unwrap(), 65536);
-        assert_eq!(parse_size("512").unwrap(), 512);
-        assert_eq!(parse_size("1.5M").unwrap(), 3 << 19);
+        assert_eq!(parse_size("1G").expect("valid size"), 1 << 30);
+        assert_eq!(parse_size("64k").expect("valid size"), 65536);
+        assert_eq!(parse_size("512").expect("valid size"), 512);
+        assert_eq!(parse_size("1.5M").expect("valid size"), 3 << 19);
         assert!(parse_size("x").is_err());
         assert!(parse_size("-1").is_err());
         assert!(parse_size("99999999E").is_err());
@@ -115,7 +137,7 @@ mod tests {
 
     #[test]
     fn kv_lists() {
-        let v = parse_kv(&["a=1,b=x,,y".into(), "c".into()]).unwrap();
+        let v = parse_kv(&["a=1,b=x,,y".into(), "c".into()]).expect("valid list");
         assert_eq!(
             v,
             vec![
@@ -131,5 +153,12 @@ mod tests {
         assert_eq!(human_size(6291456), "6 MiB");
         assert_eq!(human_size(512), "512 B");
         assert_eq!(human_size(335872), "328 KiB");
+        assert_eq!(human_size(0), "0 B");
+        assert_eq!(human_size(999), "999 B");
+        assert_eq!(human_size(1000), "0.977 KiB");
+        assert_eq!(human_size(1_114_112), "1.06 MiB");
+        assert_eq!(human_size(12800), "12.5 KiB");
+        assert_eq!(human_size(1000448), "977 KiB");
+        assert_eq!(human_size(1_023_693), "1e+03 KiB");
     }
 }

@@ -1,0 +1,1005 @@
+//! `diskstream img` against `qemu-img` 10: every command is run by both tools on identical
+//! inputs, and their results must agree — the files they write (byte for byte where QEMU's
+//! layout is deterministic), the text and JSON they print, their exit codes, and what
+//! `qemu-img check` / `qemu-img compare` / `qemu-img map` say about our output.
+//!
+//! Deliberate differences (documented in the README) are tested as such: `-b` needs `-F`
+//! (formats are never probed), nothing is written before the arguments are validated,
+//! `convert -B` writes only what differs from the new backing file, and `resize --shrink`
+//! refuses to drop data.
+
+mod cli_support;
+
+use cli_support::*;
+use std::path::Path;
+
+/// `diskstream img create` and `qemu-img create` with the same arguments print the same line
+/// and write byte-identical files, for every qcow2 option, unaligned sizes and raw images.
+#[test]
+fn create_matches_qemu_byte_for_byte() {
+    let dir = tmpdir();
+    let (q, d) = (subdir(dir.path(), "q"), subdir(dir.path(), "d"));
+    for side in [&q, &d] {
+        qemu(side, &["create", "-q", "-f", "raw", "base.raw", "3M"]).ok();
+    }
+    let cases: &[&[&str]] = &[
+        &["-f", "qcow2"],
+        &["-f", "qcow2", "-o", "cluster_size=512"],
+        &["-f", "qcow2", "-o", "cluster_size=4k"],
+        &["-f", "qcow2", "-o", "cluster_size=2M"],
+        &["-f", "qcow2", "-o", "compat=0.10"],
+        &["-f", "qcow2", "-o", "compat=1.1"],
+        &[
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=v3,lazy_refcounts=true,extended_l2=yes",
+        ],
+        &["-f", "qcow2", "-o", "lazy_refcounts=on"],
+        &["-f", "qcow2", "-o", "refcount_bits=1"],
+        &["-f", "qcow2", "-o", "refcount_bits=8,cluster_size=4k"],
+        &["-f", "qcow2", "-o", "refcount_bits=64"],
+        &["-f", "qcow2", "-o", "extended_l2=on"],
+        &["-f", "qcow2", "-o", "extended_l2=on,cluster_size=16k"],
+        &["-f", "qcow2", "-o", "compression_type=zstd"],
+        &["-f", "qcow2", "-o", "cluster_size=1M,cluster_size=4k"],
+        &["-f", "qcow2", "-o", "preallocation=off"],
+        &["-f", "qcow2", "-o", "preallocation=metadata"],
+        &[
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=metadata,cluster_size=512",
+        ],
+        &["-f", "qcow2", "-o", "preallocation=metadata,extended_l2=on"],
+        &["-f", "qcow2", "-o", "preallocation=falloc"],
+        &["-f", "qcow2", "-o", "preallocation=falloc,cluster_size=512"],
+        &["-f", "qcow2", "-o", "preallocation=falloc,extended_l2=on"],
+        &["-f", "qcow2", "-o", "preallocation=full"],
+        &[
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=full,compat=0.10,cluster_size=4k",
+        ],
+        &[
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=full,refcount_bits=64,cluster_size=1k",
+        ],
+        &["-f", "qcow2", "-b", "base.raw", "-F", "raw"],
+        &["-f", "qcow2", "-o", "backing_file=base.raw,backing_fmt=raw"],
+        &["-f", "qcow2", "-u", "-b", "missing.raw", "-F", "raw"],
+        &[
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on,preallocation=metadata",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+        ],
+        &["-f", "raw"],
+        &["-f", "raw", "-o", "preallocation=falloc"],
+        &["-f", "raw", "-o", "preallocation=full"],
+    ];
+    for (n, case) in cases.iter().enumerate() {
+        let backed = case.contains(&"-b") || case.iter().any(|a| a.contains("backing_file"));
+        let unsafe_backing = case.contains(&"-u");
+        let sizes: &[Option<&str>] = if unsafe_backing {
+            &[Some("2M")]
+        } else if backed {
+            &[None, Some("1000000"), Some("5M")]
+        } else {
+            &[Some("1000000"), Some("3M")]
+        };
+        for size in sizes {
+            let name = format!("img{n}");
+            let mut args = vec!["create"];
+            args.extend_from_slice(case);
+            args.push(&name);
+            if let Some(s) = size {
+                args.push(s);
+            }
+            let what = format!("create {}", args[1..].join(" "));
+            let theirs = qemu(&q, &args).ok();
+            let ours = ds(&d, &args).ok();
+            assert_eq!(ours.stdout, theirs.stdout, "{what}: messages differ");
+            assert_same_bytes(&q.join(&name), &d.join(&name), &what);
+            if case.contains(&"raw") && !backed {
+                assert_eq!(
+                    map_without_offsets(&d, &name, "raw"),
+                    map_without_offsets(&q, &name, "raw"),
+                    "{what}: allocation differs"
+                );
+            }
+        }
+    }
+}
+
+/// `-b` without `-F` is refused (we never probe backing formats) and nothing is created; so
+/// are invalid options, with one line naming the image.
+#[test]
+fn create_refuses_bad_arguments_and_writes_nothing() {
+    let dir = tmpdir();
+    let d = dir.path();
+    qemu(d, &["create", "-q", "-f", "raw", "base.raw", "1M"]).ok();
+    let bad: &[&[&str]] = &[
+        &["-f", "qcow2", "-b", "base.raw", "new.qcow2"],
+        &["-f", "qcow2", "-o", "backing_file=base.raw", "new.qcow2"],
+        &["-f", "qcow2", "-b", "missing.raw", "-F", "raw", "new.qcow2"],
+        &["-f", "qcow2", "-b", "base.raw", "-F", "qcow2", "new.qcow2"],
+        &["-f", "qcow2", "-o", "foo=bar", "new.qcow2", "1M"],
+        &["-f", "qcow2", "-o", "cluster_size=3000", "new.qcow2", "1M"],
+        &["-f", "qcow2", "-o", "compat=2", "new.qcow2", "1M"],
+        &[
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=bogus",
+            "new.qcow2",
+            "1M",
+        ],
+        &[
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10,lazy_refcounts=on",
+            "new.qcow2",
+            "1M",
+        ],
+        &["-f", "qcow2", "-o", "size=2M", "new.qcow2", "1M"],
+        &["-f", "qcow2", "new.qcow2"],
+        &["-f", "qcow2", "new.qcow2", "100x"],
+        &["-f", "foo", "new.qcow2", "1M"],
+        &["-f", "raw", "-o", "cluster_size=4k", "new.qcow2", "1M"],
+        &[
+            "-f",
+            "raw",
+            "-o",
+            "preallocation=metadata",
+            "new.qcow2",
+            "1M",
+        ],
+    ];
+    for case in bad {
+        let mut args = vec!["create"];
+        args.extend_from_slice(case);
+        let theirs = qemu(d, &args);
+        let _ = std::fs::remove_file(d.join("new.qcow2"));
+        assert_ne!(theirs.code, 0, "qemu-img accepts it:\n{}", theirs.desc);
+        ds(d, &args).fails_naming("new.qcow2");
+        assert!(
+            !d.join("new.qcow2").exists(),
+            "create {} left a file behind",
+            case.join(" ")
+        );
+    }
+    // The same messages as qemu-img where qemu-img has one.
+    for (case, msg) in [
+        (
+            &["-f", "qcow2", "-o", "foo=bar", "new.qcow2", "1M"][..],
+            "new.qcow2: Invalid parameter 'foo'",
+        ),
+        (
+            &["-f", "qcow2", "-o", "cluster_size=3000", "new.qcow2", "1M"][..],
+            "new.qcow2: Cluster size must be a power of two between 512 and 2048k",
+        ),
+        (
+            &["-f", "qcow2", "-o", "size=2M", "new.qcow2", "1M"][..],
+            "new.qcow2: The image size must be specified only once",
+        ),
+    ] {
+        let mut args = vec!["create"];
+        args.extend_from_slice(case);
+        let theirs = qemu(d, &args);
+        let ours = ds(d, &args);
+        assert_eq!(theirs.stderr.trim(), format!("qemu-img: {msg}"));
+        assert_eq!(ours.stderr.trim(), format!("diskstream: {msg}"));
+    }
+    let err = ds(d, &["create", "-f", "qcow2", "-b", "base.raw", "new.qcow2"]).stderr;
+    assert!(err.contains("backing format"), "unclear error: {err}");
+}
+
+/// `info` prints exactly what qemu-img prints, as text and as JSON, for every layer of a
+/// chain (including backing files in another directory) and with `--backing-chain`.
+#[test]
+fn info_matches_qemu() {
+    let dir = tmpdir();
+    let d = dir.path();
+    build_chain(
+        d,
+        "extended_l2=on,cluster_size=64k,lazy_refcounts=on,compression_type=zstd",
+    );
+    let sub = subdir(d, "sub");
+    build_chain(&sub, "compat=0.10,refcount_bits=16");
+    for file in [
+        "top.qcow2",
+        "mid.qcow2",
+        "base.raw",
+        "sub/top.qcow2",
+        "sub/mid.qcow2",
+    ] {
+        for extra in [
+            &[][..],
+            &["--output=json"][..],
+            &["--backing-chain"][..],
+            &["--backing-chain", "--output=json"][..],
+            &["-U", "--output=json"][..],
+        ] {
+            let mut args = vec!["info"];
+            args.extend_from_slice(extra);
+            args.push(file);
+            let theirs = qemu(d, &args).ok();
+            let ours = ds(d, &args).ok();
+            assert_eq!(
+                ours.stdout,
+                theirs.stdout,
+                "info {} differs",
+                args[1..].join(" ")
+            );
+        }
+    }
+    // The fields scripts use, explicitly.
+    let ours = ds(
+        d,
+        &["info", "--backing-chain", "--output=json", "sub/top.qcow2"],
+    )
+    .ok()
+    .json();
+    let theirs = qemu(
+        d,
+        &["info", "--backing-chain", "--output=json", "sub/top.qcow2"],
+    )
+    .ok()
+    .json();
+    for (o, t) in ours
+        .as_array()
+        .expect("a JSON array")
+        .iter()
+        .zip(theirs.as_array().expect("a JSON array"))
+    {
+        for key in [
+            "virtual-size",
+            "format",
+            "cluster-size",
+            "backing-filename",
+            "full-backing-filename",
+            "backing-filename-format",
+            "format-specific",
+            "dirty-flag",
+        ] {
+            assert_eq!(o.get(key), t.get(key), "info field {key}");
+        }
+    }
+    assert_eq!(
+        ours[0]["full-backing-filename"], "sub/mid.qcow2",
+        "backing file resolved against the overlay's directory"
+    );
+}
+
+/// `map` output is identical to qemu-img's on a 3-deep chain (raw base, qcow2 layers with
+/// data, zero and discarded ranges, a top larger than its backing), whole or in windows.
+#[test]
+fn map_matches_qemu_on_a_chain() {
+    let dir = tmpdir();
+    let d = dir.path();
+    build_chain(d, "");
+    let ext = subdir(d, "ext");
+    build_chain(&ext, "extended_l2=on,cluster_size=16k");
+    let windows: &[&[&str]] = &[
+        &[],
+        &["--start-offset", "1M"],
+        &["--start-offset", "100000", "--max-length", "1000000"],
+        &["--max-length", "3M"],
+        &["--start-offset", "1k", "--max-length", "1"],
+        &["--start-offset", "6291455"],
+        &["--start-offset", "6M"],
+        &["--start-offset", "7M"],
+        &["--max-length", "0"],
+    ];
+    for (cwd, files) in [
+        (d, &["top.qcow2", "mid.qcow2", "base.raw"][..]),
+        (&ext, &["top.qcow2"][..]),
+    ] {
+        for file in files {
+            for w in windows {
+                for output in ["--output=json", "--output=human"] {
+                    let mut args = vec!["map", output];
+                    args.extend_from_slice(w);
+                    args.push(file);
+                    let theirs = qemu(cwd, &args).ok();
+                    let ours = ds(cwd, &args).ok();
+                    assert_eq!(
+                        ours.stdout,
+                        theirs.stdout,
+                        "map {} differs",
+                        args[1..].join(" ")
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// An image with a cluster freed by a discard (so there is a free cluster inside the file).
+fn checkable(dir: &Path, name: &str) {
+    qemu(dir, &["create", "-q", "-f", "qcow2", name, "4M"]).ok();
+    qemu_io(
+        dir,
+        "qcow2",
+        name,
+        &["write -P 1 0 1M", "write -P 2 2M 64k", "discard 0 64k"],
+    );
+}
+
+/// Run `check` with both tools on twin copies; exit codes and stdout must agree, and stderr
+/// too (the per-cluster findings).
+fn check_both(q: &Path, d: &Path, args: &[&str]) -> (Run, Run) {
+    let theirs = qemu(q, args);
+    let ours = ds(d, args);
+    assert_eq!(
+        ours.code,
+        theirs.code,
+        "check {}: exit codes differ\nours: {}\ntheirs: {}",
+        args.join(" "),
+        ours.desc,
+        theirs.desc
+    );
+    assert_eq!(
+        ours.stdout,
+        theirs.stdout,
+        "check {}: output differs",
+        args.join(" ")
+    );
+    (ours, theirs)
+}
+
+/// `check`: exit codes 0 (clean), 3 (leaks), 2 (corruptions), 1 (check error: a repair that
+/// would need a rebuild with `-r leaks`), 63 (raw); output and JSON as qemu-img's; `-r leaks`
+/// and `-r all` repair so that both tools find the image clean afterwards.
+#[test]
+fn check_matches_qemu() {
+    let dir = tmpdir();
+    let (q, d) = (subdir(dir.path(), "q"), subdir(dir.path(), "d"));
+    checkable(&q, "clean.qcow2");
+    copy(&q.join("clean.qcow2"), &d.join("clean.qcow2"));
+
+    // Clean.
+    for args in [
+        &["check", "clean.qcow2"][..],
+        &["check", "--output=json", "clean.qcow2"][..],
+        &["check", "-q", "clean.qcow2"][..],
+    ] {
+        let (ours, _) = check_both(&q, &d, args);
+        assert_eq!(ours.code, 0);
+    }
+
+    // A leak: a free cluster with refcount 1.
+    let free = free_cluster_in_file(&q.join("clean.qcow2"));
+    for side in [&q, &d] {
+        copy(&side.join("clean.qcow2"), &side.join("leak.qcow2"));
+        set_refcount(&side.join("leak.qcow2"), free, 1);
+    }
+    for args in [
+        &["check", "leak.qcow2"][..],
+        &["check", "--output=json", "leak.qcow2"][..],
+    ] {
+        let (ours, theirs) = check_both(&q, &d, args);
+        assert_eq!(ours.code, 3);
+        assert_eq!(ours.stderr, theirs.stderr, "leak messages differ");
+    }
+    let json = ds(&d, &["check", "--output=json", "leak.qcow2"]).json();
+    assert_eq!(json["leaks"], 1);
+
+    // A corruption: a used data cluster with refcount 0.
+    let used = host_cluster_of(&q.join("clean.qcow2"), 2 << 20);
+    for side in [&q, &d] {
+        copy(&side.join("clean.qcow2"), &side.join("bad.qcow2"));
+        set_refcount(&side.join("bad.qcow2"), used, 0);
+    }
+    for args in [
+        &["check", "bad.qcow2"][..],
+        &["check", "--output=json", "bad.qcow2"][..],
+    ] {
+        let (ours, theirs) = check_both(&q, &d, args);
+        assert_eq!(ours.code, 2);
+        assert_eq!(ours.stderr, theirs.stderr, "corruption messages differ");
+    }
+
+    // A check error: `-r leaks` cannot repair a refcount that is too low.
+    let before = read(&d.join("bad.qcow2"));
+    let ours = ds(&d, &["check", "-r", "leaks", "bad.qcow2"]).code_is(1);
+    let last = ours.stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("bad.qcow2") && last.contains("Check failed"),
+        "{}",
+        ours.desc
+    );
+    qemu(&q, &["check", "-r", "leaks", "bad.qcow2"]).code_is(1);
+    assert_eq!(
+        read(&d.join("bad.qcow2")),
+        before,
+        "-r leaks changed the image"
+    );
+
+    // Repairs.
+    for (image, mode) in [
+        ("leak.qcow2", "leaks"),
+        ("leak.qcow2", "all"),
+        ("bad.qcow2", "all"),
+    ] {
+        for side in [&q, &d] {
+            copy(&side.join(image), &side.join("fix.qcow2"));
+        }
+        let theirs = qemu(&q, &["check", "-r", mode, "fix.qcow2"]).ok();
+        let ours = ds(&d, &["check", "-r", mode, "fix.qcow2"]).ok();
+        assert_eq!(ours.stdout, theirs.stdout, "check -r {mode} of {image}");
+        assert_eq!(ours.stderr, theirs.stderr, "check -r {mode} of {image}");
+        assert_same_bytes(
+            &q.join("fix.qcow2"),
+            &d.join("fix.qcow2"),
+            &format!("check -r {mode} of {image}"),
+        );
+        ds(&d, &["check", "fix.qcow2"]).ok();
+        let after = qemu(&d, &["check", "--output=json", "fix.qcow2"]).ok();
+        assert_eq!(after.json()["check-errors"], 0);
+        assert!(after.json().get("leaks").is_none(), "{}", after.desc);
+        assert!(after.json().get("corruptions").is_none(), "{}", after.desc);
+        qemu(dir.path(), &["compare", "q/fix.qcow2", "d/fix.qcow2"]).ok();
+    }
+    // JSON of a repair.
+    for side in [&q, &d] {
+        copy(&side.join("leak.qcow2"), &side.join("fix.qcow2"));
+    }
+    let (ours, _) = check_both(
+        &q,
+        &d,
+        &["check", "-r", "leaks", "--output=json", "fix.qcow2"],
+    );
+    assert_eq!(ours.json()["leaks-fixed"], 1);
+
+    // Formats without checks.
+    qemu(&d, &["create", "-q", "-f", "raw", "r.raw", "1M"]).ok();
+    copy(&d.join("r.raw"), &q.join("r.raw"));
+    let (ours, _) = check_both(&q, &d, &["check", "-f", "raw", "r.raw"]);
+    assert_eq!(ours.code, 63);
+    assert!(ours.stderr.contains("does not support checks"));
+}
+
+/// `compare` exit codes and messages equal qemu-img's: identical (0), different (1, with the
+/// same first differing offset), size mismatches (warning, strict mode), block status
+/// mismatches in strict mode, and errors (2).
+#[test]
+fn compare_matches_qemu() {
+    let dir = tmpdir();
+    let d = dir.path();
+    build_chain(d, "");
+    export_raw(d, "top.qcow2", "qcow2", "top.raw");
+    copy(&d.join("top.raw"), &d.join("top2.raw"));
+    qemu_io(d, "raw", "top2.raw", &["write -P 9 1500000 1"]);
+    let mut big = read(&d.join("top.raw"));
+    big.resize(8 << 20, 0);
+    std::fs::write(d.join("big.raw"), &big).expect("write big.raw");
+    big[7 << 20] = 9;
+    std::fs::write(d.join("big2.raw"), &big).expect("write big2.raw");
+    let mut short = read(&d.join("top.raw"));
+    short.truncate(3_000_000);
+    std::fs::write(d.join("short.raw"), &short).expect("write short.raw");
+    qemu(d, &["convert", "-O", "qcow2", "top.qcow2", "flat.qcow2"]).ok();
+    qemu(d, &["create", "-q", "-f", "qcow2", "empty.qcow2", "4M"]).ok();
+    qemu(d, &["create", "-q", "-f", "raw", "odd.raw", "4M"]).ok();
+    qemu_io(d, "raw", "odd.raw", &["write -P 7 1000001 3"]);
+    let cases: &[&[&str]] = &[
+        &["top.qcow2", "top.raw"],
+        &["top.raw", "top2.raw"],
+        &["-f", "qcow2", "-F", "raw", "top.qcow2", "top2.raw"],
+        &["top.raw", "big.raw"],
+        &["top.raw", "big2.raw"],
+        &["big2.raw", "top.raw"],
+        &["top.raw", "short.raw"],
+        &["-s", "top.raw", "big.raw"],
+        &["-s", "top.raw", "top.raw"],
+        &["-s", "top.qcow2", "top.raw"],
+        &["-s", "top.qcow2", "flat.qcow2"],
+        &["-s", "flat.qcow2", "flat.qcow2"],
+        &["-s", "mid.qcow2", "base.raw"],
+        &["mid.qcow2", "top.qcow2"],
+        &["base.raw", "mid.qcow2"],
+        &["empty.qcow2", "odd.raw"],
+        &["-s", "empty.qcow2", "odd.raw"],
+        &["-q", "top.raw", "top2.raw"],
+        &["-q", "top.raw", "big.raw"],
+        &["top.raw", "missing.raw"],
+        &["-f", "qcow2", "top.raw", "top.raw"],
+    ];
+    for case in cases {
+        let mut args = vec!["compare"];
+        args.extend_from_slice(case);
+        let theirs = qemu(d, &args);
+        let ours = ds(d, &args);
+        assert_eq!(
+            (ours.code, &ours.stdout),
+            (theirs.code, &theirs.stdout),
+            "compare {}:\nours: {}\ntheirs: {}",
+            case.join(" "),
+            ours.desc,
+            theirs.desc
+        );
+    }
+    let e = ds(d, &["compare", "top.raw", "missing.raw"]).code_is(2);
+    e.fails_naming("missing.raw");
+}
+
+/// `convert` output passes `qemu-img check`, reads like the source for `qemu-img compare`, and
+/// is laid out like qemu-img's own output (sparse: zero ranges stay unallocated).
+#[test]
+fn convert_matches_qemu() {
+    let dir = tmpdir();
+    let d = dir.path();
+    build_chain(d, "");
+    // (options, output format, output must be byte-identical to qemu-img's)
+    let cases: &[(&[&str], &str, bool)] = &[
+        (&["-O", "qcow2"], "qcow2", true),
+        (&["-O", "raw"], "raw", true),
+        (&["-O", "qcow2", "-o", "cluster_size=4k"], "qcow2", true),
+        (&["-O", "qcow2", "-o", "cluster_size=512"], "qcow2", true),
+        (&["-O", "qcow2", "-o", "cluster_size=2M"], "qcow2", true),
+        (&["-O", "qcow2", "-o", "compat=0.10"], "qcow2", true),
+        (&["-O", "qcow2", "-o", "extended_l2=on"], "qcow2", true),
+        (
+            &["-O", "qcow2", "-o", "preallocation=metadata"],
+            "qcow2",
+            true,
+        ),
+        (&["-O", "raw", "-o", "preallocation=full"], "raw", true),
+        (&["-c", "-O", "qcow2"], "qcow2", false),
+        (
+            &["-c", "-O", "qcow2", "-o", "compression_type=zstd"],
+            "qcow2",
+            false,
+        ),
+        (
+            &["-c", "-O", "qcow2", "-o", "cluster_size=4k"],
+            "qcow2",
+            false,
+        ),
+        (&["-m", "1", "-O", "qcow2"], "qcow2", true),
+        // Small clusters with wide refcounts: many refcount blocks and a growing refcount
+        // table (laid out differently from QEMU's, so only checked for consistency).
+        (
+            &["-O", "qcow2", "-o", "cluster_size=512,refcount_bits=64"],
+            "qcow2",
+            false,
+        ),
+    ];
+    for (n, (opts, fmt, identical)) in cases.iter().enumerate() {
+        let (qo, doo) = (format!("q{n}.out"), format!("d{n}.out"));
+        let what = format!("convert {}", opts.join(" "));
+        let mut args = vec!["convert"];
+        args.extend_from_slice(opts);
+        let mut qargs = args.clone();
+        qargs.extend(["top.qcow2", &qo]);
+        let mut dargs = args.clone();
+        dargs.extend(["top.qcow2", &doo]);
+        qemu(d, &qargs).ok();
+        ds(d, &dargs).ok();
+        if *fmt == "qcow2" {
+            qemu(d, &["check", &doo]).ok();
+        }
+        qemu(d, &["compare", "-F", fmt, "top.qcow2", &doo]).ok();
+        assert_eq!(
+            map_without_offsets(d, &doo, fmt),
+            map_without_offsets(d, &qo, fmt),
+            "{what}: allocation differs from qemu-img's"
+        );
+        if *identical {
+            assert_same_bytes(&d.join(&qo), &d.join(&doo), &what);
+        }
+    }
+    // Sparse: the zero range of the source is not allocated in the output.
+    let map = qemu(d, &["map", "--output=json", "d0.out"]).ok().json();
+    let hole = map
+        .as_array()
+        .expect("a JSON array")
+        .iter()
+        .find(|e| e["start"] == 1572864)
+        .expect("an extent at 1.5 MiB");
+    assert_eq!(hole["present"], false, "{hole}");
+    // Compressed output really is compressed.
+    let check = qemu(d, &["check", "--output=json", "d9.out"]).ok().json();
+    assert!(
+        check["compressed-clusters"].as_u64().unwrap_or(0) > 0,
+        "{check}"
+    );
+    let info = qemu(d, &["info", "--output=json", "d10.out"]).ok().json();
+    assert_eq!(info["format-specific"]["data"]["compression-type"], "zstd");
+
+    // -n onto existing targets of the same size.
+    for fmt in ["qcow2", "raw"] {
+        let (qo, doo) = (format!("qn.{fmt}"), format!("dn.{fmt}"));
+        for f in [&qo, &doo] {
+            qemu(d, &["create", "-q", "-f", fmt, f, "6M"]).ok();
+        }
+        qemu(d, &["convert", "-n", "-O", fmt, "top.qcow2", &qo]).ok();
+        ds(d, &["convert", "-n", "-O", fmt, "top.qcow2", &doo]).ok();
+        qemu(d, &["compare", "-F", fmt, "top.qcow2", &doo]).ok();
+        assert_same_bytes(&d.join(&qo), &d.join(&doo), &format!("convert -n -O {fmt}"));
+    }
+    // -n onto a target too small: refused, untouched.
+    qemu(d, &["create", "-q", "-f", "qcow2", "small.qcow2", "1M"]).ok();
+    let before = read(&d.join("small.qcow2"));
+    ds(
+        d,
+        &["convert", "-n", "-O", "qcow2", "top.qcow2", "small.qcow2"],
+    )
+    .fails_naming("small.qcow2");
+    assert_eq!(read(&d.join("small.qcow2")), before);
+
+    // -B: a copy-on-write output over the given backing file. (We write exactly what differs
+    // from that backing file, so the layout is not compared with qemu-img's.)
+    ds(
+        d,
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-B",
+            "mid.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+            "cow.qcow2",
+        ],
+    )
+    .ok();
+    qemu(d, &["check", "cow.qcow2"]).ok();
+    qemu(d, &["compare", "top.qcow2", "cow.qcow2"]).ok();
+    let info = qemu(d, &["info", "--output=json", "cow.qcow2"]).ok().json();
+    assert_eq!(info["backing-filename"], "mid.qcow2");
+    assert_eq!(info["backing-filename-format"], "qcow2");
+    let cow = qemu(d, &["check", "--output=json", "cow.qcow2"])
+        .ok()
+        .json();
+    let flat = qemu(d, &["check", "--output=json", "d0.out"]).ok().json();
+    assert!(
+        cow["allocated-clusters"].as_u64() < flat["allocated-clusters"].as_u64(),
+        "-B should store less than a flat copy: {cow} vs {flat}"
+    );
+    // -B without -F is refused before anything is written.
+    ds(
+        d,
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-B",
+            "mid.qcow2",
+            "top.qcow2",
+            "cow2.qcow2",
+        ],
+    )
+    .fails_naming("cow2.qcow2");
+    assert!(!d.join("cow2.qcow2").exists());
+}
+
+/// Build the same chain in `q/` and `d/`.
+fn twin_chains(root: &Path, top_opts: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (q, d) = (subdir(root, "q"), subdir(root, "d"));
+    build_chain(&q, top_opts);
+    build_chain(&d, top_opts);
+    (q, d)
+}
+
+/// `rebase` in safe mode (onto a layer further down, onto a new file, `-b ""` to flatten) and
+/// in unsafe mode leaves the same image as qemu-img's, byte for byte; safe mode keeps the
+/// guest view.
+#[test]
+fn rebase_matches_qemu() {
+    let root = tmpdir();
+    let cases: &[(&str, &[&str], bool)] = &[
+        ("", &["-b", "base.raw", "-F", "raw"], true),
+        ("", &["-b", "", "-F", "raw"], true),
+        ("", &["-b", ""], true),
+        ("", &["-b", "mid.qcow2", "-F", "qcow2"], true),
+        ("", &["-b", "other.qcow2", "-F", "qcow2"], true),
+        ("", &["-u", "-b", "base.raw", "-F", "raw"], false),
+        ("", &["-u", "-b", "missing.raw", "-F", "raw"], false),
+        ("compat=0.10", &["-b", "base.raw", "-F", "raw"], true),
+        ("compat=0.10", &["-b", ""], true),
+        (
+            "extended_l2=on,cluster_size=64k",
+            &["-b", "base.raw", "-F", "raw"],
+            true,
+        ),
+        ("extended_l2=on,cluster_size=16k", &["-b", ""], true),
+    ];
+    for (n, (top_opts, args, safe)) in cases.iter().enumerate() {
+        let case_dir = subdir(root.path(), &format!("c{n}"));
+        let (q, d) = twin_chains(&case_dir, top_opts);
+        for side in [&q, &d] {
+            qemu(side, &["create", "-q", "-f", "qcow2", "other.qcow2", "5M"]).ok();
+            qemu_io(side, "qcow2", "other.qcow2", &["write -P 8 0 2M"]);
+        }
+        export_raw(&q, "top.qcow2", "qcow2", "before.raw");
+        let what = format!("rebase {} ({top_opts})", args.join(" "));
+        let mut full = vec!["rebase"];
+        full.extend_from_slice(args);
+        full.push("top.qcow2");
+        let theirs = qemu(&q, &full).ok();
+        let ours = ds(&d, &full).ok();
+        assert_eq!(ours.stdout, theirs.stdout, "{what}");
+        assert_same_bytes(&q.join("top.qcow2"), &d.join("top.qcow2"), &what);
+        if args.contains(&"missing.raw") {
+            continue;
+        }
+        qemu(&d, &["check", "top.qcow2"]).ok();
+        ds(&d, &["check", "top.qcow2"]).ok();
+        let same = qemu(
+            &d,
+            &["compare", "-F", "qcow2", "../q/before.raw", "top.qcow2"],
+        );
+        assert_eq!(
+            same.code == 0,
+            *safe,
+            "{what}: guest view {}:\n{}",
+            if *safe { "changed" } else { "should change" },
+            same.desc
+        );
+    }
+}
+
+/// `rebase` errors: no `-F`, a missing new backing file, a raw image; nothing is changed.
+#[test]
+fn rebase_refuses_bad_arguments() {
+    let root = tmpdir();
+    let d = root.path();
+    build_chain(d, "");
+    let before = read(&d.join("top.qcow2"));
+    for args in [
+        &["rebase", "-b", "base.raw", "top.qcow2"][..],
+        &["rebase", "-b", "missing.raw", "-F", "raw", "top.qcow2"][..],
+        &["rebase", "-b", "base.raw", "-F", "vmdk", "top.qcow2"][..],
+    ] {
+        ds(d, args).fails_naming("top.qcow2");
+        assert_eq!(
+            read(&d.join("top.qcow2")),
+            before,
+            "{} changed it",
+            args.join(" ")
+        );
+    }
+    let raw = read(&d.join("base.raw"));
+    ds(d, &["rebase", "-f", "raw", "-b", "", "base.raw"]).fails_naming("base.raw");
+    assert_eq!(read(&d.join("base.raw")), raw);
+}
+
+/// `commit` (into the direct backing file, with `-d`, and with `-b` to a deeper base, which
+/// implies `-d`): the base then shows the old top view, every layer passes `check`, and the
+/// allocation of every layer equals what qemu-img's commit leaves.
+#[test]
+fn commit_matches_qemu() {
+    let root = tmpdir();
+    let cases: &[(&[&str], &str)] = &[
+        (&[], "mid.qcow2"),
+        (&["-d"], "mid.qcow2"),
+        (&["-b", "base.raw"], "base.raw"),
+        (&["-b", "mid.qcow2"], "mid.qcow2"),
+        (&["-d", "-b", "base.raw"], "base.raw"),
+    ];
+    for (n, (args, base)) in cases.iter().enumerate() {
+        let case_dir = subdir(root.path(), &format!("c{n}"));
+        let (q, d) = twin_chains(&case_dir, "");
+        export_raw(&q, "top.qcow2", "qcow2", "before.raw");
+        let what = format!("commit {}", args.join(" "));
+        let mut full = vec!["commit"];
+        full.extend_from_slice(args);
+        full.push("top.qcow2");
+        let theirs = qemu(&q, &full).ok();
+        let ours = ds(&d, &full).ok();
+        assert_eq!(ours.stdout, theirs.stdout, "{what}");
+        let base_fmt = if base.ends_with(".raw") {
+            "raw"
+        } else {
+            "qcow2"
+        };
+        qemu(&d, &["compare", "-F", base_fmt, "../q/before.raw", base]).ok();
+        for (f, fmt) in [
+            ("top.qcow2", "qcow2"),
+            ("mid.qcow2", "qcow2"),
+            ("base.raw", "raw"),
+        ] {
+            if fmt == "qcow2" {
+                qemu(&d, &["check", f]).ok();
+            }
+            assert_eq!(
+                map_without_offsets(&d, f, fmt),
+                map_without_offsets(&q, f, fmt),
+                "{what}: {f} differs from qemu-img's"
+            );
+        }
+    }
+    // No backing file, or a base that is not in the chain: refused, unchanged.
+    let d = root.path().join("c0").join("d");
+    let mid = read(&d.join("mid.qcow2"));
+    ds(&d, &["commit", "-b", "other.raw", "top.qcow2"]).fails_naming("top.qcow2");
+    let raw = read(&d.join("base.raw"));
+    ds(&d, &["commit", "-f", "raw", "base.raw"]).fails_naming("base.raw");
+    assert_eq!(read(&d.join("base.raw")), raw);
+    assert_eq!(read(&d.join("mid.qcow2")), mid);
+}
+
+/// `resize` grows and shrinks like qemu-img (same virtual size, same contents, same
+/// allocation, clean check); shrinking needs `--shrink`, and we refuse to drop data.
+#[test]
+fn resize_matches_qemu() {
+    let root = tmpdir();
+    let cases: &[(&str, &[&str])] = &[
+        ("top.qcow2", &["top.qcow2", "+1M"]),
+        ("top.qcow2", &["top.qcow2", "8M"]),
+        ("top.qcow2", &["top.qcow2", "1.5G"]),
+        ("top.qcow2", &["--shrink", "top.qcow2", "-16k"]),
+        ("mid.qcow2", &["mid.qcow2", "+1000448"]),
+        ("mid.qcow2", &["--shrink", "mid.qcow2", "3M"]),
+        ("base.raw", &["-f", "raw", "base.raw", "+1M"]),
+        ("base.raw", &["-f", "raw", "base.raw", "+1000"]),
+        ("base.raw", &["-f", "raw", "--shrink", "base.raw", "-1M"]),
+    ];
+    for (n, (file, args)) in cases.iter().enumerate() {
+        let case_dir = subdir(root.path(), &format!("c{n}"));
+        let (q, d) = twin_chains(&case_dir, "");
+        let mut full = vec!["resize"];
+        full.extend_from_slice(args);
+        let what = full.join(" ");
+        let theirs = qemu(&q, &full).ok();
+        let ours = ds(&d, &full).ok();
+        assert_eq!(ours.stdout, theirs.stdout, "{what}");
+        let fmt = if file.ends_with(".raw") {
+            "raw"
+        } else {
+            "qcow2"
+        };
+        let info = |dir: &Path| {
+            qemu(dir, &["info", "-f", fmt, "--output=json", file])
+                .ok()
+                .json()["virtual-size"]
+                .clone()
+        };
+        assert_eq!(info(&d), info(&q), "{what}: sizes differ");
+        let other = format!("../q/{file}");
+        qemu(&d, &["compare", "-f", fmt, "-F", fmt, file, &other]).ok();
+        assert_eq!(
+            map_without_offsets(&d, file, fmt),
+            map_without_offsets(&q, file, fmt),
+            "{what}: allocation differs"
+        );
+        if fmt == "qcow2" {
+            qemu(&d, &["check", file]).ok();
+        }
+    }
+    // Refusals: a shrink without --shrink (as qemu-img), to zero (as qemu-img), and over data
+    // (deliberately, where qemu-img would drop it). The image stays untouched.
+    let d = subdir(root.path(), "refuse");
+    build_chain(&d, "");
+    let before = read(&d.join("top.qcow2"));
+    for (args, qemu_refuses) in [
+        (&["resize", "top.qcow2", "-1M"][..], true),
+        (&["resize", "top.qcow2", "1M"][..], true),
+        (&["resize", "--shrink", "top.qcow2", "0"][..], true),
+        (&["resize", "--shrink", "top.qcow2", "-2M"][..], false),
+    ] {
+        ds(&d, args).fails_naming("top.qcow2");
+        assert_eq!(
+            read(&d.join("top.qcow2")),
+            before,
+            "{} changed it",
+            args.join(" ")
+        );
+        if qemu_refuses {
+            qemu(&d, args).code_is(1);
+        }
+    }
+}
+
+/// Errors of every command: a missing file, a wrong `-f`, a corrupt (truncated) image, bad
+/// options. One line naming the file, a non-zero exit code, no output file created and the
+/// input unchanged.
+#[test]
+fn errors_name_the_file_and_write_nothing() {
+    let root = tmpdir();
+    let d = root.path();
+    build_chain(d, "");
+    let mut bytes = read(&d.join("top.qcow2"));
+    bytes.truncate(50);
+    std::fs::write(d.join("cut.qcow2"), &bytes).expect("write cut.qcow2");
+    let inputs = ["top.qcow2", "mid.qcow2", "base.raw", "cut.qcow2"];
+    let before: Vec<Vec<u8>> = inputs.iter().map(|f| read(&d.join(f))).collect();
+    let cases: &[(&[&str], &str)] = &[
+        (&["info", "missing.qcow2"], "missing.qcow2"),
+        (&["map", "missing.qcow2"], "missing.qcow2"),
+        (&["check", "missing.qcow2"], "missing.qcow2"),
+        (&["convert", "missing.qcow2", "out.img"], "missing.qcow2"),
+        (
+            &["rebase", "-u", "-b", "", "missing.qcow2"],
+            "missing.qcow2",
+        ),
+        (&["commit", "missing.qcow2"], "missing.qcow2"),
+        (&["resize", "missing.qcow2", "+1M"], "missing.qcow2"),
+        (&["info", "-f", "qcow2", "base.raw"], "base.raw"),
+        (&["map", "-f", "qcow2", "base.raw"], "base.raw"),
+        (&["check", "-f", "qcow2", "base.raw"], "base.raw"),
+        (
+            &["convert", "-f", "qcow2", "base.raw", "out.img"],
+            "base.raw",
+        ),
+        (&["resize", "-f", "qcow2", "base.raw", "+1M"], "base.raw"),
+        (&["info", "-f", "vmdk", "top.qcow2"], "top.qcow2"),
+        (&["info", "cut.qcow2"], "cut.qcow2"),
+        (&["map", "cut.qcow2"], "cut.qcow2"),
+        (&["check", "cut.qcow2"], "cut.qcow2"),
+        (&["convert", "cut.qcow2", "out.img"], "cut.qcow2"),
+        (&["commit", "cut.qcow2"], "cut.qcow2"),
+        (&["resize", "cut.qcow2", "+1M"], "cut.qcow2"),
+        (&["rebase", "-u", "-b", "", "cut.qcow2"], "cut.qcow2"),
+        (&["compare", "cut.qcow2", "top.qcow2"], "cut.qcow2"),
+        (
+            &[
+                "convert",
+                "-O",
+                "qcow2",
+                "-o",
+                "foo=bar",
+                "top.qcow2",
+                "out.img",
+            ],
+            "out.img",
+        ),
+        (
+            &[
+                "convert",
+                "-O",
+                "qcow2",
+                "-o",
+                "cluster_size=3000",
+                "top.qcow2",
+                "out.img",
+            ],
+            "out.img",
+        ),
+        (
+            &["convert", "-O", "raw", "-c", "top.qcow2", "out.img"],
+            "out.img",
+        ),
+        (&["convert", "-O", "foo", "top.qcow2", "out.img"], "out.img"),
+        (
+            &[
+                "convert",
+                "-O",
+                "raw",
+                "-B",
+                "mid.qcow2",
+                "-F",
+                "qcow2",
+                "top.qcow2",
+                "out.img",
+            ],
+            "out.img",
+        ),
+        (&["resize", "top.qcow2", "+1000"], "top.qcow2"),
+    ];
+    for (args, file) in cases {
+        let theirs = qemu(d, args);
+        assert_ne!(theirs.code, 0, "qemu-img accepts it:\n{}", theirs.desc);
+        ds(d, args).fails_naming(file);
+        assert!(
+            !d.join("out.img").exists(),
+            "{} created its output",
+            args.join(" ")
+        );
+        for (f, b) in inputs.iter().zip(&before) {
+            assert_eq!(&read(&d.join(f)), b, "{} changed {f}", args.join(" "));
+        }
+    }
+}
