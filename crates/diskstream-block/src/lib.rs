@@ -6,6 +6,7 @@
 //! NBD block status are built on. File I/O runs on the bounded [`pool::IoPool`], never on the
 //! async runtime's workers.
 
+pub mod backend;
 pub mod error;
 pub mod format;
 pub mod fuzzing;
