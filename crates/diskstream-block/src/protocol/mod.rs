@@ -3,6 +3,7 @@
 //! A protocol knows nothing about image formats. Format drivers (raw, qcow2) sit on top of one
 //! protocol each and translate guest offsets into protocol ("host") offsets.
 
+pub mod crash;
 pub mod file;
 pub mod mem;
 
