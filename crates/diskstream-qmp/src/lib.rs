@@ -14,6 +14,7 @@ pub mod blkdebug;
 pub mod commands;
 pub mod error;
 pub mod export;
+pub mod fuzzing;
 pub mod graph;
 pub mod json;
 pub mod monitor;
