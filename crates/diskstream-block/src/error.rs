@@ -67,6 +67,10 @@ pub enum BlockError {
     /// There is no space left for the request (ENOSPC or a format limit).
     #[error("{0}: no space left")]
     NoSpace(String),
+    /// The operation is refused by policy (EPERM): e.g. a guest writing an image header into a
+    /// probed raw disk.
+    #[error("{0}")]
+    PermissionDenied(String),
 }
 
 impl BlockError {
@@ -110,7 +114,7 @@ impl BlockError {
         match self {
             BlockError::Io { source, .. } => source.raw_os_error().unwrap_or(5),
             BlockError::OutOfBounds { .. } | BlockError::InvalidArgument(_) => 22,
-            BlockError::ReadOnly(_) => 1,
+            BlockError::ReadOnly(_) | BlockError::PermissionDenied(_) => 1,
             BlockError::NoSpace(_) => 28,
             BlockError::Unsupported { .. } => 95,
             _ => 5,

@@ -137,17 +137,26 @@ pub async fn probe(path: &Path) -> Result<Format> {
     probe_protocol(f.as_ref()).await
 }
 
-async fn probe_protocol(f: &dyn Protocol) -> Result<Format> {
-    let len = f.len().await?;
-    if len < 4 {
-        return Ok(Format::Raw);
-    }
-    let head = f.read_vec(0, 4).await?;
-    Ok(if head == [0x51, 0x46, 0x49, 0xfb] {
+/// Bytes at the start of an image that decide its probed format.
+pub const PROBE_BYTES: usize = 4;
+
+/// The format the first [`PROBE_BYTES`] bytes of an image announce (raw when no magic
+/// matches). Shared by probing and by the raw driver's guard against a guest forging a header.
+pub fn format_of_head(head: &[u8]) -> Format {
+    if head.len() >= 4 && head[..4] == [0x51, 0x46, 0x49, 0xfb] {
         Format::Qcow2
     } else {
         Format::Raw
-    })
+    }
+}
+
+async fn probe_protocol(f: &dyn Protocol) -> Result<Format> {
+    let len = f.len().await?;
+    if len < PROBE_BYTES as u64 {
+        return Ok(Format::Raw);
+    }
+    let head = f.read_vec(0, PROBE_BYTES).await?;
+    Ok(format_of_head(&head))
 }
 
 /// Resolve a backing file name recorded in `overlay` to a path. URL-style names (see
@@ -189,7 +198,13 @@ pub async fn open_image(path: &Path, opts: &OpenOptions) -> Result<Arc<dyn Block
         (None, None) => (probe(path).await?, None),
     };
     let mut seen: Vec<PathBuf> = Vec::new();
-    open_chain(path, format, opts.read_only, opts, &mut seen, 0, file).await
+    let node = open_chain(path, format, opts.read_only, opts, &mut seen, 0, file).await?;
+    if opts.format.is_none() {
+        if let Some(raw) = node.as_any().downcast_ref::<RawNode>() {
+            raw.set_probed(true);
+        }
+    }
+    Ok(node)
 }
 
 fn open_chain<'a>(

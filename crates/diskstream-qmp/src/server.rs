@@ -31,7 +31,11 @@ impl Listener {
                 if p.exists() {
                     std::fs::remove_file(p)?;
                 }
-                Ok(Listener::Unix(UnixListener::bind(p)?, p.clone()))
+                let l = UnixListener::bind(p)?;
+                // The monitor can open any file the daemon may: only its owner may connect.
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600))?;
+                Ok(Listener::Unix(l, p.clone()))
             }
             ListenAddr::Tcp(a) => Ok(Listener::Tcp(TcpListener::bind(a).await?)),
         }
@@ -73,5 +77,25 @@ impl Listener {
             Listener::Unix(_, p) => Some(p.clone()),
             Listener::Tcp(_) => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn unix_socket_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("ds-qmp-perm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("qmp.sock");
+        let l = Listener::bind(&ListenAddr::Unix(path.clone()))
+            .await
+            .expect("bind");
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "only the owner may drive the monitor");
+        l.cleanup();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
