@@ -9,7 +9,9 @@ use std::process::Command;
 fn fio(dir: &std::path::Path, name: &str, args: &[&str]) -> serde_json::Value {
     require("fio");
     let out = dir.join(format!("{name}.json"));
+    // fio writes its verify state file into the working directory: keep it in the test's.
     run(Command::new("fio")
+        .current_dir(dir)
         .arg(format!("--name={name}"))
         .arg("--ioengine=nbd")
         .arg("--output-format=json")
