@@ -1,8 +1,10 @@
 //! Opening images and their backing chains.
 //!
 //! Policy lives here, not in the drivers: backing files are opened only with a format that is
-//! recorded in the overlay (the backing-format extension) or named by the user, never by looking
-//! at their contents; relative names resolve against the overlay's directory; loops and chains
+//! recorded in the overlay (qcow2's backing-format extension, QED's raw flag) or named by the
+//! user, never by looking at their contents (one narrow exception: a QED overlay without the raw
+//! flag says its backing file is an image format, and then only the qcow2 and QED magics are
+//! accepted, so a raw disk is still never interpreted); relative names resolve against the overlay's directory; loops and chains
 //! deeper than a limit are refused. Only the top image of a user command may be probed, and only
 //! when the user did not name its format (as qemu-img does).
 //!
@@ -13,9 +15,10 @@
 
 use crate::error::{BlockError, Result};
 use crate::format::qcow2::Qcow2;
+use crate::format::qed::Qed;
 use crate::format::raw::RawNode;
 use crate::format::Format;
-use crate::node::BlockNode;
+use crate::node::{BackingFormatHint, BlockNode};
 use crate::protocol::file::FileProtocol;
 use crate::protocol::Protocol;
 use async_trait::async_trait;
@@ -131,7 +134,7 @@ pub async fn open_protocol(name: &Path, read_only: bool) -> Result<Arc<dyn Proto
     Ok(Arc::new(FileProtocol::open(name, read_only)?))
 }
 
-/// Guess the format of a user-named top image: qcow2 magic or raw.
+/// Guess the format of a user-named top image: qcow2 or QED magic, else raw.
 pub async fn probe(path: &Path) -> Result<Format> {
     let f = open_protocol(path, true).await?;
     probe_protocol(f.as_ref()).await
@@ -143,10 +146,10 @@ async fn probe_protocol(f: &dyn Protocol) -> Result<Format> {
         return Ok(Format::Raw);
     }
     let head = f.read_vec(0, 4).await?;
-    Ok(if head == [0x51, 0x46, 0x49, 0xfb] {
-        Format::Qcow2
-    } else {
-        Format::Raw
+    Ok(match head.as_slice() {
+        [0x51, 0x46, 0x49, 0xfb] => Format::Qcow2,
+        b"QED\0" => Format::Qed,
+        _ => Format::Raw,
     })
 }
 
@@ -174,6 +177,7 @@ async fn open_node_on(file: Arc<dyn Protocol>, format: Format) -> Result<Arc<dyn
     Ok(match format {
         Format::Raw => Arc::new(RawNode::open(file).await?),
         Format::Qcow2 => Arc::new(Qcow2::open(file).await?),
+        Format::Qed => Arc::new(Qed::open(file).await?),
     })
 }
 
@@ -232,42 +236,66 @@ fn open_chain<'a>(
         if opts.no_backing {
             return Ok(node);
         }
-        if let Some(q) = node.as_any().downcast_ref::<Qcow2>() {
-            let h = q.header().await;
-            if let Some(name) = h.backing_file.clone() {
-                let scheme = url_scheme(&name);
-                if name.starts_with("json:") || scheme.is_some_and(|s| opener_for(s).is_none()) {
-                    return Err(BlockError::Chain(format!(
-                        "'{}': backing file '{name}' uses a protocol not supported yet",
-                        path.display()
-                    )));
-                }
-                if is_url && scheme.is_none() && !Path::new(&name).is_absolute() {
-                    return Err(BlockError::Chain(format!(
-                        "'{}': relative backing file name '{name}' cannot be resolved against a URL",
-                        path.display()
-                    )));
-                }
-                let bfmt = match (&h.backing_format, depth, opts.backing_format) {
-                    (Some(f), _, _) => f.parse::<Format>().map_err(|_| {
-                        BlockError::Chain(format!(
-                            "'{}': unsupported backing format '{f}'",
-                            path.display()
-                        ))
-                    })?,
-                    (None, 0, Some(f)) => f,
-                    (None, _, _) => {
-                        return Err(BlockError::Chain(format!(
-                            "'{}' does not record the format of its backing file '{name}'; refusing to guess \
-                             (record it with 'diskstream img rebase -u -b {name} -F <fmt>', or pass --backing-format)",
-                            path.display()
-                        )));
-                    }
-                };
-                let bpath = resolve_backing(path, &name);
-                let b = open_chain(&bpath, bfmt, true, opts, seen, depth + 1, None).await?;
-                q.set_backing_node(Some(b));
+        if let Some(link) = node.backing_link().await {
+            let name = link.name;
+            let scheme = url_scheme(&name);
+            if name.starts_with("json:") || scheme.is_some_and(|s| opener_for(s).is_none()) {
+                return Err(BlockError::Chain(format!(
+                    "'{}': backing file '{name}' uses a protocol not supported yet",
+                    path.display()
+                )));
             }
+            if is_url && scheme.is_none() && !Path::new(&name).is_absolute() {
+                return Err(BlockError::Chain(format!(
+                    "'{}': relative backing file name '{name}' cannot be resolved against a URL",
+                    path.display()
+                )));
+            }
+            let bpath = resolve_backing(path, &name);
+            let user = if depth == 0 {
+                opts.backing_format
+            } else {
+                None
+            };
+            let mut bfile = None;
+            let bfmt = match (link.format, user) {
+                (BackingFormatHint::Named(f), _) => f.parse::<Format>().map_err(|_| {
+                    BlockError::Chain(format!(
+                        "'{}': unsupported backing format '{f}'",
+                        path.display()
+                    ))
+                })?,
+                (_, Some(f)) => f,
+                (BackingFormatHint::NotRaw, None) => {
+                    // QED records only "raw"; anything else is an image format, recognised by
+                    // its magic. A file that is neither qcow2 nor QED is refused, never read
+                    // as raw.
+                    let f = open_protocol(&bpath, true).await?;
+                    let fmt = match probe_protocol(f.as_ref()).await? {
+                        Format::Raw => {
+                            return Err(BlockError::Chain(format!(
+                                "'{}': backing file '{name}' is neither qcow2 nor QED and its \
+                                 format is not recorded; refusing to guess (record it with \
+                                 'diskstream img rebase -u -b {name} -F <fmt>', or pass \
+                                 --backing-format)",
+                                path.display()
+                            )));
+                        }
+                        fmt => fmt,
+                    };
+                    bfile = Some(f);
+                    fmt
+                }
+                (BackingFormatHint::Unrecorded, None) => {
+                    return Err(BlockError::Chain(format!(
+                        "'{}' does not record the format of its backing file '{name}'; refusing to guess \
+                         (record it with 'diskstream img rebase -u -b {name} -F <fmt>', or pass --backing-format)",
+                        path.display()
+                    )));
+                }
+            };
+            let b = open_chain(&bpath, bfmt, true, opts, seen, depth + 1, bfile).await?;
+            node.set_backing_node(Some(b));
         }
         Ok(node)
     })
