@@ -119,6 +119,25 @@ pub fn url_scheme(name: &str) -> Option<&str> {
     }
 }
 
+/// Decode the `%XX` escapes of a URL component (an NBD export name, an S3 key); `None` for a
+/// malformed escape or a result that is not UTF-8.
+pub fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 /// Open the protocol under an image: a registered URL scheme, else a local file.
 pub async fn open_protocol(name: &Path, read_only: bool) -> Result<Arc<dyn Protocol>> {
     if let Some(url) = name.to_str() {
