@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Seed the qcow2_open and NBD corpora with small real images written by qemu-img/qemu-io, so the fuzzer
+# Seed the qcow2_open, qed_open and NBD corpora with small real images written by qemu-img/qemu-io, so the fuzzer
 # starts past the header checks. Usage: bash fuzz/seed.sh && RUSTC_BOOTSTRAP=1 cargo fuzz run qcow2_open
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -21,6 +21,24 @@ qemu-io -c 'write -P 0x33 0 64k' "$tmp/c.qcow2" >/dev/null
 qemu-img convert -c -O qcow2 -o cluster_size=4096 "$tmp/c.qcow2" "$out/seed-compressed"
 qemu-img create -q -f qcow2 -o cluster_size=4096 -u -b c.qcow2 -F qcow2 "$out/seed-backing" 64k
 echo "seeded $(ls "$out" | wc -l) images into fuzz/$out"
+
+# QED: small images with data, zero clusters, a backing name, and one left dirty.
+qout=corpus/qed_open
+mkdir -p "$qout"
+j=0
+for o in "cluster_size=4096,table_size=1" "cluster_size=4096,table_size=2" "cluster_size=8192"; do
+    f="$tmp/q$j.qed"
+    qemu-img create -q -f qed -o "$o" "$f" 1M
+    # (qemu-io cannot open table_size=1 images; those seeds stay empty)
+    qemu-io -c 'write -P 0x11 0 3000' -c 'write -z 8k 4k' -c 'write -P 0x22 100k 512' "$f" >/dev/null 2>&1 || true
+    cp "$f" "$qout/seed$j"
+    j=$((j + 1))
+done
+qemu-img create -q -f qed -o cluster_size=4096 -u -b base.raw -F raw "$qout/seed-backing" 64k
+qemu-img create -q -f qed -o cluster_size=4096 "$tmp/d.qed" 64k
+qemu-io -c 'write -P 0x33 0 8k' -c 'sigraise 9' "$tmp/d.qed" >/dev/null 2>&1 || true
+cp "$tmp/d.qed" "$qout/seed-dirty"
+echo "seeded $(ls "$qout" | wc -l) images into fuzz/$qout"
 
 # NBD targets: a few valid client streams (python3 writes the bytes), so the fuzzer starts with
 # every option and command in the corpus.

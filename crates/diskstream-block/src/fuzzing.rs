@@ -6,6 +6,7 @@
 //! allocation is a bug. Storage is in memory and capped, so a hostile image cannot grow it.
 
 use crate::format::qcow2::Qcow2;
+use crate::format::qed::Qed;
 use crate::node::BlockNode;
 use crate::protocol::mem::MemProtocol;
 use crate::protocol::Protocol;
@@ -17,17 +18,38 @@ const MAX_LEN: u64 = 64 << 20;
 /// Open `data` as a qcow2 image and poke at it: map and read a few ranges, write a little when
 /// the image opened read-write. Returns whether the image opened.
 pub fn qcow2_image(data: &[u8]) -> bool {
+    exercise(data, "fuzz.qcow2", |file| async move {
+        Qcow2::open(file)
+            .await
+            .ok()
+            .map(|q| Box::new(q) as Box<dyn BlockNode>)
+    })
+}
+
+/// Open `data` as a QED image and poke at it the same way (a dirty image is checked and
+/// repaired on the way in, so the repair code sees hostile tables too).
+pub fn qed_image(data: &[u8]) -> bool {
+    exercise(data, "fuzz.qed", |file| async move {
+        Qed::open(file)
+            .await
+            .ok()
+            .map(|q| Box::new(q) as Box<dyn BlockNode>)
+    })
+}
+
+/// Open `data` with `open` on capped in-memory storage, then map, read and write a little.
+fn exercise<F, Fut>(data: &[u8], name: &str, open: F) -> bool
+where
+    F: FnOnce(Arc<dyn Protocol>) -> Fut,
+    Fut: std::future::Future<Output = Option<Box<dyn BlockNode>>>,
+{
     let Ok(rt) = tokio::runtime::Builder::new_current_thread().build() else {
         return false;
     };
     rt.block_on(async {
-        let file: Arc<dyn Protocol> = Arc::new(MemProtocol::new(
-            "fuzz.qcow2",
-            data.to_vec(),
-            false,
-            MAX_LEN,
-        ));
-        let Ok(q) = Qcow2::open(Arc::clone(&file)).await else {
+        let file: Arc<dyn Protocol> =
+            Arc::new(MemProtocol::new(name, data.to_vec(), false, MAX_LEN));
+        let Some(q) = open(file).await else {
             return false;
         };
         let size = q.size();

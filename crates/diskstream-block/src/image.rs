@@ -1,8 +1,10 @@
 //! Opening images and their backing chains.
 //!
 //! Policy lives here, not in the drivers: backing files are opened only with a format that is
-//! recorded in the overlay (the backing-format extension) or named by the user, never by looking
-//! at their contents; relative names resolve against the overlay's directory; loops and chains
+//! recorded in the overlay (qcow2's backing-format extension, QED's raw flag) or named by the
+//! user, never by looking at their contents (one narrow exception: a QED overlay without the raw
+//! flag says its backing file is an image format, and then only the qcow2 and QED magics are
+//! accepted, so a raw disk is still never interpreted); relative names resolve against the overlay's directory; loops and chains
 //! deeper than a limit are refused. Only the top image of a user command may be probed, and only
 //! when the user did not name its format (as qemu-img does).
 //!
@@ -13,9 +15,10 @@
 
 use crate::error::{BlockError, Result};
 use crate::format::qcow2::Qcow2;
+use crate::format::qed::Qed;
 use crate::format::raw::RawNode;
 use crate::format::Format;
-use crate::node::BlockNode;
+use crate::node::{BackingFormatHint, BlockNode};
 use crate::protocol::file::FileProtocol;
 use crate::protocol::Protocol;
 use async_trait::async_trait;
@@ -116,6 +119,25 @@ pub fn url_scheme(name: &str) -> Option<&str> {
     }
 }
 
+/// Decode the `%XX` escapes of a URL component (an NBD export name, an S3 key); `None` for a
+/// malformed escape or a result that is not UTF-8.
+pub fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 /// Open the protocol under an image: a registered URL scheme, else a local file.
 pub async fn open_protocol(name: &Path, read_only: bool) -> Result<Arc<dyn Protocol>> {
     if let Some(url) = name.to_str() {
@@ -131,7 +153,7 @@ pub async fn open_protocol(name: &Path, read_only: bool) -> Result<Arc<dyn Proto
     Ok(Arc::new(FileProtocol::open(name, read_only)?))
 }
 
-/// Guess the format of a user-named top image: qcow2 magic or raw.
+/// Guess the format of a user-named top image: qcow2 or QED magic, else raw.
 pub async fn probe(path: &Path) -> Result<Format> {
     let f = open_protocol(path, true).await?;
     probe_protocol(f.as_ref()).await
@@ -143,10 +165,10 @@ pub const PROBE_BYTES: usize = 4;
 /// The format the first [`PROBE_BYTES`] bytes of an image announce (raw when no magic
 /// matches). Shared by probing and by the raw driver's guard against a guest forging a header.
 pub fn format_of_head(head: &[u8]) -> Format {
-    if head.len() >= 4 && head[..4] == [0x51, 0x46, 0x49, 0xfb] {
-        Format::Qcow2
-    } else {
-        Format::Raw
+    match head.get(..4) {
+        Some([0x51, 0x46, 0x49, 0xfb]) => Format::Qcow2,
+        Some(b"QED\0") => Format::Qed,
+        _ => Format::Raw,
     }
 }
 
@@ -183,6 +205,7 @@ async fn open_node_on(file: Arc<dyn Protocol>, format: Format) -> Result<Arc<dyn
     Ok(match format {
         Format::Raw => Arc::new(RawNode::open(file).await?),
         Format::Qcow2 => Arc::new(Qcow2::open(file).await?),
+        Format::Qed => Arc::new(Qed::open(file).await?),
     })
 }
 
@@ -247,42 +270,66 @@ fn open_chain<'a>(
         if opts.no_backing {
             return Ok(node);
         }
-        if let Some(q) = node.as_any().downcast_ref::<Qcow2>() {
-            let h = q.header().await;
-            if let Some(name) = h.backing_file.clone() {
-                let scheme = url_scheme(&name);
-                if name.starts_with("json:") || scheme.is_some_and(|s| opener_for(s).is_none()) {
-                    return Err(BlockError::Chain(format!(
-                        "'{}': backing file '{name}' uses a protocol not supported yet",
-                        path.display()
-                    )));
-                }
-                if is_url && scheme.is_none() && !Path::new(&name).is_absolute() {
-                    return Err(BlockError::Chain(format!(
-                        "'{}': relative backing file name '{name}' cannot be resolved against a URL",
-                        path.display()
-                    )));
-                }
-                let bfmt = match (&h.backing_format, depth, opts.backing_format) {
-                    (Some(f), _, _) => f.parse::<Format>().map_err(|_| {
-                        BlockError::Chain(format!(
-                            "'{}': unsupported backing format '{f}'",
-                            path.display()
-                        ))
-                    })?,
-                    (None, 0, Some(f)) => f,
-                    (None, _, _) => {
-                        return Err(BlockError::Chain(format!(
-                            "'{}' does not record the format of its backing file '{name}'; refusing to guess \
-                             (record it with 'diskstream img rebase -u -b {name} -F <fmt>', or pass --backing-format)",
-                            path.display()
-                        )));
-                    }
-                };
-                let bpath = resolve_backing(path, &name);
-                let b = open_chain(&bpath, bfmt, true, opts, seen, depth + 1, None).await?;
-                q.set_backing_node(Some(b));
+        if let Some(link) = node.backing_link().await {
+            let name = link.name;
+            let scheme = url_scheme(&name);
+            if name.starts_with("json:") || scheme.is_some_and(|s| opener_for(s).is_none()) {
+                return Err(BlockError::Chain(format!(
+                    "'{}': backing file '{name}' uses a protocol not supported yet",
+                    path.display()
+                )));
             }
+            if is_url && scheme.is_none() && !Path::new(&name).is_absolute() {
+                return Err(BlockError::Chain(format!(
+                    "'{}': relative backing file name '{name}' cannot be resolved against a URL",
+                    path.display()
+                )));
+            }
+            let bpath = resolve_backing(path, &name);
+            let user = if depth == 0 {
+                opts.backing_format
+            } else {
+                None
+            };
+            let mut bfile = None;
+            let bfmt = match (link.format, user) {
+                (BackingFormatHint::Named(f), _) => f.parse::<Format>().map_err(|_| {
+                    BlockError::Chain(format!(
+                        "'{}': unsupported backing format '{f}'",
+                        path.display()
+                    ))
+                })?,
+                (_, Some(f)) => f,
+                (BackingFormatHint::NotRaw, None) => {
+                    // QED records only "raw"; anything else is an image format, recognised by
+                    // its magic. A file that is neither qcow2 nor QED is refused, never read
+                    // as raw.
+                    let f = open_protocol(&bpath, true).await?;
+                    let fmt = match probe_protocol(f.as_ref()).await? {
+                        Format::Raw => {
+                            return Err(BlockError::Chain(format!(
+                                "'{}': backing file '{name}' is neither qcow2 nor QED and its \
+                                 format is not recorded; refusing to guess (record it with \
+                                 'diskstream img rebase -u -b {name} -F <fmt>', or pass \
+                                 --backing-format)",
+                                path.display()
+                            )));
+                        }
+                        fmt => fmt,
+                    };
+                    bfile = Some(f);
+                    fmt
+                }
+                (BackingFormatHint::Unrecorded, None) => {
+                    return Err(BlockError::Chain(format!(
+                        "'{}' does not record the format of its backing file '{name}'; refusing to guess \
+                         (record it with 'diskstream img rebase -u -b {name} -F <fmt>', or pass --backing-format)",
+                        path.display()
+                    )));
+                }
+            };
+            let b = open_chain(&bpath, bfmt, true, opts, seen, depth + 1, bfile).await?;
+            node.set_backing_node(Some(b));
         }
         Ok(node)
     })

@@ -39,6 +39,29 @@ pub struct LayerStatus {
     pub zero: bool,
 }
 
+/// What an image records about the format of its backing file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BackingFormatHint {
+    /// The format is named (qcow2's backing-format extension, QED's raw flag).
+    Named(String),
+    /// Nothing is recorded: only the user can say (formats are never guessed).
+    Unrecorded,
+    /// The image says the backing file is *not* raw without naming the format (a QED image
+    /// without the no-probe flag; QEMU probes it). Only the image formats, recognised by their
+    /// magic, are then accepted, so a raw disk is never interpreted.
+    NotRaw,
+}
+
+/// The backing file link an image records in its header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackingLink {
+    /// The backing file name as recorded (relative to the image's directory unless absolute
+    /// or a URL).
+    pub name: String,
+    /// What is recorded about its format.
+    pub format: BackingFormatHint,
+}
+
 /// A layer of a block graph; shared as `Arc<dyn BlockNode>`.
 #[async_trait]
 pub trait BlockNode: Send + Sync + 'static {
@@ -93,7 +116,29 @@ pub trait BlockNode: Send + Sync + 'static {
     async fn truncate(&self, size: u64) -> Result<()>;
     /// Flush and release the node cleanly (clears dirty state). Further I/O is an error.
     async fn close(&self) -> Result<()>;
-    /// Downcast hook for driver-specific operations (qcow2 check, backing rewrite).
+    /// The backing file link recorded in the image, for formats that have one. Chain opening
+    /// ([`crate::image`]) follows it; formats without backing files return `None`.
+    async fn backing_link(&self) -> Option<BackingLink> {
+        None
+    }
+    /// Attach (or detach) the opened backing node. The caller owns the chain policy (which
+    /// file, which format); formats without backing files ignore it.
+    fn set_backing_node(&self, _node: Option<Arc<dyn BlockNode>>) {}
+    /// Rewrite the backing file name and format recorded in the image (`None` drops the link),
+    /// flushing before and after so a crash never leaves a header that references less (or
+    /// other) data than the clusters on disk assume. This is how streaming and `rebase` change
+    /// the chain for every format; formats without backing files can only drop a link they do
+    /// not have.
+    async fn set_backing_file(&self, file: Option<(String, Option<String>)>) -> Result<()> {
+        match file {
+            None => Ok(()),
+            Some(_) => Err(BlockError::unsupported(
+                self.filename(),
+                format!("the {} format has no backing file", self.format_name()),
+            )),
+        }
+    }
+    /// Downcast hook for driver-specific operations (qcow2 check, compressed writes).
     fn as_any(&self) -> &dyn Any;
 }
 

@@ -38,7 +38,6 @@
 use crate::error::JobFailure;
 use crate::job::{ErrorAction, IoOperation, Job, JobDriver};
 use async_trait::async_trait;
-use diskstream_block::format::qcow2::Qcow2;
 use diskstream_block::node::{read_backing, same_node, Allocation, BlockNode};
 use diskstream_block::status::{allocated_above, map_extent};
 use diskstream_block::BlockError;
@@ -399,11 +398,9 @@ pub async fn finish_stream(
         )
     });
     let recorded = name.as_ref().map(|(n, _)| n.clone());
-    if let Some(q) = top.as_any().downcast_ref::<Qcow2>() {
-        // 2. The header rewrite (set_backing_file flushes before and after it).
-        q.set_backing_file(name).await?;
-        q.set_backing_node(new_base.clone());
-    }
+    // 2. The header rewrite (every format's set_backing_file flushes before and after it).
+    top.set_backing_file(name).await?;
+    top.set_backing_node(new_base.clone());
     // 3. And once more, so nothing the header depends on is left in a cache.
     top.flush().await?;
     Ok((new_base, recorded))

@@ -59,6 +59,8 @@ fn main() -> ExitCode {
         .init();
     // `nbd://` / `nbd+unix://` names work wherever an image or backing file name does.
     diskstream_nbd::client::register_url_opener(diskstream_nbd::client::OpenerConfig::from_env());
+    // `http://`, `https://` and `s3://` objects as read-only images and backing files.
+    diskstream_http::register_url_opener(diskstream_http::HttpConfig::from_env());
     let cli = Cli::parse();
     if let Command::Daemon { args } = cli.cmd {
         // The daemon builds its own runtime: --daemonize must fork before threads exist.

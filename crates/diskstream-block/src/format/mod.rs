@@ -1,7 +1,9 @@
 //! Format drivers: map guest offsets of a virtual disk onto a protocol's bytes.
 
 pub mod qcow2;
+pub mod qed;
 pub mod raw;
+pub mod util;
 
 use std::fmt;
 use std::str::FromStr;
@@ -13,6 +15,8 @@ pub enum Format {
     Raw,
     /// QEMU copy-on-write v2/v3.
     Qcow2,
+    /// QEMU Enhanced Disk.
+    Qed,
 }
 
 impl Format {
@@ -21,6 +25,7 @@ impl Format {
         match self {
             Format::Raw => "raw",
             Format::Qcow2 => "qcow2",
+            Format::Qed => "qed",
         }
     }
 }
@@ -37,8 +42,9 @@ impl FromStr for Format {
         match s {
             "raw" => Ok(Format::Raw),
             "qcow2" => Ok(Format::Qcow2),
+            "qed" => Ok(Format::Qed),
             other => Err(crate::error::BlockError::InvalidArgument(format!(
-                "Unknown driver '{other}' (supported: raw, qcow2)"
+                "Unknown driver '{other}' (supported: raw, qcow2, qed)"
             ))),
         }
     }

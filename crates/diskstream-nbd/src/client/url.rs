@@ -10,6 +10,7 @@
 //! is recognised and refused with a clear message.
 
 use super::error::ClientError;
+use diskstream_block::image::percent_decode;
 use std::fmt;
 use std::path::PathBuf;
 
@@ -144,25 +145,6 @@ impl NbdUrl {
             export,
         })
     }
-}
-
-/// Decode `%XX` escapes; `None` for a malformed escape or a result that is not UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = b.get(i + 1..i + 3)?;
-            let v = u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
-            out.push(v);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 #[cfg(test)]

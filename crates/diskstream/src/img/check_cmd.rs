@@ -1,4 +1,4 @@
-//! `img check`: run the qcow2 consistency check and print it the way qemu-img does.
+//! `img check`: run the qcow2 or QED consistency check and print it the way qemu-img does.
 
 use super::{parse_format, CheckArgs, Output};
 use diskstream_block::format::Format;
@@ -31,7 +31,7 @@ pub async fn check(a: CheckArgs) -> u8 {
         },
         Err(e) => return fail(e.to_string()),
     };
-    if format != Format::Qcow2 {
+    if format == Format::Raw {
         eprintln!("diskstream: This image format does not support checks");
         return 63;
     }
@@ -40,7 +40,11 @@ pub async fn check(a: CheckArgs) -> u8 {
         Ok(f) => Arc::new(f),
         Err(e) => return fail(e.to_string()),
     };
-    let r = match qcheck::check(file, repair).await {
+    let checked = match format {
+        Format::Qed => diskstream_block::format::qed::check::check(file, repair).await,
+        _ => qcheck::check(file, repair).await,
+    };
+    let r = match checked {
         Ok(r) => r,
         Err(e) => return fail(format!("Check failed: {e}")),
     };
@@ -74,7 +78,7 @@ pub async fn check(a: CheckArgs) -> u8 {
             let mut v = json!({
                 "check-errors": r.check_errors,
                 "filename": a.file.display().to_string(),
-                "format": "qcow2",
+                "format": format.name(),
             });
             // qemu-img leaves out the optional counts that are zero.
             for (k, n) in [
@@ -111,7 +115,8 @@ pub async fn check(a: CheckArgs) -> u8 {
                     );
                 }
             }
-            if r.total_clusters > 0 {
+            // As qemu-img: statistics only when something is allocated.
+            if r.total_clusters > 0 && r.allocated_clusters > 0 {
                 let pct = |n: u64| n as f64 * 100.0 / r.total_clusters as f64;
                 let alloc = r.allocated_clusters.max(1) as f64;
                 println!(
@@ -123,7 +128,10 @@ pub async fn check(a: CheckArgs) -> u8 {
                     r.compressed_clusters as f64 * 100.0 / alloc
                 );
             }
-            println!("Image end offset: {}", r.image_end_offset);
+            // Only qcow2 knows where its image ends (qemu-img prints nothing for QED).
+            if format == Format::Qcow2 {
+                println!("Image end offset: {}", r.image_end_offset);
+            }
         }
         Output::Human => {}
     }

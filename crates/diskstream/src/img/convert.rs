@@ -128,6 +128,17 @@ async fn convert_inner(a: ConvertArgs) -> Result<()> {
                     .map_err(|e| anyhow!("{e}"))?
             }
             Format::Raw => create_raw(&a.dst, size, spec.prealloc).await?,
+            Format::Qed => {
+                let o = spec.qed_options(size);
+                o.validate().map_err(|e| anyhow!("{e}"))?;
+                if let (Some(b), Some(f)) = (&o.backing_file, &o.backing_fmt) {
+                    let path = diskstream_block::image::resolve_backing(&a.dst, b);
+                    open(&path, Some(f), true)
+                        .await
+                        .map_err(|e| anyhow!("Could not open backing image: {e:#}"))?;
+                }
+                super::create_qed(&a.dst, &spec, size).await?
+            }
         }
     }
     let dst = open(&a.dst, Some(out_fmt.name()), false).await?;
@@ -152,7 +163,7 @@ async fn convert_inner(a: ConvertArgs) -> Result<()> {
     let mut tasks: JoinSet<Result<u64>> = JoinSet::new();
     // Reads run in parallel; for allocating formats the writes are issued in guest order so the
     // output's clusters are laid out sequentially (as qemu-img does without -W).
-    let ordered = out_fmt == Format::Qcow2;
+    let ordered = matches!(out_fmt, Format::Qcow2 | Format::Qed);
     let (turn_tx, turn_rx) = tokio::sync::watch::channel(0u64);
     let turn_tx = Arc::new(turn_tx);
     let mut seq = 0u64;

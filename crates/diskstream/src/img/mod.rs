@@ -14,6 +14,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use diskstream_block::format::qcow2::create::{CreateOptions, Preallocation};
 use diskstream_block::format::qcow2::header::CompressionType;
 use diskstream_block::format::qcow2::Qcow2;
+use diskstream_block::format::qed::Qed;
 use diskstream_block::format::Format;
 use diskstream_block::image::{self, OpenOptions};
 use diskstream_block::node::BlockNode;
@@ -265,7 +266,7 @@ pub async fn run(cmd: ImgCommand) -> u8 {
 /// Parse a `-f` value.
 pub fn parse_format(s: &str) -> Result<Format> {
     s.parse::<Format>()
-        .map_err(|_| anyhow!("Unknown file format '{s}' (supported: raw, qcow2)"))
+        .map_err(|_| anyhow!("Unknown file format '{s}' (supported: raw, qcow2, qed)"))
 }
 
 /// Open an image (and chain) for a command.
@@ -308,6 +309,23 @@ pub struct CreateSpec {
     given: std::collections::HashMap<String, String>,
     /// `size` given with `-o`.
     pub size: Option<u64>,
+    /// QED `table_size` given with `-o`.
+    pub table_size: Option<u64>,
+}
+
+impl CreateSpec {
+    /// The QED creation options of this spec (`size` set by the caller).
+    pub fn qed_options(&self, size: u64) -> diskstream_block::format::qed::create::CreateOptions {
+        diskstream_block::format::qed::create::CreateOptions {
+            size,
+            cluster_size: self.opts.cluster_size,
+            table_size: self
+                .table_size
+                .unwrap_or(diskstream_block::format::qed::header::DEFAULT_TABLE_SIZE as u64),
+            backing_file: self.opts.backing_file.clone(),
+            backing_fmt: self.opts.backing_fmt.clone(),
+        }
+    }
 }
 
 /// Parse `create`'s options the way qemu-img does (later duplicates win), with its messages.
@@ -339,6 +357,15 @@ pub fn parse_format_options(fmt: Format, kv: &[(String, String)]) -> Result<Crea
     let mut prealloc = Preallocation::Off;
     let mut given = std::collections::HashMap::new();
     let mut size = None;
+    let mut table_size = None;
+    let qed_keys = [
+        "size",
+        "backing_file",
+        "backing_fmt",
+        "cluster_size",
+        "table_size",
+        "preallocation",
+    ];
     let qcow2_only = [
         "cluster_size",
         "compat",
@@ -350,7 +377,10 @@ pub fn parse_format_options(fmt: Format, kv: &[(String, String)]) -> Result<Crea
         "backing_fmt",
     ];
     for (k, v) in kv {
-        let known = k == "size" || k == "preallocation" || qcow2_only.contains(&k.as_str());
+        let known = match fmt {
+            Format::Qed => qed_keys.contains(&k.as_str()),
+            _ => k == "size" || k == "preallocation" || qcow2_only.contains(&k.as_str()),
+        };
         if fmt == Format::Raw && k == "backing_file" {
             bail!("Backing file not supported for file format 'raw'");
         }
@@ -365,6 +395,7 @@ pub fn parse_format_options(fmt: Format, kv: &[(String, String)]) -> Result<Crea
             "size" => size = Some(parse_size(v).map_err(|_| expects_size())?),
             "preallocation" => prealloc = v.parse().map_err(|_| rejects())?,
             "cluster_size" => o.cluster_size = parse_size(v).map_err(|_| expects_size())?,
+            "table_size" => table_size = Some(parse_size(v).map_err(|_| expects_size())?),
             "compat" => {
                 o.version = match v.as_str() {
                     "0.10" | "v2" => 2,
@@ -392,12 +423,16 @@ pub fn parse_format_options(fmt: Format, kv: &[(String, String)]) -> Result<Crea
         given.insert(k.clone(), v.clone());
     }
     o.preallocation = prealloc;
+    if fmt == Format::Qed && prealloc == Preallocation::Metadata {
+        bail!("Parameter 'preallocation' does not accept value 'metadata'");
+    }
     Ok(CreateSpec {
         fmt,
         opts: o,
         prealloc,
         given,
         size,
+        table_size,
     })
 }
 
@@ -424,6 +459,15 @@ fn formatting_line(file: &Path, spec: &CreateSpec, size: u64) -> String {
             opt("backing_fmt"),
             given("lazy_refcounts").unwrap_or_else(|| "off".into()),
             spec.opts.refcount_bits,
+        ),
+        Format::Qed => format!(
+            "Formatting '{}', fmt=qed size={size}{}{} cluster_size={}{}{}",
+            file.display(),
+            opt("backing_file"),
+            opt("backing_fmt"),
+            spec.opts.cluster_size,
+            opt("table_size"),
+            opt("preallocation"),
         ),
     }
 }
@@ -475,6 +519,7 @@ async fn create_inner(a: CreateArgs) -> Result<()> {
         Format::Qcow2 => diskstream_block::format::qcow2::create::create(&a.file, &spec.opts)
             .await
             .map_err(|e| anyhow!("{}", clean_msg(&e)))?,
+        Format::Qed => create_qed(&a.file, &spec, spec.opts.size).await?,
         Format::Raw => create_raw(&a.file, spec.opts.size, spec.prealloc).await?,
     }
     Ok(())
@@ -509,6 +554,14 @@ pub fn name_files(files: &[&Path], e: anyhow::Error) -> anyhow::Error {
         Some(f) => anyhow!("{}: {msg}", f.display()),
         None => anyhow!("{msg}"),
     }
+}
+
+/// Create a QED image of `size` bytes with the spec's options (QED's preallocation option is
+/// accepted and, as in qemu-img, has no effect: the file is cut to the metadata).
+pub async fn create_qed(path: &Path, spec: &CreateSpec, size: u64) -> Result<()> {
+    diskstream_block::format::qed::create::create(path, &spec.qed_options(size))
+        .await
+        .map_err(|e| anyhow!("{}", clean_msg(&e)))
 }
 
 /// Create a raw image of `size` bytes.
@@ -600,6 +653,20 @@ async fn image_info(node: &Arc<dyn BlockNode>) -> Result<Value> {
             v["full-backing-filename"] = json!(full.display().to_string());
             if let Some(f) = &h.backing_format {
                 v["backing-filename-format"] = json!(f);
+            }
+        }
+    }
+    if let Some(q) = node.as_any().downcast_ref::<Qed>() {
+        // qemu-img 10 shows no format-specific data and never a dirty flag for QED, and names
+        // a backing format only when the image records one (raw).
+        let h = q.header().await;
+        v["cluster-size"] = json!(h.cluster_size);
+        if let Some(b) = &h.backing_file {
+            v["backing-filename"] = json!(b);
+            let full = image::resolve_backing(Path::new(&name), b);
+            v["full-backing-filename"] = json!(full.display().to_string());
+            if h.backing_is_raw() {
+                v["backing-filename-format"] = json!("raw");
             }
         }
     }
@@ -1005,10 +1072,9 @@ async fn rebase_inner(a: RebaseArgs) -> Result<()> {
     };
     // Unsafe mode never needs the old chain (it may be missing: fixing that is what -u is for).
     let top = open_with(&a.file, a.fmt.as_deref(), false, a.unsafe_mode).await?;
-    let q = top
-        .as_any()
-        .downcast_ref::<Qcow2>()
-        .ok_or_else(|| anyhow!("Could not change the backing file: the image is not qcow2"))?;
+    if top.format_name() == "raw" {
+        bail!("Could not change the backing file: the raw format has no backing file");
+    }
     let new_node = match &new {
         Some((b, f)) if !a.unsafe_mode => {
             let path = image::resolve_backing(&a.file, b);
@@ -1028,10 +1094,9 @@ async fn rebase_inner(a: RebaseArgs) -> Result<()> {
         let old = top.backing();
         let old_size = old.as_ref().map_or(0, |b| b.size());
         let cs = top.cluster_size().unwrap_or(512);
-        let align = if q.header().await.extended_l2() {
-            cs / 32
-        } else {
-            cs
+        let align = match top.as_any().downcast_ref::<Qcow2>() {
+            Some(q) if q.header().await.extended_l2() => cs / 32,
+            _ => cs,
         };
         let chunk: u64 = 2 << 20;
         let pb = convert::progress_bar(a.progress, size);
@@ -1077,10 +1142,10 @@ async fn rebase_inner(a: RebaseArgs) -> Result<()> {
         }
         pb.finish_and_clear();
     }
-    q.set_backing_file(new.map(|(b, f)| (b, Some(f))))
+    top.set_backing_file(new.map(|(b, f)| (b, Some(f))))
         .await
         .map_err(|e| anyhow!("Could not change the backing file: {e}"))?;
-    q.set_backing_node(new_node);
+    top.set_backing_node(new_node);
     top.close().await.map_err(|e| anyhow!("{e}"))
 }
 
@@ -1166,6 +1231,10 @@ async fn commit(a: CommitArgs) -> Result<()> {
     if !a.keep && a.base.is_none() {
         let top = open_with(&a.file, a.fmt.as_deref(), false, true).await?;
         if let Some(q) = top.as_any().downcast_ref::<Qcow2>() {
+            q.make_empty().await.map_err(err)?;
+        }
+        if let Some(q) = top.as_any().downcast_ref::<Qed>() {
+            // (qemu-img 10 leaves a committed QED image as it was; we empty it as documented.)
             q.make_empty().await.map_err(err)?;
         }
         top.close().await.map_err(err)?;

@@ -1084,6 +1084,26 @@ impl BlockNode for Qcow2 {
         Ok(())
     }
 
+    // The chain hooks of the trait delegate to the inherent methods above.
+    async fn backing_link(&self) -> Option<crate::node::BackingLink> {
+        let h = self.header().await;
+        h.backing_file.map(|name| crate::node::BackingLink {
+            name,
+            format: match h.backing_format {
+                Some(f) => crate::node::BackingFormatHint::Named(f),
+                None => crate::node::BackingFormatHint::Unrecorded,
+            },
+        })
+    }
+
+    fn set_backing_node(&self, node: Option<Arc<dyn BlockNode>>) {
+        Qcow2::set_backing_node(self, node)
+    }
+
+    async fn set_backing_file(&self, file: Option<(String, Option<String>)>) -> Result<()> {
+        Qcow2::set_backing_file(self, file).await
+    }
+
     fn as_any(&self) -> &dyn Any {
         self
     }
@@ -1110,18 +1130,7 @@ impl Qcow2 {
 
     /// Populate `[offset, offset+len)` with zero data where this layer is still unallocated.
     async fn write_zero_data_if_unallocated(&self, offset: u64, len: u64) -> Result<u64> {
-        let chunk = len.min(1 << 20);
-        let zeroes = vec![0u8; chunk as usize];
-        let mut pos = 0;
-        let mut written = 0;
-        while pos < len {
-            let n = (len - pos).min(chunk);
-            written += self
-                .write_if_unallocated(offset + pos, &zeroes[..n as usize])
-                .await?;
-            pos += n;
-        }
-        Ok(written)
+        crate::format::util::write_zero_data(self, offset, len, true).await
     }
 
     /// Mark the still-unallocated units of whole clusters `[gc, gc+n)` as zero (v3 only), in
@@ -1155,14 +1164,8 @@ impl Qcow2 {
     }
 
     async fn write_explicit_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        let chunk = len.min(1 << 20);
-        let zeroes = vec![0u8; chunk as usize];
-        let mut pos = 0;
-        while pos < len {
-            let n = (len - pos).min(chunk);
-            self.write(offset + pos, &zeroes[..n as usize]).await?;
-            pos += n;
-        }
-        Ok(())
+        crate::format::util::write_zero_data(self, offset, len, false)
+            .await
+            .map(|_| ())
     }
 }

@@ -1,0 +1,342 @@
+//! The read-only protocol over a remote object: a bounded block cache in front of a fetch
+//! scheduler.
+//!
+//! The object is read in fixed *blocks* ([`HttpConfig::block_size`], 1 MiB by default). A read
+//! takes the blocks it needs from the cache; a missing block is queued once (later readers of
+//! the same block wait for the same fetch). A scheduler keeps up to
+//! [`HttpConfig::connections`] ranged GETs in flight; when a slot frees it takes the first
+//! queued block and merges every adjacent queued block into the same GET (up to
+//! [`HttpConfig::max_request`]), so the many small, neighbouring requests of a guest or a job
+//! become few large ones exactly when the server is the bottleneck. A reader that continues
+//! where the previous read ended triggers read-ahead of the following blocks (queued after
+//! demanded ones). Fetched blocks go into an LRU cache bounded by
+//! [`HttpConfig::cache_bytes`]; combined with copy-on-read or streaming into a local overlay,
+//! every byte crosses the network once.
+//!
+//! Failures are never cached: each reader waiting on a failed fetch gets the error, and the
+//! next read of the block tries again.
+
+use crate::config::HttpConfig;
+use crate::error::HttpError;
+use crate::fetch::Fetcher;
+use async_trait::async_trait;
+use diskstream_block::protocol::Protocol;
+use diskstream_block::{BlockError, Result};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::watch;
+
+type BlockResult = Option<std::result::Result<Arc<Vec<u8>>, HttpError>>;
+
+/// A small LRU of blocks.
+#[derive(Default)]
+struct Lru {
+    blocks: HashMap<u64, (Arc<Vec<u8>>, u64)>,
+    order: BTreeMap<u64, u64>,
+    tick: u64,
+}
+
+impl Lru {
+    fn get(&mut self, b: u64) -> Option<Arc<Vec<u8>>> {
+        let (data, t) = self.blocks.get_mut(&b)?;
+        self.order.remove(t);
+        self.tick += 1;
+        *t = self.tick;
+        self.order.insert(self.tick, b);
+        Some(Arc::clone(data))
+    }
+
+    fn contains(&self, b: u64) -> bool {
+        self.blocks.contains_key(&b)
+    }
+
+    fn insert(&mut self, b: u64, data: Arc<Vec<u8>>, cap: usize) {
+        self.tick += 1;
+        if let Some((_, t)) = self.blocks.insert(b, (data, self.tick)) {
+            self.order.remove(&t);
+        }
+        self.order.insert(self.tick, b);
+        while self.blocks.len() > cap {
+            let Some((_, victim)) = self.order.pop_first() else {
+                break;
+            };
+            self.blocks.remove(&victim);
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    cache: Lru,
+    /// Blocks being fetched or queued, with the channel their result is published on.
+    pending: HashMap<u64, watch::Sender<BlockResult>>,
+    /// Queued blocks a reader waits for.
+    demand: BTreeSet<u64>,
+    /// Queued read-ahead blocks.
+    ahead: BTreeSet<u64>,
+    /// GETs in flight.
+    running: usize,
+    /// The block after the end of the last read (sequential detection).
+    next: u64,
+    /// GETs issued (statistics, for tests and logs).
+    requests: u64,
+}
+
+struct Inner {
+    fetcher: Fetcher,
+    cfg: HttpConfig,
+    size: u64,
+    state: Mutex<State>,
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn block_range(&self, b: u64) -> (u64, u64) {
+        let start = b * self.cfg.block_size;
+        (start, (start + self.cfg.block_size).min(self.size))
+    }
+
+    /// Start queued fetches while slots are free.
+    fn dispatch(self: &Arc<Self>) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        loop {
+            let mut st = self.lock();
+            if st.running >= self.cfg.connections {
+                return;
+            }
+            let first = match st.demand.pop_first() {
+                Some(b) => b,
+                None => match st.ahead.pop_first() {
+                    Some(b) => b,
+                    None => return,
+                },
+            };
+            // Merge the queued neighbours (demanded or read-ahead) into one GET.
+            let max = self.cfg.max_blocks();
+            let (mut lo, mut hi) = (first, first);
+            while hi - lo + 1 < max && (st.demand.remove(&(hi + 1)) || st.ahead.remove(&(hi + 1))) {
+                hi += 1;
+            }
+            while hi - lo + 1 < max
+                && lo > 0
+                && (st.demand.remove(&(lo - 1)) || st.ahead.remove(&(lo - 1)))
+            {
+                lo -= 1;
+            }
+            st.running += 1;
+            st.requests += 1;
+            drop(st);
+            let me = Arc::clone(self);
+            rt.spawn(async move { me.fetch_blocks(lo, hi).await });
+        }
+    }
+
+    async fn fetch_blocks(self: Arc<Self>, lo: u64, hi: u64) {
+        let start = self.block_range(lo).0;
+        let end = self.block_range(hi).1;
+        let res = self.fetcher.fetch(start, end - start).await;
+        let mut st = self.lock();
+        for b in lo..=hi {
+            let (a, e) = self.block_range(b);
+            let r = match &res {
+                Ok(data) => {
+                    let d = Arc::new(data[(a - start) as usize..(e - start) as usize].to_vec());
+                    st.cache.insert(b, Arc::clone(&d), self.cfg.cache_blocks());
+                    Ok(d)
+                }
+                Err(err) => Err(err.clone()),
+            };
+            if let Some(tx) = st.pending.remove(&b) {
+                let _ = tx.send(Some(r));
+            }
+        }
+        st.running -= 1;
+        drop(st);
+        self.dispatch();
+    }
+
+    /// Queue block `b` unless it is cached or pending; returns a receiver when it is not
+    /// cached.
+    fn want(st: &mut State, b: u64, demand: bool) -> Option<watch::Receiver<BlockResult>> {
+        if let Some(tx) = st.pending.get(&b) {
+            if demand && st.ahead.remove(&b) {
+                st.demand.insert(b);
+            }
+            return Some(tx.subscribe());
+        }
+        let (tx, rx) = watch::channel(None);
+        st.pending.insert(b, tx);
+        if demand {
+            st.demand.insert(b);
+        } else {
+            st.ahead.insert(b);
+        }
+        Some(rx)
+    }
+
+    async fn read(self: &Arc<Self>, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; len];
+        let end = (offset + len as u64).min(self.size);
+        if offset >= end {
+            return Ok(out);
+        }
+        let bs = self.cfg.block_size;
+        let (b0, b1) = (offset / bs, (end - 1) / bs);
+        let last_block = (self.size - 1) / bs;
+        let mut have: Vec<(u64, Arc<Vec<u8>>)> = Vec::new();
+        let mut waits: Vec<(u64, watch::Receiver<BlockResult>)> = Vec::new();
+        {
+            let mut st = self.lock();
+            for b in b0..=b1 {
+                match st.cache.get(b) {
+                    Some(d) => have.push((b, d)),
+                    None => {
+                        if let Some(rx) = Self::want(&mut st, b, true) {
+                            waits.push((b, rx));
+                        }
+                    }
+                }
+            }
+            // A sequential reader: keep a window of blocks ahead, refilled in batches (when
+            // less than half of it is left) so read-ahead GETs stay large.
+            let ra = self.cfg.readahead;
+            if ra > 0 && (b0 == st.next || b0 + 1 == st.next) {
+                let mut f = b1 + 1;
+                while f <= last_block && (st.cache.contains(f) || st.pending.contains_key(&f)) {
+                    f += 1;
+                }
+                if f - (b1 + 1) < ra.div_ceil(2) {
+                    for b in f..=(b1 + ra).min(last_block) {
+                        if !st.cache.contains(b) && !st.pending.contains_key(&b) {
+                            let _ = Self::want(&mut st, b, false);
+                        }
+                    }
+                }
+            }
+            st.next = b1 + 1;
+        }
+        self.dispatch();
+        for (b, mut rx) in waits {
+            let r = rx
+                .wait_for(Option::is_some)
+                .await
+                .map_err(|_| BlockError::Io {
+                    context: format!("'{}': fetch of block {b} was abandoned", self.fetcher.url()),
+                    source: std::io::Error::from_raw_os_error(5),
+                })?
+                .clone();
+            match r {
+                Some(Ok(d)) => have.push((b, d)),
+                Some(Err(e)) => return Err(e.into()),
+                None => {}
+            }
+        }
+        for (b, d) in have {
+            let (a, e) = self.block_range(b);
+            let from = a.max(offset);
+            let to = e.min(end);
+            if from < to {
+                out[(from - offset) as usize..(to - offset) as usize]
+                    .copy_from_slice(&d[(from - a) as usize..(to - a) as usize]);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A remote object (`http://`, `https://`, `s3://`) as read-only storage under a format
+/// driver.
+pub struct HttpProtocol {
+    name: String,
+    inner: Arc<Inner>,
+}
+
+impl HttpProtocol {
+    /// Open the object at `url` (its size and validators are fetched now).
+    pub async fn open(url: &str, cfg: &HttpConfig) -> std::result::Result<Self, HttpError> {
+        let cfg = cfg.clone().normalized();
+        let fetcher = Fetcher::open(url, &cfg).await?;
+        let size = fetcher.info().size;
+        Ok(HttpProtocol {
+            name: url.to_string(),
+            inner: Arc::new(Inner {
+                fetcher,
+                cfg,
+                size,
+                state: Mutex::new(State::default()),
+            }),
+        })
+    }
+
+    /// GETs issued so far (coalescing and caching show here).
+    pub fn requests(&self) -> u64 {
+        self.inner.lock().requests
+    }
+
+    fn read_only_error(&self) -> BlockError {
+        BlockError::ReadOnly(self.name.clone())
+    }
+}
+
+#[async_trait]
+impl Protocol for HttpProtocol {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn read_only(&self) -> bool {
+        true
+    }
+    async fn read_vec(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        self.inner.read(offset, len).await
+    }
+    async fn write_vec(&self, _offset: u64, _data: Vec<u8>) -> Result<()> {
+        Err(self.read_only_error())
+    }
+    async fn write_zeroes(&self, _offset: u64, _len: u64, _unmap: bool) -> Result<()> {
+        Err(self.read_only_error())
+    }
+    async fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
+        Err(self.read_only_error())
+    }
+    async fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+    async fn len(&self) -> Result<u64> {
+        Ok(self.inner.size)
+    }
+    async fn set_len(&self, _len: u64) -> Result<()> {
+        Err(self.read_only_error())
+    }
+    async fn allocate(&self, _offset: u64, _len: u64) -> Result<()> {
+        Err(self.read_only_error())
+    }
+    async fn data_status(&self, offset: u64, len: u64) -> Result<(bool, u64)> {
+        // An object has no holes we could know of: all data, zero past its end.
+        if offset >= self.inner.size {
+            return Ok((false, len));
+        }
+        Ok((true, len.min(self.inner.size - offset)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lru_evicts_least_recent() {
+        let mut l = Lru::default();
+        for b in 0..3 {
+            l.insert(b, Arc::new(vec![b as u8]), 2);
+        }
+        assert!(!l.contains(0));
+        assert!(l.get(1).is_some());
+        l.insert(3, Arc::new(vec![3]), 2);
+        assert!(l.contains(1) && l.contains(3) && !l.contains(2));
+    }
+}

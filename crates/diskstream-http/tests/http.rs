@@ -1,0 +1,306 @@
+//! The HTTP protocol against a real local server with Range support (`tests/servers.py`):
+//! contents, caching and request coalescing, an overlay whose backing file is an `http://`
+//! qcow2 (reads and maps equal QEMU's view of the same overlay over a local copy), streaming
+//! that overlay, and faults: 503s and connections reset mid-body are retried, a stopped server
+//! gives a bounded EIO error (never a hang), 404/403 are clear errors, and an object replaced
+//! underneath is refused.
+
+mod common;
+
+use common::*;
+use diskstream_block::format::Format;
+use diskstream_block::image::{chain_layers, open_image, OpenOptions};
+use diskstream_block::node::BlockNode;
+use diskstream_block::protocol::Protocol;
+use diskstream_block::status::map_range;
+use diskstream_http::{HttpConfig, HttpProtocol};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+
+fn cfg() -> HttpConfig {
+    HttpConfig {
+        block_size: 64 * 1024,
+        max_request: MIB,
+        connections: 4,
+        readahead: 8,
+        retries: 3,
+        retry_delay: Duration::from_millis(20),
+        connect_timeout: Duration::from_secs(2),
+        read_timeout: Duration::from_secs(3),
+        ..Default::default()
+    }
+}
+
+/// A directory with `base.raw` (odd size) and `base.qcow2` made from it by qemu-img.
+fn fixture() -> (tempfile::TempDir, Vec<u8>) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = pattern(3, (6 * MIB + 1000) as usize);
+    std::fs::write(dir.path().join("base.raw"), &data).expect("write");
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "base.raw",
+            "base.qcow2",
+        ],
+        dir.path(),
+    );
+    (dir, data)
+}
+
+async fn open(url: &str) -> HttpProtocol {
+    HttpProtocol::open(url, &cfg())
+        .await
+        .unwrap_or_else(|e| panic!("open {url}: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_are_exact_cached_and_coalesced() {
+    let (dir, data) = fixture();
+    let srv = Server::range(dir.path(), &[]);
+    let p = open(&srv.url("base.raw")).await;
+    assert_eq!(p.len().await.expect("len"), data.len() as u64);
+    // Odd ranges, the tail, past the end (zeroes).
+    for (off, len) in [
+        (0u64, 1usize),
+        (65535, 2),
+        (12345, 300_000),
+        (6 * MIB, 1000),
+        (6 * MIB + 990, 100),
+    ] {
+        let got = p.read_vec(off, len).await.expect("read");
+        let end = (off as usize + len).min(data.len());
+        assert_eq!(
+            &got[..end - off as usize],
+            &data[off as usize..end],
+            "{off}+{len}"
+        );
+        assert!(got[end - off as usize..].iter().all(|&b| b == 0));
+    }
+    // A sequential reader: blocks are merged into large GETs and read ahead.
+    let p = open(&srv.url("base.raw")).await;
+    let mut pos = 0;
+    while pos < data.len() as u64 {
+        let n = (data.len() as u64 - pos).min(128 * 1024);
+        let got = p.read_vec(pos, n as usize).await.expect("read");
+        assert_eq!(got, &data[pos as usize..(pos + n) as usize]);
+        pos += n;
+    }
+    let blocks = (data.len() as u64).div_ceil(64 * 1024);
+    let requests = p.requests();
+    assert!(
+        requests * 3 <= blocks,
+        "{requests} GETs for {blocks} blocks"
+    );
+    // Concurrent readers of neighbouring blocks share GETs too (no read-ahead here, so the
+    // request count shows the merging alone).
+    let p = Arc::new(
+        HttpProtocol::open(
+            &srv.url("base.raw"),
+            &HttpConfig {
+                readahead: 0,
+                ..cfg()
+            },
+        )
+        .await
+        .expect("open"),
+    );
+    let mut tasks = Vec::new();
+    for i in 0..32u64 {
+        let p = Arc::clone(&p);
+        tasks.push(tokio::spawn(
+            async move { p.read_vec(i * 65536, 65536).await },
+        ));
+    }
+    for (i, t) in tasks.into_iter().enumerate() {
+        let got = t.await.expect("join").expect("read");
+        assert_eq!(got, &data[i * 65536..(i + 1) * 65536]);
+    }
+    assert!(
+        p.requests() < 32,
+        "{} GETs for 32 parallel block reads",
+        p.requests()
+    );
+    // Cached: reading again costs nothing.
+    let before = p.requests();
+    p.read_vec(0, 32 * 65536).await.expect("read");
+    assert_eq!(p.requests(), before);
+}
+
+async fn open_top(path: &Path, read_only: bool) -> Arc<dyn BlockNode> {
+    open_image(
+        path,
+        &OpenOptions {
+            read_only,
+            format: Some(Format::Qcow2),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+}
+
+async fn read_all(n: &Arc<dyn BlockNode>) -> Vec<u8> {
+    let mut v = vec![0u8; n.size() as usize];
+    for (i, c) in v.chunks_mut(MIB as usize).enumerate() {
+        n.read(i as u64 * MIB, c).await.expect("read");
+    }
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlay_over_an_http_backing_file() {
+    diskstream_http::register_url_opener(cfg());
+    let (dir, _) = fixture();
+    let d = dir.path();
+    let srv = Server::range(d, &[]);
+    let url = srv.url("base.qcow2");
+    // The same overlay twice: backed by the URL, and by the local file (for QEMU's view).
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            &url,
+            "-F",
+            "qcow2",
+            "top.qcow2",
+            "7M",
+        ],
+        d,
+    );
+    let top = open_top(&d.join("top.qcow2"), false).await;
+    for (off, pat) in [(100_000u64, 1u8), (3 * MIB, 2), (6 * MIB + 500, 3)] {
+        top.write(off, &vec![pat; 70_000]).await.expect("write");
+    }
+    top.write_zeroes(MIB, MIB, false).await.expect("zero");
+    top.close().await.expect("close");
+    let (expected, theirs) = qemu_view_over_local(d, "base.qcow2");
+    let top = open_top(&d.join("top.qcow2"), true).await;
+    assert_eq!(chain_layers(&top)[1].filename(), url);
+    assert!(
+        read_all(&top).await == expected,
+        "contents through HTTP differ"
+    );
+    let ours =
+        serde_json::to_value(map_range(&top, 0, top.size()).await.expect("map")).expect("json");
+    assert_eq!(
+        ours, theirs,
+        "map through HTTP differs from QEMU's over the local copy"
+    );
+    drop(top);
+
+    // Stream the backing data into the overlay: afterwards it needs no server.
+    let top = open_top(&d.join("top.qcow2"), false).await;
+    let layers = chain_layers(&top);
+    let driver = Arc::new(diskstream_jobs::StreamJob::new(
+        Arc::clone(&top),
+        Arc::clone(&layers[1]),
+        None,
+        diskstream_jobs::StreamConfig::default(),
+        Arc::new(diskstream_jobs::stream::NoHooks),
+    ));
+    struct Quiet;
+    impl diskstream_jobs::job::EventSink for Quiet {
+        fn emit(&self, _ev: diskstream_jobs::job::JobEvent) {}
+    }
+    let mgr = diskstream_jobs::JobManager::new(Arc::new(Quiet));
+    let job = mgr
+        .create(
+            "s",
+            diskstream_jobs::JobType::Stream,
+            driver,
+            &Default::default(),
+        )
+        .expect("job");
+    mgr.start(&job);
+    tokio::time::timeout(Duration::from_secs(60), job.wait_concluded())
+        .await
+        .expect("stream finishes");
+    top.close().await.expect("close");
+    drop((top, layers, srv));
+    let top = open_top(&d.join("top.qcow2"), true).await;
+    assert!(top.backing().is_none());
+    assert!(read_all(&top).await == expected, "contents after streaming");
+    run("qemu-img", &["check", "top.qcow2"], d);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_errors_are_retried() {
+    let (dir, data) = fixture();
+    for opts in [["--fail-every", "3"], ["--truncate-every", "2"]] {
+        let srv = Server::range(dir.path(), &opts);
+        let p = open(&srv.url("base.raw")).await;
+        let got = p
+            .read_vec(0, data.len())
+            .await
+            .expect("read through faults");
+        assert!(got == data, "{opts:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_server_gives_a_bounded_eio() {
+    let (dir, data) = fixture();
+    let mut srv = Server::range(dir.path(), &[]);
+    let p = open(&srv.url("base.raw")).await;
+    assert_eq!(p.read_vec(0, 1000).await.expect("read"), &data[..1000]);
+    srv.stop();
+    let t = Instant::now();
+    let e = p.read_vec(4 * MIB, 1000).await.expect_err("fails");
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        t.elapsed()
+    );
+    let msg = e.to_string();
+    assert!(msg.contains("failed after 4 attempts"), "{msg}");
+    assert_eq!(e.errno(), 5, "{msg}");
+    // What was cached still reads.
+    assert_eq!(p.read_vec(0, 1000).await.expect("cached"), &data[..1000]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_forbidden_and_replaced_objects() {
+    let (dir, data) = fixture();
+    let srv = Server::range(dir.path(), &[]);
+    let e = HttpProtocol::open(&srv.url("nope.raw"), &cfg())
+        .await
+        .err()
+        .expect("404");
+    assert!(e.to_string().contains("not found (HTTP 404)"), "{e}");
+    assert_eq!(e.errno(), 2);
+    let e = HttpProtocol::open(&srv.url("forbidden/x"), &cfg())
+        .await
+        .err()
+        .expect("403");
+    assert!(e.to_string().contains("access denied (HTTP 403"), "{e}");
+    let e = HttpProtocol::open("http://127.0.0.1:1/x", &cfg())
+        .await
+        .err()
+        .expect("refused");
+    assert!(e.to_string().contains("failed after"), "{e}");
+    // Replace the object under an open reader.
+    let p = open(&srv.url("base.raw")).await;
+    assert_eq!(p.read_vec(0, 100).await.expect("read"), &data[..100]);
+    std::thread::sleep(Duration::from_millis(20));
+    let mut other = data.clone();
+    other[5 * MIB as usize] ^= 1;
+    std::fs::write(dir.path().join("base.raw"), &other).expect("rewrite");
+    let e = p.read_vec(5 * MIB, 100).await.expect_err("refused");
+    assert!(e.to_string().contains("changed since it was opened"), "{e}");
+    assert_eq!(e.errno(), 116);
+    // Writes are refused: the protocol is read-only.
+    assert!(p.write_vec(0, vec![1]).await.is_err());
+}

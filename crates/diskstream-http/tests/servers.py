@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""Local servers for the HTTP/S3 protocol tests (loopback only; they stop when stdin closes).
+
+  servers.py range DIR [--fail-every N] [--truncate-every N]
+      A static file server with HTTP Range support (206 with Content-Range, 416, HEAD, ETag
+      from size+mtime, Last-Modified). /forbidden/* answers 403. With --fail-every N every
+      Nth GET answers 503; with --truncate-every N every Nth ranged GET sends half its body
+      and drops the connection (a reset mid-transfer).
+  servers.py s3 DIR BUCKET
+      moto's S3 server with BUCKET holding every file of DIR (key = file name).
+
+Both print "PORT <n>" once listening, then serve until stdin reaches EOF.
+"""
+import email.utils
+import http.server
+import os
+import sys
+import threading
+
+
+class Counters:
+    gets = 0
+    lock = threading.Lock()
+
+
+def range_handler(root, fail_every, truncate_every):
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def _file(self):
+            path = os.path.join(root, self.path.lstrip("/").split("?")[0])
+            try:
+                st = os.stat(path)
+            except OSError:
+                return None, None
+            return path, st
+
+        def _headers(self, st):
+            self.send_header("Accept-Ranges", "bytes")
+            self.send_header("ETag", '"%x-%x"' % (st.st_size, st.st_mtime_ns))
+            self.send_header("Last-Modified", email.utils.formatdate(st.st_mtime, usegmt=True))
+
+        def _simple(self, code):
+            self.send_response(code)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_HEAD(self):
+            self.do_GET(head=True)
+
+        def do_GET(self, head=False):
+            if self.path.startswith("/forbidden/"):
+                return self._simple(403)
+            path, st = self._file()
+            if path is None:
+                return self._simple(404)
+            with Counters.lock:
+                Counters.gets += 1
+                n = Counters.gets
+            if fail_every and n % fail_every == 0:
+                return self._simple(503)
+            size = st.st_size
+            rng = self.headers.get("Range")
+            if rng is None or head:
+                self.send_response(200)
+                self._headers(st)
+                self.send_header("Content-Length", str(size))
+                self.end_headers()
+                if not head:
+                    with open(path, "rb") as f:
+                        self.wfile.write(f.read())
+                return
+            spec = rng.strip().split("=", 1)[1]
+            a, b = spec.split("-", 1)
+            a = int(a)
+            b = min(int(b) if b else size - 1, size - 1)
+            if a >= size or a > b:
+                self.send_response(416)
+                self.send_header("Content-Range", "bytes */%d" % size)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            with open(path, "rb") as f:
+                f.seek(a)
+                body = f.read(b - a + 1)
+            self.send_response(206)
+            self._headers(st)
+            self.send_header("Content-Range", "bytes %d-%d/%d" % (a, b, size))
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if truncate_every and n % truncate_every == 0 and len(body) > 1:
+                self.wfile.write(body[: len(body) // 2])
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(2)
+                return
+            self.wfile.write(body)
+
+    return Handler
+
+
+def main():
+    mode = sys.argv[1]
+    if mode == "range":
+        root = sys.argv[2]
+        args = sys.argv[3:]
+        fail = int(args[args.index("--fail-every") + 1]) if "--fail-every" in args else 0
+        trunc = int(args[args.index("--truncate-every") + 1]) if "--truncate-every" in args else 0
+        srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), range_handler(root, fail, trunc))
+        srv.daemon_threads = True
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        port = srv.server_address[1]
+    elif mode == "s3":
+        root, bucket = sys.argv[2], sys.argv[3]
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+        os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+        import logging
+
+        import boto3
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+
+        srv = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        srv.start()
+        port = srv._server.server_port
+        s3 = boto3.client("s3", endpoint_url="http://127.0.0.1:%d" % port, region_name="us-east-1")
+        s3.create_bucket(Bucket=bucket)
+        for name in sorted(os.listdir(root)):
+            # public-read: moto then serves the object over plain HTTP as well.
+            s3.upload_file(os.path.join(root, name), bucket, name, ExtraArgs={"ACL": "public-read"})
+    else:
+        sys.exit("unknown mode " + mode)
+    print("PORT %d" % port, flush=True)
+    sys.stdin.read()
+
+
+if __name__ == "__main__":
+    main()
