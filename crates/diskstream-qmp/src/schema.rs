@@ -364,12 +364,16 @@ pub fn check_value(v: &mut Value, ty: &Ty, path: &str, keyval: bool) -> QmpResul
                     *v = Value::Number(parsed.into());
                 }
             }
+            // QEMU's uint visitor: anything but an integer "expects uint64"; integers (negative
+            // ones wrap) outside the range "expect uint32_t".
             match v {
                 Value::Number(n) if n.as_u64().is_some_and(|x| x <= u32::MAX as u64) => Ok(()),
                 Value::Number(n) if n.is_i64() || n.is_u64() => Err(QmpError::generic(format!(
                     "Parameter '{path}' expects uint32_t"
                 ))),
-                _ => Err(type_error(path, "integer")),
+                _ => Err(QmpError::generic(format!(
+                    "Parameter '{path}' expects uint64"
+                ))),
             }
         }
         Ty::Union(u) => match v {
@@ -450,7 +454,16 @@ pub fn check_union(
     prefix: &str,
     keyval: bool,
 ) -> QmpResult<()> {
-    check_members(obj, u.base, prefix, keyval)?;
+    check_members(obj, u.base, prefix, keyval).map_err(|e| {
+        // QEMU names a bad discriminator value without the path of the union.
+        let bad_tag = format!("Parameter '{}' does not accept", join(prefix, u.tag));
+        match e.desc.strip_prefix(&bad_tag) {
+            Some(rest) => {
+                QmpError::generic(format!("Parameter '{}' does not accept{rest}", u.tag))
+            }
+            None => e,
+        }
+    })?;
     let tag = obj
         .get(u.tag)
         .and_then(|t| t.as_str())
