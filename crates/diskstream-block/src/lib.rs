@@ -16,5 +16,6 @@ pub mod pool;
 pub mod protocol;
 pub mod status;
 
+pub use backend::BlockBackend;
 pub use error::{BlockError, Result};
 pub use node::BlockNode;

@@ -11,6 +11,7 @@ use crate::server::{Export, Server, ServerConfig};
 use diskstream_block::format::raw::RawNode;
 use diskstream_block::protocol::mem::MemProtocol;
 use diskstream_block::protocol::Protocol;
+use diskstream_block::BlockBackend;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -104,9 +105,10 @@ fn run(input: Vec<u8>) -> usize {
         let mut cfg = ServerConfig::new(vec![Export {
             name: "fuzz".into(),
             description: "fuzzed export".into(),
-            node: Arc::new(node),
+            backend: BlockBackend::new(Arc::new(node)),
             read_only: false,
             allocation_depth: true,
+            writethrough: false,
             max_connections: 2,
         }]);
         cfg.handshake_timeout = Duration::from_secs(2);

@@ -9,5 +9,7 @@ pub mod fuzzing;
 pub mod proto;
 pub mod server;
 
-pub use server::{Export, Listener, Server, ServerConfig, ServerError};
+pub use server::{
+    Export, ExportHandle, Listener, RemoveMode, Server, ServerConfig, ServerError, TlsServerConfig,
+};
 pub mod client;

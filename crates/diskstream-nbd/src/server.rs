@@ -1,9 +1,20 @@
 //! An NBD server over block nodes, interoperable with qemu-nbd's clients.
 //!
-//! A [`Server`] serves a fixed set of [`Export`]s, each an `Arc<dyn BlockNode>` (usually the
-//! top of a backing chain), on any number of listeners (TCP or unix sockets) or on streams the
-//! caller hands over ([`Server::handle`]), which is how the daemon of the stream issue will reuse
-//! it. The wire format comes from [`crate::proto`]; this module owns policy:
+//! A [`Server`] serves a set of [`Export`]s on any number of listeners (TCP or unix sockets) or
+//! on streams the caller hands over ([`Server::handle`]). Each export is attached to the node
+//! graph through an [`Arc<BlockBackend>`](BlockBackend): every request takes
+//! [`BlockBackend::acquire`] for its duration, so the daemon can swap the node under a live
+//! export (reopen read-write for a job, insert a copy-on-read filter) without a request ever
+//! straddling two nodes.
+//!
+//! Exports are dynamic, as qemu-storage-daemon's: [`Server::add_export`] publishes one at
+//! runtime, [`ExportHandle::remove`] unpublishes it (`safe` refuses while clients are attached,
+//! `hard` disconnects them, letting requests already read finish), and
+//! [`ExportHandle::closed`] resolves once the last connection of a removed export is gone,
+//! which is when its id may be reused (QEMU's `BLOCK_EXPORT_DELETED`). `diskstream serve`
+//! simply builds a server with one export and never removes it.
+//!
+//! The wire format comes from [`crate::proto`]; this module owns policy:
 //!
 //! * **Handshake** ([`handshake`]): fixed newstyle with `NO_ZEROES`, the options qemu-nbd 10
 //!   implements (GO, INFO, LIST, ABORT, EXPORT_NAME, STRUCTURED_REPLY, LIST/SET_META_CONTEXT,
@@ -23,10 +34,10 @@ mod transmission;
 
 use crate::proto;
 use diskstream_block::node::BlockNode;
+use diskstream_block::BlockBackend;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
@@ -58,12 +69,15 @@ pub struct Export {
     pub name: String,
     /// Description shown by `NBD_OPT_LIST` and `NBD_INFO_DESCRIPTION` ("" for none).
     pub description: String,
-    /// The node served (top of its chain). Its size is fixed while exported.
-    pub node: Arc<dyn BlockNode>,
+    /// Where the served node (top of its chain) is attached. Its size is fixed while
+    /// exported; the node itself may be replaced through the backend.
+    pub backend: Arc<BlockBackend>,
     /// Refuse writes (advertised as `NBD_FLAG_READ_ONLY`, enforced with EPERM).
     pub read_only: bool,
     /// Offer the `qemu:allocation-depth` context.
     pub allocation_depth: bool,
+    /// Flush after every write (QEMU's `writethrough`: the export has no volatile cache).
+    pub writethrough: bool,
     /// Connections allowed on this export at once; above 1, `CAN_MULTI_CONN` is advertised
     /// (safe because every connection shares the same node, so a flush on one covers writes
     /// made through all).
@@ -74,11 +88,27 @@ impl std::fmt::Debug for Export {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Export")
             .field("name", &self.name)
-            .field("node", &self.node.filename())
+            .field("backend", &self.backend)
             .field("read_only", &self.read_only)
             .field("allocation_depth", &self.allocation_depth)
             .field("max_connections", &self.max_connections)
             .finish()
+    }
+}
+
+impl Export {
+    /// A writable export of `node` named `name` with qemu-nbd's defaults (no description, no
+    /// allocation depth, one connection).
+    pub fn new(name: impl Into<String>, node: Arc<dyn BlockNode>) -> Export {
+        Export {
+            name: name.into(),
+            description: String::new(),
+            backend: BlockBackend::new(node),
+            read_only: false,
+            allocation_depth: false,
+            writethrough: false,
+            max_connections: 1,
+        }
     }
 }
 
@@ -126,6 +156,12 @@ pub enum ServerError {
         /// What is wrong.
         msg: String,
     },
+    /// An export of that name is already published.
+    #[error("NBD server already has export named '{0}'")]
+    DuplicateName(String),
+    /// Safe removal of an export that clients are attached to.
+    #[error("export '{0}' still in use")]
+    InUse(String),
     /// A socket operation failed.
     #[error("{context}: {source}")]
     Io {
@@ -137,11 +173,37 @@ pub enum ServerError {
     },
 }
 
+/// TLS settings of a server (shared by every connection).
+pub type TlsServerConfig = Arc<rustls::ServerConfig>;
+
 /// Load an X.509 certificate chain and private key (PEM files) into a rustls server config.
-/// Client certificates are not requested (QEMU's default `verify-peer=off` for servers).
+/// Client certificates are not requested (QEMU's `verify-peer=off`).
 pub fn tls_config_from_pem(
     cert: &Path,
     key: &Path,
+) -> Result<Arc<rustls::ServerConfig>, ServerError> {
+    tls_config(cert, key, None)
+}
+
+/// QEMU's `tls-creds-x509` object for a server endpoint: `DIR/server-cert.pem` and
+/// `DIR/server-key.pem`; with `verify_peer` (QEMU's default) clients must present a
+/// certificate signed by `DIR/ca-cert.pem`.
+pub fn tls_config_from_x509_dir(
+    dir: &Path,
+    verify_peer: bool,
+) -> Result<Arc<rustls::ServerConfig>, ServerError> {
+    let ca = dir.join("ca-cert.pem");
+    tls_config(
+        &dir.join("server-cert.pem"),
+        &dir.join("server-key.pem"),
+        verify_peer.then_some(ca.as_path()),
+    )
+}
+
+fn tls_config(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
 ) -> Result<Arc<rustls::ServerConfig>, ServerError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -149,19 +211,37 @@ pub fn tls_config_from_pem(
         path: path.to_path_buf(),
         msg,
     };
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| tls_err(cert, e.to_string()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| tls_err(cert, e.to_string()))?;
-    if certs.is_empty() {
-        return Err(tls_err(cert, "no certificate found".into()));
-    }
+    let load_certs = |path: &Path| -> Result<Vec<CertificateDer<'static>>, ServerError> {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+            .map_err(|e| tls_err(path, e.to_string()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| tls_err(path, e.to_string()))?;
+        if certs.is_empty() {
+            return Err(tls_err(path, "no certificate found".into()));
+        }
+        Ok(certs)
+    };
+    let certs = load_certs(cert)?;
     let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| tls_err(key, e.to_string()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
-        .map_err(|e| tls_err(cert, e.to_string()))?
-        .with_no_client_auth()
+        .map_err(|e| tls_err(cert, e.to_string()))?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in load_certs(ca)? {
+                roots.add(c).map_err(|e| tls_err(ca, e.to_string()))?;
+            }
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                    .build()
+                    .map_err(|e| tls_err(ca, e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let cfg = builder
         .with_single_cert(certs, key_der)
         .map_err(|e| tls_err(key, e.to_string()))?;
     Ok(Arc::new(cfg))
@@ -248,10 +328,26 @@ pub struct ConnCounts {
     pub total: u64,
 }
 
-/// An export plus its live connection count.
+/// Attachment bookkeeping of one export, changed under one lock so that "idle, then
+/// unpublished" (safe removal) cannot race a client taking a slot.
+#[derive(Default)]
+struct Attach {
+    /// Connections in the transmission phase on this export.
+    active: usize,
+    /// Unpublished: no new connection may attach.
+    removed: bool,
+}
+
+/// An export plus its live connections.
 pub(crate) struct ExportState {
     pub(crate) export: Export,
-    active: AtomicUsize,
+    attach: Mutex<Attach>,
+    /// Fires (`true`) when the export is removed in `hard` mode: its connections stop reading
+    /// requests, finish those already read and close.
+    pub(crate) kill: watch::Sender<bool>,
+    /// `(attached connections, removed)`, republished under the lock at every change, so
+    /// waiters see the changes in order.
+    status: watch::Sender<(usize, bool)>,
 }
 
 /// Holds one of an export's connection slots until dropped.
@@ -259,30 +355,127 @@ pub(crate) struct ExportSlot(Arc<ExportState>);
 
 impl Drop for ExportSlot {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::AcqRel);
+        let mut a = self.0.lock();
+        a.active = a.active.saturating_sub(1);
+        self.0.status.send_replace((a.active, a.removed));
     }
 }
 
 impl ExportState {
-    /// Take a connection slot, or `None` when the export is at its limit.
+    fn new(export: Export) -> Arc<ExportState> {
+        Arc::new(ExportState {
+            export,
+            attach: Mutex::new(Attach::default()),
+            kill: watch::channel(false).0,
+            status: watch::channel((0, false)).0,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Attach> {
+        self.attach.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Take a connection slot, or `None` when the export is at its limit or was removed.
     pub(crate) fn try_slot(self: &Arc<Self>) -> Option<ExportSlot> {
-        let max = self.export.max_connections;
-        self.active
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| ExportSlot(Arc::clone(self)))
+        let mut a = self.lock();
+        if a.removed || a.active >= self.export.max_connections {
+            return None;
+        }
+        a.active += 1;
+        self.status.send_replace((a.active, a.removed));
+        Some(ExportSlot(Arc::clone(self)))
     }
 
     /// Export size as advertised: the node's size rounded down to 512 bytes, as QEMU does.
     pub(crate) fn size(&self) -> u64 {
-        self.export.node.size() / 512 * 512
+        self.export.backend.current().size() / 512 * 512
+    }
+}
+
+/// How [`ExportHandle::remove`] treats connected clients (QMP's `BlockExportRemoveMode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RemoveMode {
+    /// Refuse while any client is attached to the export.
+    Safe,
+    /// Disconnect attached clients (requests already read still complete).
+    Hard,
+}
+
+/// A published (or removed but still draining) export of a [`Server`].
+#[derive(Clone)]
+pub struct ExportHandle {
+    state: Arc<ExportState>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for ExportHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExportHandle")
+            .field("export", &self.state.export)
+            .field("connections", &self.connections())
+            .field("removed", &self.is_removed())
+            .finish()
+    }
+}
+
+impl ExportHandle {
+    /// The export's definition.
+    pub fn export(&self) -> &Export {
+        &self.state.export
+    }
+
+    /// The name clients ask for.
+    pub fn name(&self) -> &str {
+        &self.state.export.name
+    }
+
+    /// Connections currently attached (past `NBD_OPT_GO`/`EXPORT_NAME`).
+    pub fn connections(&self) -> usize {
+        self.state.lock().active
+    }
+
+    /// Whether [`ExportHandle::remove`] succeeded (the export is draining or gone).
+    pub fn is_removed(&self) -> bool {
+        self.state.lock().removed
+    }
+
+    /// Unpublish the export: its name is free at once, new clients cannot attach. `Safe`
+    /// fails with [`ServerError::InUse`] (changing nothing) while a client is attached; `Hard`
+    /// disconnects attached clients. Removing twice is harmless.
+    pub fn remove(&self, mode: RemoveMode) -> Result<(), ServerError> {
+        {
+            let mut a = self.state.lock();
+            if mode == RemoveMode::Safe && a.active > 0 && !a.removed {
+                return Err(ServerError::InUse(self.state.export.name.clone()));
+            }
+            a.removed = true;
+            self.state.status.send_replace((a.active, true));
+        }
+        if mode == RemoveMode::Hard {
+            self.state.kill.send_replace(true);
+        }
+        let mut list = self
+            .shared
+            .exports
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        list.retain(|e| !Arc::ptr_eq(e, &self.state));
+        Ok(())
+    }
+
+    /// Resolves once the export was removed and its last connection has closed (no request
+    /// of it is in flight any more): the point at which QEMU emits `BLOCK_EXPORT_DELETED`.
+    pub async fn closed(&self) {
+        let mut rx = self.state.status.subscribe();
+        let _ = rx
+            .wait_for(|&(active, removed)| removed && active == 0)
+            .await;
     }
 }
 
 pub(crate) struct Shared {
-    pub(crate) exports: Vec<Arc<ExportState>>,
+    /// Published exports, oldest first (the order `NBD_OPT_LIST` reports).
+    pub(crate) exports: RwLock<Vec<Arc<ExportState>>>,
     pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
     pub(crate) handshake_timeout: Duration,
     pub(crate) max_requests: usize,
@@ -293,9 +486,34 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn find(&self, name: &str) -> Option<&Arc<ExportState>> {
-        self.exports.iter().find(|e| e.export.name == name)
+    pub(crate) fn find(&self, name: &str) -> Option<Arc<ExportState>> {
+        self.list().into_iter().find(|e| e.export.name == name)
     }
+
+    /// A snapshot of the published exports.
+    pub(crate) fn list(&self) -> Vec<Arc<ExportState>> {
+        self.exports
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+fn check_export(e: &Export) -> Result<(), ServerError> {
+    if e.name.len() > proto::MAX_STRING || e.description.len() > proto::MAX_STRING {
+        return Err(ServerError::Config(format!(
+            "export '{}': name and description are limited to {} bytes",
+            proto::truncate_str(&e.name, 64),
+            proto::MAX_STRING
+        )));
+    }
+    if e.max_connections == 0 {
+        return Err(ServerError::Config(format!(
+            "export '{}': max_connections must be at least 1",
+            e.name
+        )));
+    }
+    Ok(())
 }
 
 /// Decrements the active count when a connection ends, however it ends.
@@ -324,19 +542,7 @@ impl Server {
                     e.name
                 )));
             }
-            if e.name.len() > proto::MAX_STRING || e.description.len() > proto::MAX_STRING {
-                return Err(ServerError::Config(format!(
-                    "export '{}': name and description are limited to {} bytes",
-                    proto::truncate_str(&e.name, 64),
-                    proto::MAX_STRING
-                )));
-            }
-            if e.max_connections == 0 {
-                return Err(ServerError::Config(format!(
-                    "export '{}': max_connections must be at least 1",
-                    e.name
-                )));
-            }
+            check_export(e)?;
         }
         if config.max_connections == 0 || config.max_requests == 0 {
             return Err(ServerError::Config(
@@ -349,19 +555,10 @@ impl Server {
                 proto::MAX_PAYLOAD
             )));
         }
-        let exports = config
-            .exports
-            .into_iter()
-            .map(|export| {
-                Arc::new(ExportState {
-                    export,
-                    active: AtomicUsize::new(0),
-                })
-            })
-            .collect();
+        let exports = config.exports.into_iter().map(ExportState::new).collect();
         Ok(Server {
             shared: Arc::new(Shared {
-                exports,
+                exports: RwLock::new(exports),
                 tls: config.tls.map(tokio_rustls::TlsAcceptor::from),
                 handshake_timeout: config.handshake_timeout,
                 max_requests: config.max_requests,
@@ -373,6 +570,47 @@ impl Server {
                 counts: watch::channel(ConnCounts::default()).0,
             }),
         })
+    }
+
+    /// Publish an export at runtime. Fails if its name is taken by a published export (a
+    /// removed export's name is free at once, even while its clients drain) or the export is
+    /// invalid.
+    pub fn add_export(&self, export: Export) -> Result<ExportHandle, ServerError> {
+        check_export(&export)?;
+        let mut list = self
+            .shared
+            .exports
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        if list.iter().any(|e| e.export.name == export.name) {
+            return Err(ServerError::DuplicateName(export.name));
+        }
+        let state = ExportState::new(export);
+        list.push(Arc::clone(&state));
+        Ok(ExportHandle {
+            state,
+            shared: Arc::clone(&self.shared),
+        })
+    }
+
+    /// The published export named `name`.
+    pub fn export(&self, name: &str) -> Option<ExportHandle> {
+        self.shared.find(name).map(|state| ExportHandle {
+            state,
+            shared: Arc::clone(&self.shared),
+        })
+    }
+
+    /// Every published export, oldest first.
+    pub fn exports(&self) -> Vec<ExportHandle> {
+        self.shared
+            .list()
+            .into_iter()
+            .map(|state| ExportHandle {
+                state,
+                shared: Arc::clone(&self.shared),
+            })
+            .collect()
     }
 
     /// Accept connections on `listener` until [`Server::shutdown`]. Each connection runs in its

@@ -2,7 +2,8 @@
 //! and their implementations.
 
 use crate::error::{ErrorClass, QmpError, QmpResult};
-use crate::monitor::{package, Monitor, MonitorContext, QEMU_VERSION};
+use crate::export;
+use crate::monitor::{package, Monitor, QEMU_VERSION};
 use crate::schema::{check_blockdev_options, check_object, opt, req, Member, Ty, ON_ERROR};
 use crate::stream_cmd;
 use diskstream_jobs::job::JobInfo;
@@ -37,44 +38,67 @@ const LEGACY_BLOCK_STREAM: &[Member] = &[
     opt("base", Ty::Str),
 ];
 
-/// Every command of the monitor itself and its argument schema (`None`: checked by the
-/// command, e.g. the `blockdev-add` union).
-const COMMANDS: &[(&str, Option<&[Member]>)] = &[
+/// How a command's arguments are validated.
+#[derive(Clone, Copy)]
+enum Args {
+    /// A struct with these members.
+    Members(&'static [Member]),
+    /// `BlockdevOptions` (the `blockdev-add` union).
+    Blockdev,
+    /// `BlockExportOptions` (the `block-export-add` union).
+    Export,
+}
+
+/// Every command of the monitor and its argument schema.
+const COMMANDS: &[(&str, Args)] = &[
     (
         "qmp_capabilities",
-        Some(&[opt("enable", Ty::List(&Ty::Enum(&["oob"])))]),
+        Args::Members(&[opt("enable", Ty::List(&Ty::Enum(&["oob"])))]),
     ),
-    ("query-version", Some(NONE)),
-    ("query-commands", Some(NONE)),
-    ("quit", Some(NONE)),
-    ("blockdev-add", None),
-    ("blockdev-del", Some(&[req("node-name", Ty::Str)])),
-    ("query-named-block-nodes", Some(&[opt("flat", Ty::Bool)])),
-    ("query-block", Some(NONE)),
-    ("block-stream", Some(BLOCK_STREAM)),
+    ("query-version", Args::Members(NONE)),
+    ("query-commands", Args::Members(NONE)),
+    ("quit", Args::Members(NONE)),
+    ("blockdev-add", Args::Blockdev),
+    ("blockdev-del", Args::Members(&[req("node-name", Ty::Str)])),
+    (
+        "query-named-block-nodes",
+        Args::Members(&[opt("flat", Ty::Bool)]),
+    ),
+    ("query-block", Args::Members(NONE)),
+    ("block-stream", Args::Members(BLOCK_STREAM)),
     (
         "block-job-set-speed",
-        Some(&[req("device", Ty::Str), req("speed", Ty::Int)]),
+        Args::Members(&[req("device", Ty::Str), req("speed", Ty::Int)]),
     ),
     (
         "block-job-cancel",
-        Some(&[req("device", Ty::Str), opt("force", Ty::Bool)]),
+        Args::Members(&[req("device", Ty::Str), opt("force", Ty::Bool)]),
     ),
-    ("block-job-pause", Some(DEVICE)),
-    ("block-job-resume", Some(DEVICE)),
-    ("block-job-complete", Some(DEVICE)),
-    ("block-job-finalize", Some(ID)),
-    ("block-job-dismiss", Some(ID)),
-    ("job-pause", Some(ID)),
-    ("job-resume", Some(ID)),
-    ("job-cancel", Some(ID)),
-    ("job-complete", Some(ID)),
-    ("job-finalize", Some(ID)),
-    ("job-dismiss", Some(ID)),
-    ("query-block-jobs", Some(NONE)),
-    ("query-jobs", Some(NONE)),
-    ("block_stream", Some(LEGACY_BLOCK_STREAM)),
-    ("query-block-stream", Some(NONE)),
+    ("block-job-pause", Args::Members(DEVICE)),
+    ("block-job-resume", Args::Members(DEVICE)),
+    ("block-job-complete", Args::Members(DEVICE)),
+    ("block-job-finalize", Args::Members(ID)),
+    ("block-job-dismiss", Args::Members(ID)),
+    ("job-pause", Args::Members(ID)),
+    ("job-resume", Args::Members(ID)),
+    ("job-cancel", Args::Members(ID)),
+    ("job-complete", Args::Members(ID)),
+    ("job-finalize", Args::Members(ID)),
+    ("job-dismiss", Args::Members(ID)),
+    ("query-block-jobs", Args::Members(NONE)),
+    ("query-jobs", Args::Members(NONE)),
+    ("block_stream", Args::Members(LEGACY_BLOCK_STREAM)),
+    ("query-block-stream", Args::Members(NONE)),
+    ("nbd-server-start", Args::Members(export::NBD_SERVER_START)),
+    ("nbd-server-stop", Args::Members(NONE)),
+    ("block-export-add", Args::Export),
+    ("block-export-del", Args::Members(export::BLOCK_EXPORT_DEL)),
+    ("query-block-exports", Args::Members(NONE)),
+    ("nbd-server-add", Args::Members(export::NBD_SERVER_ADD)),
+    (
+        "nbd-server-remove",
+        Args::Members(export::NBD_SERVER_REMOVE),
+    ),
 ];
 
 /// `qmp_capabilities` (the only command before negotiation); returns whether OOB was
@@ -152,11 +176,8 @@ fn job_info(i: &JobInfo) -> Value {
 
 /// Names of every command currently available.
 pub fn command_names(mon: &Monitor) -> Vec<String> {
-    let mut v: Vec<String> = COMMANDS.iter().map(|(n, _)| n.to_string()).collect();
-    if let Some(p) = mon.export_provider() {
-        v.extend(p.commands().into_iter().map(str::to_string));
-    }
-    v
+    let _ = mon;
+    COMMANDS.iter().map(|(n, _)| n.to_string()).collect()
 }
 
 /// Validate and run a command (negotiation already done).
@@ -167,21 +188,15 @@ pub async fn dispatch(
 ) -> QmpResult<Value> {
     let schema = COMMANDS.iter().find(|(n, _)| *n == cmd).map(|(_, s)| *s);
     let Some(schema) = schema else {
-        if let Some(p) = mon.export_provider() {
-            if p.commands().contains(&cmd) {
-                return p
-                    .execute(Arc::new(MonitorContext(Arc::clone(mon))), cmd, args)
-                    .await;
-            }
-        }
         return Err(QmpError::new(
             ErrorClass::CommandNotFound,
             format!("The command {cmd} has not been found"),
         ));
     };
     match schema {
-        Some(members) => check_object(&mut args, members, "", false)?,
-        None => check_blockdev_options(&mut args, "", false)?,
+        Args::Members(members) => check_object(&mut args, members, "", false)?,
+        Args::Blockdev => check_blockdev_options(&mut args, "", false)?,
+        Args::Export => export::check_export_options(&mut args, false)?,
     }
     let a = &args;
     match cmd {
@@ -213,6 +228,13 @@ pub async fn dispatch(
         "block-stream" => stream_cmd::block_stream(mon, a).await,
         "block_stream" => stream_cmd::legacy_block_stream(mon, a).await,
         "query-block-stream" => Ok(stream_cmd::query_block_stream(mon)),
+        "nbd-server-start"
+        | "nbd-server-stop"
+        | "block-export-add"
+        | "block-export-del"
+        | "query-block-exports"
+        | "nbd-server-add"
+        | "nbd-server-remove" => export::dispatch(mon, cmd, a).await,
         "block-job-set-speed" => {
             let job = block_job(mon, str_arg(a, "device").unwrap_or_default())?;
             job.set_speed(a.get("speed").and_then(|v| v.as_i64()).unwrap_or(0))?;

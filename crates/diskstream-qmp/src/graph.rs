@@ -8,6 +8,16 @@
 //! stream job runs, a `copy-on-read` filter node sits above the streamed node (overlays point
 //! at the filter), as in QEMU, so job conflicts name the same nodes QSD names.
 //!
+//! **Users** ([`User`]) are what QEMU models as BlockBackend parents: block exports attach to
+//! a node through an [`Arc<BlockBackend>`](BlockBackend). Graph changes move them as QEMU's
+//! `bdrv_replace_node` moves parents: a job filter inserted above a node takes over its users,
+//! removing the filter gives them back, and reopening a node's image swaps the backend's root
+//! (drained: requests in flight finish on the old image first). A node with users cannot be
+//! deleted ("Node X is in use"), and write permission follows QEMU's rules: a writable user
+//! conflicts with a parent that does not share `write` (a stream job's intermediate nodes, a
+//! format node's file, the backing of a node whose own parents forbid writes), reported with
+//! QEMU's "Permission conflict on node ..." text.
+//!
 //! Images are opened as QSD opens them: a missing `backing` opens the chain recorded in the
 //! header (read-only, implicit nodes, never probing a format the image does not record),
 //! `backing: null` opens none, a string references an existing node. Opening a file that is
@@ -22,7 +32,7 @@ use diskstream_block::image::resolve_backing;
 use diskstream_block::node::same_node;
 use diskstream_block::protocol::file::FileProtocol;
 use diskstream_block::protocol::Protocol;
-use diskstream_block::BlockNode;
+use diskstream_block::{BlockBackend, BlockNode};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -44,6 +54,8 @@ pub enum Driver {
     Qcow2,
     /// Filter inserted by a stream job.
     CopyOnRead,
+    /// Protocol: an NBD export (QEMU's `nbd` driver); also usable directly as an image.
+    Nbd,
 }
 
 impl Driver {
@@ -55,6 +67,7 @@ impl Driver {
             Driver::Raw => "raw",
             Driver::Qcow2 => "qcow2",
             Driver::CopyOnRead => "copy-on-read",
+            Driver::Nbd => "nbd",
         }
     }
 }
@@ -85,6 +98,9 @@ pub struct GraphNode {
     pub backing: Option<NodeId>,
     /// The job type that holds this node (op blocker), e.g. "stream".
     pub blocker: Option<&'static str>,
+    /// The id of the stream job using this node as an intermediate node (which does not share
+    /// `write` on it: the data must not change under the copy).
+    pub intermediate_of: Option<String>,
     /// qcow2: the backing node was opened from the header (not named by the user).
     pub backing_from_header: bool,
     /// QEMU's `bs->backing_file`: the backing node's shown name when the link was made (at
@@ -105,10 +121,23 @@ impl GraphNode {
     }
 }
 
+/// A user attached to a node (QEMU's BlockBackend parent): a block export.
+pub struct User {
+    /// The user's id (the export id).
+    pub id: String,
+    /// The node it is attached to (follows filter insertion and removal).
+    pub node: NodeId,
+    /// Its attachment point; the root is kept equal to the node's image.
+    pub backend: Arc<BlockBackend>,
+    /// Whether it takes the `write` permission.
+    pub write: bool,
+}
+
 /// The graph.
 #[derive(Default)]
 pub struct Graph {
     nodes: Vec<GraphNode>,
+    users: Vec<User>,
     next_id: NodeId,
     auto_counter: u64,
     /// Open files: (writers, readers).
@@ -131,6 +160,79 @@ fn block_err(e: diskstream_block::BlockError) -> QmpError {
         }
         _ => QmpError::generic(e.to_string()),
     }
+}
+
+/// Connect an `nbd` node (QEMU's `BlockdevOptionsNbd`, already validated): returns the
+/// protocol and the file name QEMU shows (`nbd://host:port[/export]`,
+/// `nbd+unix://[/export]?socket=path`). Errors carry QEMU's texts.
+async fn open_nbd(
+    opts: &Map<String, Value>,
+    read_only: bool,
+) -> QmpResult<(Arc<dyn Protocol>, String)> {
+    use diskstream_nbd::client::{Address, ClientError, ClientOptions, NbdClient, NbdProtocol};
+    let server = opts.get("server").cloned().unwrap_or(Value::Null);
+    let field = |k: &str| server.get(k).and_then(|v| v.as_str()).unwrap_or_default();
+    let export = opts.get("export").and_then(|v| v.as_str());
+    if let Some(t) = opts.get("tls-creds").and_then(|v| v.as_str()) {
+        return Err(QmpError::generic(format!(
+            "No TLS credentials with id '{t}'"
+        )));
+    }
+    let (address, shown, filename) = match field("type") {
+        "unix" => {
+            let path = field("path");
+            let f = match export {
+                Some(e) => format!("nbd+unix:///{e}?socket={path}"),
+                None => format!("nbd+unix://?socket={path}"),
+            };
+            (Address::Unix(PathBuf::from(path)), path.to_string(), f)
+        }
+        "inet" => {
+            let (host, port) = (field("host"), field("port"));
+            let p: u16 = port.parse().map_err(|_| {
+                QmpError::generic(format!(
+                    "address resolution failed for {host}:{port}: Servname not supported for ai_socktype"
+                ))
+            })?;
+            let f = match export {
+                Some(e) => format!("nbd://{host}:{port}/{e}"),
+                None => format!("nbd://{host}:{port}"),
+            };
+            (
+                Address::Tcp {
+                    host: host.to_string(),
+                    port: p,
+                },
+                format!("{host}:{port}"),
+                f,
+            )
+        }
+        other => {
+            return Err(QmpError::generic(format!(
+                "diskstream's nbd driver does not support '{other}' socket addresses"
+            )))
+        }
+    };
+    let mut o = ClientOptions::new(address, export.unwrap_or_default());
+    o.read_only = read_only;
+    let secs =
+        |k: &str| std::time::Duration::from_secs(opts.get(k).and_then(|v| v.as_u64()).unwrap_or(0));
+    o.reconnect_delay = secs("reconnect-delay");
+    o.open_timeout = secs("open-timeout");
+    let client = NbdClient::connect(o).await.map_err(|e| match e {
+        ClientError::Io { source, .. } => QmpError::generic(format!(
+            "Failed to connect to '{shown}': {}",
+            strerror(&source)
+        )),
+        ClientError::ExportNotFound { .. } => QmpError::generic("Requested export not available"),
+        other => QmpError::generic(format!("Could not open '{filename}': {other}")),
+    })?;
+    if !read_only && client.info().read_only() {
+        client.close();
+        return Err(QmpError::generic("Could not open image: Permission denied"));
+    }
+    let proto: Arc<dyn Protocol> = Arc::new(NbdProtocol::from_client(client, filename.clone()));
+    Ok((proto, filename))
 }
 
 /// Nodes opened by one `blockdev-add`, committed to the graph only if all of it succeeds.
@@ -174,6 +276,137 @@ impl Graph {
             .filter(|n| n.backing == Some(id))
             .map(|n| n.id)
             .collect()
+    }
+
+    /// Every user, oldest first.
+    pub fn users(&self) -> &[User] {
+        &self.users
+    }
+
+    /// The user with this id.
+    pub fn user(&self, id: &str) -> Option<&User> {
+        self.users.iter().find(|u| u.id == id)
+    }
+
+    /// Whether anything is attached to `id` as a user.
+    pub fn has_users(&self, id: NodeId) -> bool {
+        self.users.iter().any(|u| u.node == id)
+    }
+
+    /// Attach a user (the caller checked permissions with [`Graph::write_conflict`]).
+    pub fn attach_user(&mut self, user: User) {
+        self.users.push(user);
+    }
+
+    /// Detach the user `id`, returning it.
+    pub fn detach_user(&mut self, id: &str) -> Option<User> {
+        let pos = self.users.iter().position(|u| u.id == id)?;
+        Some(self.users.remove(pos))
+    }
+
+    /// The image a user of `id` reads and writes: the node's own, or for a filter without an
+    /// image of its own, its child's.
+    pub fn effective_block(&self, id: NodeId) -> Option<Arc<dyn BlockNode>> {
+        let mut cur = self.get(id)?;
+        for _ in 0..=self.nodes.len() {
+            if let Some(b) = &cur.block {
+                return Some(Arc::clone(b));
+            }
+            if cur.driver != Driver::CopyOnRead {
+                return None;
+            }
+            cur = self.get(cur.file?)?;
+        }
+        None
+    }
+
+    /// Point every user's backend at its node's current image (draining each one that
+    /// changes: requests in flight on the old image finish first).
+    pub async fn sync_users(&self) {
+        for u in &self.users {
+            let Some(b) = self.effective_block(u.node) else {
+                continue;
+            };
+            if !same_node(&u.backend.current(), &b) {
+                u.backend.replace_root(b).await;
+            }
+        }
+    }
+
+    /// QEMU's "unshared by ..." phrase naming a parent of `id` that does not share the
+    /// `write` permission on it, if there is one.
+    pub fn write_unshared_by(&self, id: NodeId) -> Option<String> {
+        self.write_unshared_depth(id, 0)
+    }
+
+    fn write_unshared_depth(&self, id: NodeId, depth: usize) -> Option<String> {
+        let n = self.get(id)?;
+        if depth > self.nodes.len() {
+            return None;
+        }
+        if let Some(job) = &n.intermediate_of {
+            return Some(format!(
+                "stream job '{job}' (uses node '{}' as 'intermediate node' child)",
+                n.name
+            ));
+        }
+        for p in &self.nodes {
+            let role = if p.backing == Some(id) {
+                "backing"
+            } else if p.file == Some(id) {
+                "file"
+            } else {
+                continue;
+            };
+            // A format's (or blkdebug's) storage never shares write; a filter (raw without
+            // offset, copy-on-read) and a backing link share what the parent's parents share.
+            let storage = role == "file" && matches!(p.driver, Driver::Qcow2 | Driver::Blkdebug);
+            if storage || self.write_unshared_depth(p.id, depth + 1).is_some() {
+                return Some(format!(
+                    "node '{}' (uses node '{}' as '{role}' child)",
+                    p.name, n.name
+                ));
+            }
+        }
+        None
+    }
+
+    /// QEMU's permission conflict for a user taking `write` on `id` (or, without
+    /// `new_writer`, for the writable users already attached), if a parent does not share it.
+    pub fn write_conflict(&self, id: NodeId, new_writer: bool) -> Option<String> {
+        let n = self.get(id)?;
+        let writer = new_writer || self.users.iter().any(|u| u.node == id && u.write);
+        if !writer {
+            return None;
+        }
+        let by = self.write_unshared_by(id)?;
+        Some(format!(
+            "Permission conflict on node '{}': permissions 'write' are both required by an unnamed block device (uses node '{}' as 'root' child) and unshared by {by}.",
+            n.name, n.name
+        ))
+    }
+
+    /// The first permission conflict in `id` and everything below it (backing and file
+    /// children, top-down), after a change of `id`'s parents (QEMU refreshes the permissions
+    /// of the subtree).
+    pub fn subtree_conflict(&self, id: NodeId) -> Option<String> {
+        let mut stack = vec![id];
+        let mut seen = Vec::new();
+        while let Some(c) = stack.pop() {
+            if seen.contains(&c) {
+                continue;
+            }
+            seen.push(c);
+            if let Some(e) = self.write_conflict(c, false) {
+                return Some(e);
+            }
+            if let Some(n) = self.get(c) {
+                for child in [n.file, n.backing].into_iter().flatten().rev() {
+                    stack.push(child);
+                }
+            }
+        }
+        None
     }
 
     fn auto_name(&mut self) -> String {
@@ -308,6 +541,7 @@ impl Graph {
                 file: None,
                 backing: None,
                 blocker: None,
+                intermediate_of: None,
                 backing_from_header: false,
                 backing_file_str: None,
                 lock_path: None,
@@ -372,6 +606,14 @@ impl Graph {
                     node.filename = inner.name().to_string();
                     node.proto = Some(Arc::new(BlkdebugProtocol::new(inner, rules)));
                     node.file = Some(child);
+                }
+                "nbd" => {
+                    let (proto, filename) = open_nbd(opts, read_only).await?;
+                    let raw = RawNode::open(Arc::clone(&proto)).await.map_err(block_err)?;
+                    node.driver = Driver::Nbd;
+                    node.filename = filename;
+                    node.proto = Some(proto);
+                    node.block = Some(Arc::new(raw));
                 }
                 "raw" | "qcow2" => {
                     let file = opts.get("file").cloned().unwrap_or(Value::Null);
@@ -529,8 +771,9 @@ impl Graph {
             )));
         };
         let id = node.id;
-        if node.driver == Driver::CopyOnRead {
-            // A job filter carries the job's block backend (QEMU's bdrv_has_blk check).
+        if node.driver == Driver::CopyOnRead || self.has_users(id) {
+            // A job filter carries the job's block backend, an export its own (QEMU's
+            // bdrv_has_blk check).
             return Err(QmpError::generic(format!("Node {name} is in use")));
         }
         if let Some(job) = node.blocker {
@@ -580,15 +823,17 @@ impl Graph {
             let orphan = self
                 .get(child)
                 .is_some_and(|c| !c.monitor_owned && c.blocker.is_none())
-                && self.has_parents(child).is_empty();
+                && self.has_parents(child).is_empty()
+                && !self.has_users(child);
             if orphan {
                 Box::pin(self.remove_tree(child)).await;
             }
         }
     }
 
-    /// Insert a node record (job filters).
-    pub fn insert_filter(&mut self, name: Option<&str>, target: NodeId) -> QmpResult<NodeId> {
+    /// Insert a job filter above `target`: its backing parents and its users now point at
+    /// the filter (QEMU's `bdrv_insert_node`).
+    pub async fn insert_filter(&mut self, name: Option<&str>, target: NodeId) -> QmpResult<NodeId> {
         let name = match name {
             Some(n) => {
                 if !node_name_valid(n) {
@@ -618,6 +863,11 @@ impl Graph {
                 n.backing = Some(id);
             }
         }
+        for u in self.users.iter_mut() {
+            if u.node == target {
+                u.node = id;
+            }
+        }
         self.nodes.push(GraphNode {
             id,
             name,
@@ -631,15 +881,17 @@ impl Graph {
             file: Some(target),
             backing: None,
             blocker: None,
+            intermediate_of: None,
             backing_from_header: false,
             backing_file_str: None,
             lock_path: None,
         });
+        self.sync_users().await;
         Ok(id)
     }
 
-    /// Remove a job filter, pointing its parents back at its child.
-    pub fn remove_filter(&mut self, id: NodeId) {
+    /// Remove a job filter, pointing its parents and users back at its child.
+    pub async fn remove_filter(&mut self, id: NodeId) {
         let Some(target) = self.get(id).and_then(|n| n.file) else {
             return;
         };
@@ -648,12 +900,19 @@ impl Graph {
                 n.backing = Some(target);
             }
         }
+        for u in self.users.iter_mut() {
+            if u.node == id {
+                u.node = target;
+            }
+        }
         self.nodes.retain(|n| n.id != id);
+        self.sync_users().await;
     }
 
     /// Replace the image of a node (reopen read-write / read-only for a job), keeping every
-    /// parent's block-layer backing pointer in step.
-    pub fn replace_image(
+    /// parent's block-layer backing pointer and every user's backend in step. The old image
+    /// must still be open: users' requests in flight on it finish before their backends move.
+    pub async fn replace_image(
         &mut self,
         id: NodeId,
         proto: Arc<dyn Protocol>,
@@ -700,6 +959,7 @@ impl Graph {
                 }
             }
         }
+        self.sync_users().await;
     }
 
     /// Flush and close every image (shutdown).
@@ -768,6 +1028,7 @@ impl Graph {
             let child = |id: Option<NodeId>| id.and_then(|c| self.get(c));
             match n.driver {
                 Driver::File => json!({"driver": "file", "filename": n.filename}),
+                Driver::Nbd => json!({"driver": "nbd", "filename": n.filename}),
                 Driver::Blkdebug | Driver::Raw | Driver::CopyOnRead => {
                     let key = if n.driver == Driver::Blkdebug {
                         "image"
@@ -811,7 +1072,7 @@ impl Graph {
                 Driver::File => false,
                 Driver::CopyOnRead => !n.name.starts_with('#'),
                 Driver::Qcow2 => self.backing_overridden(n).await,
-                Driver::Raw | Driver::Blkdebug => false,
+                Driver::Raw | Driver::Blkdebug | Driver::Nbd => false,
             };
             if json_name {
                 return format!(
@@ -835,7 +1096,7 @@ impl Graph {
             img.insert("actual-size".into(), json!(a));
         }
         match n.driver {
-            Driver::File | Driver::Blkdebug => {
+            Driver::File | Driver::Blkdebug | Driver::Nbd => {
                 let len = match &n.proto {
                     Some(p) => p.len().await.unwrap_or(0),
                     None => 0,

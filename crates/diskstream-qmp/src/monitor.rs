@@ -10,16 +10,14 @@
 
 use crate::commands;
 use crate::error::{ErrorClass, QmpError};
-use crate::export::{ExportContext, ExportProvider};
+use crate::export::Exports;
 use crate::graph::Graph;
 use crate::json::{ordered_object, to_qemu_json, JsonStream};
-use async_trait::async_trait;
-use diskstream_block::BlockNode;
 use diskstream_jobs::job::{EventSink, JobEvent};
 use diskstream_jobs::{JobManager, StreamConfig};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{broadcast, watch};
@@ -36,8 +34,9 @@ pub struct Monitor {
     pub jobs: Arc<JobManager>,
     /// Tuning of stream jobs.
     pub stream_config: StreamConfig,
+    /// Block exports and the NBD server.
+    pub exports: Exports,
     events: broadcast::Sender<String>,
-    exports: RwLock<Option<Arc<dyn ExportProvider>>>,
     shutdown: watch::Sender<bool>,
     /// Device node streamed by each stream job (for `query-block-stream`).
     pub(crate) stream_devices: Mutex<HashMap<String, String>>,
@@ -124,22 +123,11 @@ impl Monitor {
             jobs,
             stream_config,
             events,
-            exports: RwLock::new(None),
+            exports: Exports::default(),
             shutdown,
             stream_devices: Mutex::new(HashMap::new()),
             step_cursor: Mutex::new(HashMap::new()),
         })
-    }
-
-    /// Plug in the export commands (NBD).
-    pub fn set_export_provider(&self, p: Arc<dyn ExportProvider>) {
-        if let Ok(mut e) = self.exports.write() {
-            *e = Some(p);
-        }
-    }
-
-    pub(crate) fn export_provider(&self) -> Option<Arc<dyn ExportProvider>> {
-        self.exports.read().ok().and_then(|e| e.clone())
     }
 
     /// Broadcast an event to every negotiated client.
@@ -166,9 +154,9 @@ impl Monitor {
     /// image.
     pub async fn shutdown(&self) {
         self.jobs.cancel_all().await;
-        if let Some(p) = self.export_provider() {
-            p.shutdown().await;
-        }
+        // Exports go (clients disconnected, requests already read completed) before the
+        // images they use are closed.
+        let _ = self.exports.stop_server(self).await;
         self.graph.lock().await.close_all().await;
     }
 
@@ -426,19 +414,5 @@ async fn recv_event(rx: &mut Option<broadcast::Receiver<String>>) -> Option<Stri
             }
         },
         None => std::future::pending().await,
-    }
-}
-
-/// The monitor seen by export providers.
-pub(crate) struct MonitorContext(pub Arc<Monitor>);
-
-#[async_trait]
-impl ExportContext for MonitorContext {
-    async fn lookup_node(&self, name: &str) -> Option<Arc<dyn BlockNode>> {
-        let g = self.0.graph.lock().await;
-        g.find(name).and_then(|n| n.block.clone())
-    }
-    fn emit_event(&self, name: &str, data: Value) {
-        self.0.emit_event(name, Some(data));
     }
 }

@@ -17,8 +17,10 @@ use serde_json::{Map, Value};
 pub enum Ty {
     /// `str`.
     Str,
-    /// `int` (and the unsigned/size types).
+    /// `int` (and the 64-bit unsigned/size types).
     Int,
+    /// `uint32` ("Parameter 'x' expects uint32_t" when out of range).
+    U32,
     /// `bool`.
     Bool,
     /// An enum with these values.
@@ -29,6 +31,8 @@ pub enum Ty {
     Obj(&'static [Member]),
     /// A list of this type.
     List(&'static Ty),
+    /// A flat union: base members (the tag among them), then the tag's variant members.
+    Union(&'static Union),
     /// `BlockdevRef`: inline options or a node name.
     BlockdevRef,
     /// `BlockdevRefOrNull`: inline options, a node name or `null`.
@@ -44,6 +48,17 @@ pub struct Member {
     pub ty: Ty,
     /// Whether it may be omitted.
     pub optional: bool,
+}
+
+/// A flat union (QAPI `union` with a `discriminator`).
+#[derive(Debug)]
+pub struct Union {
+    /// Common members, the tag (an enum) among them.
+    pub base: &'static [Member],
+    /// The discriminator member.
+    pub tag: &'static str,
+    /// Members of each variant, by tag value (a value without an entry has none).
+    pub variants: &'static [(&'static str, &'static [Member])],
 }
 
 /// A required member.
@@ -198,6 +213,56 @@ const BLKDEBUG: &[Member] = &[
     opt("unshare-child-perms", Ty::List(&Ty::Str)),
 ];
 
+const INET: &[Member] = &[
+    req("host", Ty::Str),
+    req("port", Ty::Str),
+    opt("numeric", Ty::Bool),
+    opt("to", Ty::Int),
+    opt("ipv4", Ty::Bool),
+    opt("ipv6", Ty::Bool),
+    opt("keep-alive", Ty::Bool),
+    opt("mptcp", Ty::Bool),
+];
+const UNIX: &[Member] = &[
+    req("path", Ty::Str),
+    opt("abstract", Ty::Bool),
+    opt("tight", Ty::Bool),
+];
+const VSOCK: &[Member] = &[req("cid", Ty::Str), req("port", Ty::Str)];
+const FD: &[Member] = &[req("str", Ty::Str)];
+const SOCKET_TYPE: &[Member] = &[req("type", Ty::Enum(&["inet", "unix", "vsock", "fd"]))];
+
+/// `SocketAddress` (flat: `{"type": "unix", "path": ...}`), as `blockdev-add`'s nbd `server`
+/// and the `--nbd-server addr.*` command line take it.
+pub const SOCKET_ADDRESS: Union = Union {
+    base: SOCKET_TYPE,
+    tag: "type",
+    variants: &[("inet", INET), ("unix", UNIX), ("vsock", VSOCK), ("fd", FD)],
+};
+
+/// `SocketAddressLegacy` (`{"type": "unix", "data": {"path": ...}}`), as `nbd-server-start`
+/// takes it.
+pub const SOCKET_ADDRESS_LEGACY: Union = Union {
+    base: SOCKET_TYPE,
+    tag: "type",
+    variants: &[
+        ("inet", &[req("data", Ty::Obj(INET))]),
+        ("unix", &[req("data", Ty::Obj(UNIX))]),
+        ("vsock", &[req("data", Ty::Obj(VSOCK))]),
+        ("fd", &[req("data", Ty::Obj(FD))]),
+    ],
+};
+
+const NBD: &[Member] = &[
+    req("server", Ty::Union(&SOCKET_ADDRESS)),
+    opt("export", Ty::Str),
+    opt("tls-creds", Ty::Str),
+    opt("tls-hostname", Ty::Str),
+    opt("x-dirty-bitmap", Ty::Str),
+    opt("reconnect-delay", Ty::U32),
+    opt("open-timeout", Ty::U32),
+];
+
 const COPY_ON_READ: &[Member] = &[req("file", Ty::BlockdevRef), opt("bottom", Ty::Str)];
 
 /// The driver-specific members diskstream knows, if any.
@@ -208,6 +273,7 @@ pub fn driver_members(driver: &str) -> Option<&'static [Member]> {
         "qcow2" => QCOW2,
         "blkdebug" => BLKDEBUG,
         "copy-on-read" => COPY_ON_READ,
+        "nbd" => NBD,
         _ => return None,
     })
 }
@@ -291,6 +357,29 @@ pub fn check_value(v: &mut Value, ty: &Ty, path: &str, keyval: bool) -> QmpResul
                 _ => Err(type_error(path, "integer")),
             }
         }
+        Ty::U32 => {
+            if keyval {
+                if let Value::String(t) = v {
+                    let parsed = parse_keyval_int(t).ok_or_else(|| type_error(path, "integer"))?;
+                    *v = Value::Number(parsed.into());
+                }
+            }
+            // QEMU's uint visitor: anything but an integer "expects uint64"; integers (negative
+            // ones wrap) outside the range "expect uint32_t".
+            match v {
+                Value::Number(n) if n.as_u64().is_some_and(|x| x <= u32::MAX as u64) => Ok(()),
+                Value::Number(n) if n.is_i64() || n.is_u64() => Err(QmpError::generic(format!(
+                    "Parameter '{path}' expects uint32_t"
+                ))),
+                _ => Err(QmpError::generic(format!(
+                    "Parameter '{path}' expects uint64"
+                ))),
+            }
+        }
+        Ty::Union(u) => match v {
+            Value::Object(o) => check_union(o, u, path, keyval),
+            _ => Err(type_error(path, "object")),
+        },
         Ty::Bool => {
             if keyval {
                 if let Value::String(s) = v {
@@ -358,6 +447,38 @@ pub fn check_value(v: &mut Value, ty: &Ty, path: &str, keyval: bool) -> QmpResul
     }
 }
 
+/// Validate a flat union: the base members in order, then the variant's, then leftovers.
+pub fn check_union(
+    obj: &mut Map<String, Value>,
+    u: &Union,
+    prefix: &str,
+    keyval: bool,
+) -> QmpResult<()> {
+    check_members(obj, u.base, prefix, keyval).map_err(|e| {
+        // QEMU names a bad discriminator value without the path of the union.
+        let bad_tag = format!("Parameter '{}' does not accept", join(prefix, u.tag));
+        match e.desc.strip_prefix(&bad_tag) {
+            Some(rest) => {
+                QmpError::generic(format!("Parameter '{}' does not accept{rest}", u.tag))
+            }
+            None => e,
+        }
+    })?;
+    let tag = obj
+        .get(u.tag)
+        .and_then(|t| t.as_str())
+        .unwrap_or_default()
+        .to_string();
+    let variant = u
+        .variants
+        .iter()
+        .find(|(t, _)| *t == tag)
+        .map(|(_, m)| *m)
+        .unwrap_or(&[]);
+    check_members(obj, variant, prefix, keyval)?;
+    check_unexpected(obj, &[u.base, variant], prefix)
+}
+
 fn parse_keyval_int(s: &str) -> Option<i64> {
     let s = s.trim();
     if let Some(h) = s.strip_prefix("0x") {
@@ -399,7 +520,7 @@ pub fn check_blockdev_options(
             check_unexpected(obj, &[BLOCKDEV_BASE, ms], prefix)
         }
         None => Err(QmpError::generic(format!(
-            "Driver '{driver}' is not supported by diskstream (supported: file, raw, qcow2, blkdebug)"
+            "Driver '{driver}' is not supported by diskstream (supported: file, raw, qcow2, nbd, blkdebug)"
         ))),
     }
 }

@@ -196,7 +196,7 @@ pub async fn block_stream(mon: &Arc<Monitor>, a: &Map<String, Value>) -> QmpResu
             "Node '{device}' is not an image diskstream can stream into"
         )));
     };
-    let bottom_block = g
+    let mut bottom_block = g
         .get(above_base)
         .and_then(|n| n.block.clone())
         .unwrap_or_else(|| Arc::clone(&top_block));
@@ -216,11 +216,15 @@ pub async fn block_stream(mon: &Arc<Monitor>, a: &Map<String, Value>) -> QmpResu
         let q = Qcow2::open(Arc::clone(&proto)).await?;
         q.set_backing_node(top_block.backing());
         let q: Arc<dyn BlockNode> = Arc::new(q);
-        g.replace_image(dev, proto, Arc::clone(&q), false);
+        g.replace_image(dev, proto, Arc::clone(&q), false).await;
         top_block = q;
+        if above_base == dev {
+            // The lowest streamed node is the device itself: its new image (nothing to copy).
+            bottom_block = Arc::clone(&top_block);
+        }
         reopened = true;
     }
-    let filter = match g.insert_filter(s(a, "filter-node-name"), dev) {
+    let filter = match g.insert_filter(s(a, "filter-node-name"), dev).await {
         Ok(f) => f,
         Err(e) => {
             undo_reopen(&mut g, dev, reopened).await;
@@ -271,7 +275,7 @@ pub async fn block_stream(mon: &Arc<Monitor>, a: &Map<String, Value>) -> QmpResu
     let job = match mon.jobs.create(job_id, JobType::Stream, driver, &opts) {
         Ok(j) => j,
         Err(e) => {
-            g.remove_filter(filter);
+            g.remove_filter(filter).await;
             undo_reopen(&mut g, dev, reopened).await;
             return Err(e.into());
         }
@@ -279,11 +283,30 @@ pub async fn block_stream(mon: &Arc<Monitor>, a: &Map<String, Value>) -> QmpResu
     let speed = a.get("speed").and_then(|v| v.as_i64()).unwrap_or(0);
     if speed < 0 {
         mon.jobs.early_fail(&job);
-        g.remove_filter(filter);
+        g.remove_filter(filter).await;
         undo_reopen(&mut g, dev, reopened).await;
         return Err(JobError::NegativeSpeed.into());
     }
     let _ = job.set_speed(speed);
+    // The intermediate nodes must not change under the copy: the job stops sharing `write`
+    // on them, which conflicts with writable users there or below (QEMU adds them one at a
+    // time and refreshes the permissions of each subtree).
+    for (i, id) in held.iter().enumerate().skip(2) {
+        if let Some(n) = g.get_mut(*id) {
+            n.intermediate_of = Some(job_id.to_string());
+        }
+        if let Some(conflict) = g.subtree_conflict(*id) {
+            for id in &held[2..=i] {
+                if let Some(n) = g.get_mut(*id) {
+                    n.intermediate_of = None;
+                }
+            }
+            mon.jobs.early_fail(&job);
+            g.remove_filter(filter).await;
+            undo_reopen(&mut g, dev, reopened).await;
+            return Err(QmpError::generic(conflict));
+        }
+    }
     for id in &held {
         if let Some(n) = g.get_mut(*id) {
             n.blocker = Some("stream");
@@ -314,8 +337,10 @@ async fn reopen_read_only(g: &mut crate::graph::Graph, dev: NodeId) {
     let Some(path) = node.file.and_then(|f| g.get(f)).map(|f| f.filename.clone()) else {
         return;
     };
-    if let Err(e) = old.close().await {
-        tracing::warn!("closing {path} before reopening it read-only: {e}");
+    // Flush first so the read-only image reads complete metadata; users (read-only exports)
+    // move to it, draining their reads on the old image, and only then is the old one closed.
+    if let Err(e) = old.flush().await {
+        tracing::warn!("flushing {path} before reopening it read-only: {e}");
     }
     let proto: Arc<dyn Protocol> = match FileProtocol::open(Path::new(&path), true) {
         Ok(p) => Arc::new(p),
@@ -327,7 +352,10 @@ async fn reopen_read_only(g: &mut crate::graph::Graph, dev: NodeId) {
     match Qcow2::open(Arc::clone(&proto)).await {
         Ok(q) => {
             q.set_backing_node(old.backing());
-            g.replace_image(dev, proto, Arc::new(q), true);
+            g.replace_image(dev, proto, Arc::new(q), true).await;
+            if let Err(e) = old.close().await {
+                tracing::warn!("closing {path} after reopening it read-only: {e}");
+            }
         }
         Err(e) => tracing::error!("cannot reopen {path} read-only: {e}"),
     }
@@ -387,8 +415,10 @@ impl StreamHooks for GraphHooks {
         for id in dropped {
             if let Some(n) = g.get_mut(id) {
                 n.blocker = None;
+                n.intermediate_of = None;
             }
             let orphan = g.get(id).is_some_and(|n| !n.monitor_owned)
+                && !g.has_users(id)
                 && !g
                     .nodes()
                     .iter()
@@ -404,10 +434,11 @@ impl StreamHooks for GraphHooks {
             return;
         };
         let mut g = mon.graph.lock().await;
-        g.remove_filter(self.filter);
+        g.remove_filter(self.filter).await;
         for id in &self.held {
             if let Some(n) = g.get_mut(*id) {
                 n.blocker = None;
+                n.intermediate_of = None;
             }
         }
         if self.reopened {

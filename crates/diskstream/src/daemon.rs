@@ -3,18 +3,28 @@
 //!
 //! ```text
 //! diskstream daemon [--blockdev OPTS]... [--chardev socket,id=ID,path=P,server=on,wait=off]...
-//!                   [--monitor [chardev=]ID]... [--pidfile PATH] [--daemonize]
-//!                   [--stream-chunk-size BYTES] [--stream-parallel N]
+//!                   [--monitor [chardev=]ID]... [--nbd-server OPTS|none] [--export OPTS]...
+//!                   [--object tls-creds-x509,id=ID,dir=DIR[,endpoint=server][,verify-peer=on|off]]...
+//!                   [--pidfile PATH] [--daemonize] [--stream-chunk-size BYTES] [--stream-parallel N]
 //! ```
 //! `--blockdev` takes QEMU's dotted `key=value` form (`driver=qcow2,node-name=top,
-//! file.driver=file,file.filename=top.qcow2`) or JSON (`{"driver": ...}`). Without any
-//! `--monitor`, a QMP socket is opened at [`default_socket`] so `diskstream daemon` alone is
-//! usable. SIGTERM, SIGINT and the `quit` command shut down gracefully: jobs stop at a safe
+//! file.driver=file,file.filename=top.qcow2`) or JSON (`{"driver": ...}`); `--nbd-server`
+//! (`addr.type=unix,addr.path=P` or `addr.type=inet,addr.host=H,addr.port=N`, plus
+//! `max-connections`, `tls-creds`, `handshake-max-seconds`) and `--export` (`type=nbd,id=..,
+//! node-name=..,writable=on,name=..`) take QSD's forms too, and everything is applied in
+//! command-line order, as QSD does.
+//!
+//! Friendly defaults: without any `--monitor`, a QMP socket is opened at [`default_socket`],
+//! and, unless `--nbd-server` is given, an NBD server on [`DEFAULT_NBD_ADDR`] (loopback only),
+//! so `diskstream daemon` alone is usable: add a node and an export over QMP and any NBD
+//! client can reach it. When that default port is taken the daemon warns and runs without an
+//! NBD server (`nbd-server-start` still works). SIGTERM, SIGINT and the `quit` command shut down gracefully: jobs stop at a safe
 //! point (in-flight copies land, nothing half-done is reported), every image is flushed and
 //! closed, the sockets and pid file are removed.
 
 use diskstream_jobs::StreamConfig;
-use diskstream_qmp::schema::{check_blockdev_options, parse_keyval};
+use diskstream_qmp::export::{check_export_options, NbdAddr, NbdServerOptions, NBD_SERVER_CLI};
+use diskstream_qmp::schema::{check_blockdev_options, check_object, parse_keyval};
 use diskstream_qmp::server::{ListenAddr, Listener};
 use diskstream_qmp::Monitor;
 use serde_json::{Map, Value};
@@ -34,10 +44,29 @@ pub fn default_socket() -> PathBuf {
     }
 }
 
+/// The NBD server of a daemon started without `--monitor` or `--nbd-server`: the IANA NBD
+/// port on loopback, so nothing is exposed to the network by default.
+pub const DEFAULT_NBD_ADDR: (&str, u16) = ("127.0.0.1", 10809);
+
+/// A command-line item applied at startup, in command-line order.
+#[derive(Debug)]
+enum Item {
+    /// `--blockdev` (text, options, keyval form).
+    Blockdev(String, Map<String, Value>, bool),
+    /// `--nbd-server`.
+    NbdServer(String, NbdServerOptions),
+    /// `--export` (validated options).
+    Export(String, Map<String, Value>),
+    /// `--object tls-creds-x509`: id, directory, verify-peer.
+    TlsCreds(String, PathBuf, bool),
+}
+
 /// Parsed command line.
 #[derive(Debug, Default)]
 struct Config {
-    blockdevs: Vec<(String, Map<String, Value>, bool)>,
+    items: Vec<Item>,
+    /// `--nbd-server none`: no default NBD server.
+    no_nbd_server: bool,
     chardevs: HashMap<String, ListenAddr>,
     monitors: Vec<String>,
     pidfile: Option<PathBuf>,
@@ -45,7 +74,14 @@ struct Config {
     stream: StreamConfig,
 }
 
-const USAGE: &str = "usage: diskstream daemon [--blockdev OPTS]... [--chardev socket,id=ID,path=PATH,server=on,wait=off]... [--monitor [chardev=]ID]... [--pidfile PATH] [--daemonize] [--stream-chunk-size BYTES] [--stream-parallel N]";
+const USAGE: &str = "usage: diskstream daemon [--blockdev OPTS]... [--chardev socket,id=ID,path=PATH,server=on,wait=off]... [--monitor [chardev=]ID]...
+                         [--nbd-server addr.type=unix,addr.path=PATH|addr.type=inet,addr.host=H,addr.port=P[,max-connections=N][,tls-creds=ID]|none]
+                         [--export type=nbd,id=ID,node-name=NODE[,name=NAME][,writable=on][,description=TEXT][,allocation-depth=on]]...
+                         [--object tls-creds-x509,id=ID,dir=DIR[,endpoint=server][,verify-peer=on|off]]...
+                         [--pidfile PATH] [--daemonize] [--stream-chunk-size BYTES] [--stream-parallel N]
+
+Without --monitor, QMP listens on $XDG_RUNTIME_DIR/diskstream/qmp.sock (or /tmp/diskstream-$UID/qmp.sock)
+and, unless --nbd-server is given, an NBD server listens on 127.0.0.1:10809 (--nbd-server none: no server).";
 
 fn parse_args(args: &[String]) -> Result<Config, String> {
     let mut c = Config::default();
@@ -86,7 +122,7 @@ fn parse_args(args: &[String]) -> Result<Config, String> {
                         true,
                     )
                 };
-                c.blockdevs.push((value, map, keyval));
+                c.items.push(Item::Blockdev(value, map, keyval));
             }
             "--chardev" => {
                 let (backend, rest) = value.split_once(',').unwrap_or((value.as_str(), ""));
@@ -138,10 +174,50 @@ fn parse_args(args: &[String]) -> Result<Config, String> {
                     .parse()
                     .map_err(|_| format!("--stream-parallel {value}: not a number"))?;
             }
-            "--nbd-server" | "--export" => {
-                return Err(format!(
-                    "{name}: the NBD server is not part of this build yet (use QMP once it is)"
-                ))
+            "--nbd-server" if value == "none" => c.no_nbd_server = true,
+            "--nbd-server" => {
+                let mut map =
+                    parse_keyval(&value).map_err(|e| format!("--nbd-server {value}: {e}"))?;
+                check_object(&mut map, NBD_SERVER_CLI, "", true)
+                    .map_err(|e| format!("--nbd-server {value}: {}", e.desc))?;
+                let o = NbdServerOptions::from_args(&map, false)
+                    .map_err(|e| format!("--nbd-server {value}: {}", e.desc))?;
+                c.items.push(Item::NbdServer(value, o));
+            }
+            "--export" => {
+                let mut map = parse_keyval(&value).map_err(|e| format!("--export {value}: {e}"))?;
+                check_export_options(&mut map, true)
+                    .map_err(|e| format!("--export {value}: {}", e.desc))?;
+                c.items.push(Item::Export(value, map));
+            }
+            "--object" => {
+                let (kind, rest) = value.split_once(',').unwrap_or((value.as_str(), ""));
+                if kind != "tls-creds-x509" {
+                    return Err(format!(
+                        "--object {value}: only tls-creds-x509 objects are supported"
+                    ));
+                }
+                let kv = parse_keyval(rest).map_err(|e| format!("--object {value}: {e}"))?;
+                let get = |k: &str| kv.get(k).and_then(|v| v.as_str()).map(str::to_string);
+                let id = get("id")
+                    .ok_or_else(|| format!("--object {value}: Parameter 'id' is missing"))?;
+                let dir = get("dir")
+                    .ok_or_else(|| format!("--object {value}: Parameter 'dir' is missing"))?;
+                if get("endpoint").is_some_and(|e| e != "server") {
+                    return Err(format!(
+                        "--object {value}: the daemon only serves (endpoint=server)"
+                    ));
+                }
+                let verify = match get("verify-peer").as_deref() {
+                    None | Some("on" | "yes" | "true") => true,
+                    Some("off" | "no" | "false") => false,
+                    Some(v) => {
+                        return Err(format!(
+                            "--object {value}: verify-peer={v}: expected on or off"
+                        ))
+                    }
+                };
+                c.items.push(Item::TlsCreds(id, PathBuf::from(dir), verify));
             }
             other => return Err(format!("unknown option '{other}'\n{USAGE}")),
         }
@@ -234,16 +310,51 @@ fn signal_ready(fd: Option<i32>) {
 
 async fn run(cfg: Config, ready_fd: Option<i32>) -> u8 {
     let mon = Monitor::new(cfg.stream);
-    for (text, map, keyval) in cfg.blockdevs {
-        let mut map = map;
-        let res = match check_blockdev_options(&mut map, "", keyval) {
-            Ok(()) => mon.graph.lock().await.blockdev_add(&map).await,
-            Err(e) => Err(e),
+    let friendly = cfg.monitors.is_empty();
+    let mut nbd_given = cfg.no_nbd_server;
+    for item in cfg.items {
+        let (what, text, res) = match item {
+            Item::Blockdev(text, mut map, keyval) => {
+                let res = match check_blockdev_options(&mut map, "", keyval) {
+                    Ok(()) => mon.graph.lock().await.blockdev_add(&map).await,
+                    Err(e) => Err(e),
+                };
+                ("--blockdev", text, res)
+            }
+            Item::NbdServer(text, o) => {
+                nbd_given = true;
+                let res = mon.exports.start_server(&o).await.map(|addr| {
+                    eprintln!("diskstream daemon: NBD server on {addr}");
+                });
+                ("--nbd-server", text, res)
+            }
+            Item::Export(text, map) => ("--export", text, mon.exports.add(&mon, &map).await),
+            Item::TlsCreds(id, dir, verify) => {
+                let res = match diskstream_nbd::server::tls_config_from_x509_dir(&dir, verify) {
+                    Ok(t) => mon.exports.add_tls_creds(&id, t),
+                    Err(e) => Err(diskstream_qmp::QmpError::generic(e.to_string())),
+                };
+                ("--object", format!("tls-creds-x509,id={id}"), res)
+            }
         };
         if let Err(e) = res {
-            eprintln!("diskstream daemon: --blockdev {text}: {}", e.desc);
+            eprintln!("diskstream daemon: {what} {text}: {}", e.desc);
             mon.shutdown().await;
             return 1;
+        }
+    }
+    if friendly && !nbd_given {
+        let (host, port) = DEFAULT_NBD_ADDR;
+        let o = NbdServerOptions::new(NbdAddr::Inet {
+            host: host.to_string(),
+            port: port.to_string(),
+        });
+        match mon.exports.start_server(&o).await {
+            Ok(addr) => eprintln!("diskstream daemon: NBD server on {addr}"),
+            Err(e) => eprintln!(
+                "diskstream daemon: warning: no default NBD server on {host}:{port}: {} (use nbd-server-start)",
+                e.desc
+            ),
         }
     }
     let mut addrs = Vec::new();
@@ -337,12 +448,49 @@ mod tests {
         .map(|s| s.to_string())
         .collect();
         let c = parse_args(&args).expect("parse");
-        assert_eq!(c.blockdevs.len(), 1);
+        assert_eq!(c.items.len(), 1);
         assert_eq!(
             c.chardevs.get("m"),
             Some(&ListenAddr::Unix(PathBuf::from("/tmp/x.sock")))
         );
         assert_eq!(c.monitors, vec!["m".to_string()]);
         assert_eq!(c.pidfile, Some(PathBuf::from("/tmp/p")));
+    }
+
+    #[test]
+    fn parses_nbd_server_and_export() {
+        let args: Vec<String> = [
+            "--nbd-server",
+            "addr.type=inet,addr.host=127.0.0.1,addr.port=10810,max-connections=4",
+            "--export",
+            "type=nbd,id=e,node-name=top,writable=on,name=disk",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let c = parse_args(&args).expect("parse");
+        match &c.items[0] {
+            Item::NbdServer(_, o) => {
+                assert_eq!(o.max_connections, 4);
+                assert_eq!(
+                    o.addr,
+                    NbdAddr::Inet {
+                        host: "127.0.0.1".into(),
+                        port: "10810".into()
+                    }
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        match &c.items[1] {
+            Item::Export(_, m) => assert_eq!(m.get("writable"), Some(&Value::Bool(true))),
+            other => panic!("{other:?}"),
+        }
+        let bad: Vec<String> = ["--nbd-server", "addr.type=unix"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let e = parse_args(&bad).expect_err("missing path");
+        assert!(e.contains("Parameter 'addr.path' is missing"), "{e}");
     }
 }

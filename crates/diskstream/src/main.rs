@@ -29,9 +29,15 @@ enum Command {
     },
     /// Export an image over NBD (qemu-nbd compatible options).
     Serve(serve::ServeArgs),
-    /// Run the storage daemon (qemu-storage-daemon compatible QMP control socket).
+    /// Run the storage daemon (qemu-storage-daemon compatible QMP control socket and NBD exports).
+    ///
+    /// With no arguments: QMP on $XDG_RUNTIME_DIR/diskstream/qmp.sock (or
+    /// /tmp/diskstream-$UID/qmp.sock) and an NBD server on 127.0.0.1:10809.
     Daemon {
-        /// qemu-storage-daemon style options (--blockdev, --chardev, --monitor, --pidfile, --daemonize).
+        /// qemu-storage-daemon style options: --blockdev, --chardev, --monitor, --nbd-server
+        /// (addr.type=unix,addr.path=P | addr.type=inet,addr.host=H,addr.port=N | none),
+        /// --export type=nbd,id=ID,node-name=NODE[,writable=on][,name=NAME], --object
+        /// tls-creds-x509,..., --pidfile, --daemonize, --stream-chunk-size, --stream-parallel.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },

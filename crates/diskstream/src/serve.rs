@@ -11,6 +11,7 @@ use anyhow::{anyhow, Context, Result};
 use clap::Args;
 use diskstream_block::format::Format;
 use diskstream_block::image::{open_image, OpenOptions};
+use diskstream_block::BlockBackend;
 use diskstream_nbd::server::{tls_config_from_pem, Export, Listener, Server, ServerConfig};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -115,9 +116,10 @@ async fn serve(a: ServeArgs) -> Result<()> {
     let mut cfg = ServerConfig::new(vec![Export {
         name: a.export_name.clone(),
         description: a.description.clone(),
-        node: node.clone(),
+        backend: BlockBackend::new(node.clone()),
         read_only: a.read_only,
         allocation_depth: a.allocation_depth,
+        writethrough: false,
         max_connections: limit,
     }]);
     cfg.tls = tls;

@@ -364,7 +364,7 @@ impl Conn<'_> {
                 "NBD_OPT_EXPORT_NAME after extended headers".into(),
             ));
         }
-        let Some(export) = self.shared.find(&name).cloned() else {
+        let Some(export) = self.shared.find(&name) else {
             return Err(HandshakeError::Violation(format!(
                 "export '{name}' not found (NBD_OPT_EXPORT_NAME cannot report errors)"
             )));
@@ -410,7 +410,7 @@ impl Conn<'_> {
                 .await;
         }
         let mut out = Vec::new();
-        for e in &self.shared.exports {
+        for e in self.shared.list() {
             OptionReply::Server {
                 name: e.export.name.clone(),
                 description: e.export.description.clone(),
@@ -479,7 +479,7 @@ impl Conn<'_> {
                 return Ok(None);
             }
         };
-        let Some(export) = self.shared.find(&req.name).cloned() else {
+        let Some(export) = self.shared.find(&req.name) else {
             let msg = format!("export '{}' not present", req.name);
             self.error(option, REP_ERR_UNKNOWN, &msg).await?;
             return Ok(None);
@@ -564,7 +564,7 @@ impl Conn<'_> {
             }
             Err(e) => return self.error(option, REP_ERR_INVALID, &e.to_string()).await,
         };
-        let Some(export) = self.shared.find(&req.export).cloned() else {
+        let Some(export) = self.shared.find(&req.export) else {
             let msg = format!("export '{}' not present", req.export);
             return self.error(option, REP_ERR_UNKNOWN, &msg).await;
         };

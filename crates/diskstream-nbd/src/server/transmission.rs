@@ -10,8 +10,13 @@
 //!   so a burst of small replies costs one syscall. Permits are released when a reply has been
 //!   written, or dropped with it when the client is gone.
 //!
+//! Every request runs against the node its export's [`BlockBackend`] names when the request
+//! starts ([`BlockBackend::acquire`], held until the request is done), so a graph change that
+//! swaps the node waits for requests in flight and no request sees two nodes.
+//!
 //! The connection ends on `NBD_CMD_DISC`, end of stream, a malformed header, a payload over
-//! 32 MiB (which cannot be skipped safely), a failed write, or server shutdown. In every case
+//! 32 MiB (which cannot be skipped safely), a failed write, server shutdown, or a `hard`
+//! removal of its export. In every case
 //! the reader stops, the requests already read run to completion (their replies are sent if
 //! the socket still works), and only then does the connection close: acquiring every request
 //! permit is the barrier, so nothing outlives the connection and no I/O on the node is left
@@ -43,7 +48,7 @@ use crate::proto::*;
 use diskstream_block::format::qcow2::Qcow2;
 use diskstream_block::node::BlockNode;
 use diskstream_block::status::map_extent;
-use diskstream_block::BlockError;
+use diskstream_block::{BlockBackend, BlockError};
 use std::io;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter, WriteHalf};
@@ -99,11 +104,12 @@ fn einval(msg: impl Into<String>) -> ReqError {
 
 /// What every request task of a connection shares.
 struct Conn {
-    node: Arc<dyn BlockNode>,
+    backend: Arc<BlockBackend>,
     name: String,
     size: u64,
     mode: Mode,
     read_only: bool,
+    writethrough: bool,
     contexts: Vec<Context>,
 }
 
@@ -115,12 +121,14 @@ pub(crate) async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let e = &session.export.export;
+    let mut kill = session.export.kill.subscribe();
     let conn = Arc::new(Conn {
-        node: Arc::clone(&e.node),
+        backend: Arc::clone(&e.backend),
         name: e.name.clone(),
         size: session.size,
         mode: session.mode,
         read_only: e.read_only,
+        writethrough: e.writethrough,
         contexts: session.contexts.clone(),
     });
     tracing::debug!(
@@ -146,6 +154,7 @@ pub(crate) async fn run(
         let r = tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => break "server shutting down".to_string(),
+            _ = kill.wait_for(|k| *k) => break "export removed".to_string(),
             _ = dead.wait_for(|d| *d) => break "reply stream failed".to_string(),
             r = rd.read_exact(&mut hdr[..hlen]) => r,
         };
@@ -185,6 +194,7 @@ pub(crate) async fn run(
         let permits = tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => break "server shutting down".to_string(),
+            _ = kill.wait_for(|k| *k) => break "export removed".to_string(),
             _ = dead.wait_for(|d| *d) => break "reply stream failed".to_string(),
             // A request never waits for more than the whole budget.
             p = acquire(&requests, &bytes, cost.div_ceil(BYTE_UNIT).min(byte_units) as u32) => match p {
@@ -198,6 +208,7 @@ pub(crate) async fn run(
             let r = tokio::select! {
                 biased;
                 _ = stop.wait_for(|s| *s) => break "server shutting down".to_string(),
+                _ = kill.wait_for(|k| *k) => break "export removed".to_string(),
                 r = rd.read_exact(&mut v) => r,
             };
             if let Err(e) = r {
@@ -271,7 +282,33 @@ async fn write_reply(w: &mut BufWriter<WriteHalf<BoxStream>>, r: Reply) -> io::R
     Ok(())
 }
 
+/// One request's view of its connection: the node it runs against, fixed for its duration.
+struct Req<'a> {
+    conn: &'a Conn,
+    node: &'a Arc<dyn BlockNode>,
+}
+
+impl std::ops::Deref for Req<'_> {
+    type Target = Conn;
+    fn deref(&self) -> &Conn {
+        self.conn
+    }
+}
+
 impl Conn {
+    async fn handle(&self, req: &Request, payload: Option<Vec<u8>>) -> Vec<Vec<u8>> {
+        // Join the backend's in-flight set: a node swap waits for this request to finish.
+        let node = self.backend.acquire().await;
+        Req {
+            conn: self,
+            node: &node,
+        }
+        .handle(req, payload)
+        .await
+    }
+}
+
+impl Req<'_> {
     fn extended(&self) -> bool {
         self.mode == Mode::Extended
     }
@@ -412,7 +449,9 @@ impl Conn {
                 }
             }
         }
-        let fua = req.flags & CMD_FLAG_FUA != 0;
+        // Writethrough exports make every modification durable before replying.
+        let fua = req.flags & CMD_FLAG_FUA != 0
+            || (self.writethrough && matches!(cmd, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES));
         match cmd {
             CMD_READ => self.read(req, len).await.map(Some),
             CMD_WRITE => {
@@ -504,7 +543,7 @@ impl Conn {
         let mut pos = offset;
         let mut runs: Vec<(u64, u64, bool)> = Vec::new();
         while pos < end {
-            let (l, zero) = match map_extent(&self.node, pos, end - pos).await {
+            let (l, zero) = match map_extent(self.node, pos, end - pos).await {
                 Ok(e) if e.length > 0 => (e.length.min(end - pos), e.zero),
                 _ => (end - pos, false),
             };
@@ -570,7 +609,7 @@ impl Conn {
     async fn reads_zero(&self, start: u64, end: u64) -> Result<bool, ReqError> {
         let mut pos = start;
         while pos < end {
-            let e = map_extent(&self.node, pos, end - pos).await?;
+            let e = map_extent(self.node, pos, end - pos).await?;
             if !e.zero {
                 return Ok(false);
             }
@@ -690,7 +729,7 @@ impl Conn {
         let mut pos = offset;
         let mut out: Vec<Extent> = Vec::new();
         while pos < end {
-            let e = map_extent(&self.node, pos, end - pos).await?;
+            let e = map_extent(self.node, pos, end - pos).await?;
             if e.length == 0 {
                 return Err(ReqError {
                     errno: EIO,

@@ -9,6 +9,7 @@
 use diskstream_block::format::Format;
 use diskstream_block::image::{open_image, OpenOptions};
 use diskstream_block::node::BlockNode;
+use diskstream_block::BlockBackend;
 use diskstream_nbd::proto::*;
 use diskstream_nbd::server::{Export, Listener, Server, ServerConfig};
 use std::collections::HashMap;
@@ -170,9 +171,10 @@ impl TestServer {
                 exports.push(Export {
                     name: s.name.into(),
                     description: s.description.into(),
-                    node,
+                    backend: BlockBackend::new(node),
                     read_only: s.read_only,
                     allocation_depth: s.allocation_depth,
+                    writethrough: false,
                     max_connections: s.max_connections,
                 });
             }

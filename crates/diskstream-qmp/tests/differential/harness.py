@@ -27,6 +27,7 @@ import time
 from qemu.qmp import QMPClient, ExecuteError, EventListener
 
 MiB = 1 << 20
+HOLD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nbd_hold.py")
 
 
 def run(*cmd, check=True):
@@ -106,8 +107,10 @@ class Peer:
         self.client = None
         self.listener = None
         self.events = []
+        self.quit_at = None
         self.transcript = []
         self.pump = None
+        self.holders = []
 
     def argv(self, extra):
         base = [self.exe] if self.kind == "qsd" else [self.exe, "daemon"]
@@ -177,7 +180,43 @@ class Peer:
             await asyncio.sleep(0.01)
         raise RuntimeError(f"{self.kind}: job {job} did not end")
 
+    def nbd_url(self, export, sock="nbd.sock"):
+        return f"nbd+unix:///{export}?socket={self.dir}/{sock}"
+
+    async def hold(self, export, sock="nbd.sock"):
+        """Attach an NBD client (libnbd) to an export and keep it connected."""
+        h = subprocess.Popen(["/usr/bin/python3", HOLD, self.nbd_url(export, sock)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+        line = await asyncio.get_running_loop().run_in_executor(None, h.stdout.readline)
+        if line.strip() != b"ready":
+            raise RuntimeError(f"{self.kind}: NBD client could not attach to '{export}': "
+                               f"{h.stderr.read().decode()}")
+        self.holders.append(h)
+        return h
+
+    async def io(self, export, *cmds, ro=False, sock="nbd.sock"):
+        """Run qemu-io commands on an export; the transcript records success/failure and
+        the pattern checks (qemu-io's timing lines are dropped)."""
+        args = ["qemu-io", "-f", "raw"] + (["-r"] if ro else [])
+        for c in cmds:
+            args += ["-c", c]
+        r = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: subprocess.run(args + [self.nbd_url(export, sock)],
+                                         capture_output=True, text=True))
+        bad = "Pattern verification failed" in r.stdout + r.stderr
+        self.note(f"qemu-io {export} {cmds}", {"rc": r.returncode, "pattern-ok": not bad})
+        return r
+
     async def quit(self):
+        for h in self.holders:
+            try:
+                h.stdin.close()
+                h.wait(timeout=10)
+            except Exception:
+                h.kill()
+        # Export teardown at exit is not compared (QSD announces it while closing the socket).
+        self.quit_at = len(self.events)
         if self.client:
             try:
                 await self.client.execute("quit")
@@ -216,10 +255,14 @@ def drop_drain_pairs(evs):
     return out
 
 
-def job_events(events, workdir):
-    """Events grouped per job (interleaving between jobs and with replies is not specified)."""
+def job_events(events, workdir, quit_at=None):
+    """Events grouped per job (interleaving between jobs and with replies is not specified).
+    Export events (BLOCK_EXPORT_DELETED, data {id}) form the group '' in their order; those
+    emitted after `quit` was sent are dropped."""
     per = {}
-    for ev in events:
+    for i, ev in enumerate(events):
+        if quit_at is not None and i >= quit_at and ev["event"] == "BLOCK_EXPORT_DELETED":
+            continue
         d = ev.get("data", {})
         key = d.get("id") if ev["event"] in ("JOB_STATUS_CHANGE", "BLOCK_JOB_PENDING") else d.get("device", "")
         e = normalize({"event": ev["event"], "data": d}, workdir)
@@ -692,6 +735,279 @@ def mk_stop(d):
     return ["backing.img", "test.img"]
 
 
+# --- block exports (transcripts T5, T6, T7b) ---
+
+NBD_START = ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "nbd.sock"}}})
+
+
+def mk_export(d):
+    imgs = mkchain(d)
+    create(f"{d}/dst.qcow2", 64 * MiB)
+    with open(f"{d}/src.raw", "wb") as f:
+        f.truncate(64 * MiB)
+        for off, b in ((0, 0x5a), (20 * MiB, 0xa5), (63 * MiB, 0x3c)):
+            f.seek(off)
+            f.write(bytes([b]) * MiB)
+    return imgs + ["dst.qcow2"]
+
+
+async def sc_export_t5(p):
+    """T5 destination: a writable export receives a client's writes; teardown."""
+    await p.cmd(*NBD_START)
+    await p.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "nbd2.sock"}}})
+    await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": "tgt",
+                                 "file": {"driver": "file", "filename": "dst.qcow2"}})
+    await p.cmd("block-export-add", {"type": "nbd", "id": "exp0", "node-name": "tgt",
+                                     "name": "disk0", "writable": True,
+                                     "allocation-depth": True})
+    await p.cmd("block-export-add", {"type": "nbd", "id": "exp0", "node-name": "tgt",
+                                     "name": "disk1"})
+    await p.cmd("query-block-exports")
+    r = await asyncio.get_running_loop().run_in_executor(
+        None, lambda: run("nbdcopy", f"{p.dir}/src.raw", p.nbd_url("disk0"), check=False))
+    p.note("nbdcopy into the export", r.returncode)
+    await p.io("disk0", "write -P 0x77 1M 64k", "write -z 20M 512k", "aio_write -P 0x78 30M 4k",
+               "aio_flush", "read -P 0x5a 0 1M", "read -P 0x77 1M 64k", "read -P 0 20M 512k")
+    await p.io("disk0", "write -P 0x11 0 4k", ro=True)
+    await p.cmd("block-export-del", {"id": "nope"})
+    await p.cmd("block-export-del", {"id": "exp0"})
+    await p.cmd("query-block-exports")
+    await p.cmd("nbd-server-stop")
+    await p.cmd("nbd-server-stop")
+    await p.cmd("blockdev-del", {"node-name": "tgt"})
+
+
+async def sc_export_args(p):
+    """Argument and state errors of the export commands, in QSD's order."""
+    L = "n" * 4097
+    await add_chain(p)
+    await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": "ro", "read-only": True,
+                                 "file": {"driver": "file", "filename": "dst.qcow2"}})
+    for c, a in [
+        ("block-export-add", {"type": "nbd", "id": "e0", "node-name": "top"}),
+        ("block-export-add", {"type": "nbd", "id": "x", "node-name": "nope"}),
+        ("block-export-add", {"type": "nbd", "id": "#x", "node-name": "nope"}),
+        ("block-export-add", {"type": "nbd", "id": "x", "node-name": "ro", "writable": True}),
+        ("block-export-add", {"type": "nbd", "id": "x", "node-name": "top", "iothread": "t"}),
+        ("block-export-add", {"type": "nbd", "id": "x", "node-name": "top", "bitmaps": ["b"]}),
+        ("nbd-server-stop", None),
+        ("nbd-server-add", {"device": "top"}),
+        ("nbd-server-add", {"device": "nope"}),
+        ("nbd-server-remove", {"name": "top"}),
+        ("nbd-server-start", {}),
+        ("nbd-server-start", {"addr": {}}),
+        ("nbd-server-start", {"addr": {"type": "unix"}}),
+        ("nbd-server-start", {"addr": {"type": "unix", "data": {}}}),
+        ("nbd-server-start", {"addr": {"type": "unix", "path": "x"}}),
+        ("nbd-server-start", {"addr": {"type": "bogus", "data": {}}}),
+        ("nbd-server-start", {"addr": {"type": "inet", "data": {"host": "127.0.0.1"}}}),
+        ("nbd-server-start", {"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": 1}}}),
+        ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "x.sock"}},
+                              "max-connections": -1}),
+        ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "x.sock"}},
+                              "max-connections": 4294967296}),
+        ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "x.sock"}},
+                              "handshake-max-seconds": "10"}),
+        ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "x.sock"}},
+                              "tls-creds": "nope"}),
+        ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "nodir/x.sock"}}}),
+        ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "nbd.sock"}},
+                              "max-connections": 1}),
+        ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "nbd.sock"}}}),
+        ("block-export-add", {"type": "nbd", "id": "e0"}),
+        ("block-export-add", {"type": "nbd", "node-name": "top"}),
+        ("block-export-add", {"id": "e0", "node-name": "top"}),
+        ("block-export-add", {"type": "bogus", "id": "e0", "node-name": "top"}),
+        ("block-export-add", {"type": "vhost-user-blk", "id": "e0", "node-name": "top"}),
+        ("block-export-add", {"type": "nbd", "id": "e0", "node-name": "top", "bogus": 1}),
+        ("block-export-add", {"type": "nbd", "id": "e0", "node-name": "top", "writable": "yes"}),
+        ("block-export-add", {"type": "nbd", "id": "e0", "node-name": "top", "name": 5}),
+        ("block-export-add", {"type": "nbd", "id": "e0", "node-name": "top", "bitmaps": "b"}),
+        ("block-export-add", {"type": "nbd", "id": "", "node-name": "top"}),
+        ("block-export-add", {"type": "nbd", "id": "0x", "node-name": "top"}),
+        ("block-export-add", {"type": "nbd", "id": "x", "node-name": "ro", "writable": True,
+                              "iothread": "t"}),
+        ("block-export-add", {"type": "nbd", "id": "x", "node-name": "top", "name": L}),
+        ("block-export-add", {"type": "nbd", "id": "x", "node-name": "top", "description": L}),
+        ("block-export-add", {"type": "nbd", "id": "x", "node-name": "top", "bitmaps": ["b"]}),
+        ("block-export-add", {"type": "nbd", "id": "x", "node-name": "top", "name": "n" * 4096,
+                              "writethrough": True, "fixed-iothread": True,
+                              "allow-inactive": True}),
+        ("block-export-add", {"type": "nbd", "id": "y", "node-name": "mid", "name": "n" * 4096}),
+        ("block-export-add", {"type": "nbd", "id": "x", "node-name": "mid"}),
+        ("block-export-add", {"type": "nbd", "id": "y", "node-name": "mid", "name": "",
+                              "description": "the mid layer", "writable": True}),
+        ("block-export-add", {"type": "nbd", "id": "z", "node-name": "base", "name": ""}),
+        ("nbd-server-add", {"device": "ro", "writable": True}),
+        ("nbd-server-add", {"device": "ro", "name": "ro2", "bitmap": "b"}),
+        ("nbd-server-add", {"device": "base", "name": "bad id", "description": "d"}),
+        ("nbd-server-add", {"device": "base", "name": "legacy", "description": "d"}),
+        ("query-block-exports", None),
+        ("block-export-del", {}),
+        ("block-export-del", {"id": "x", "mode": "bogus"}),
+        ("nbd-server-remove", {}),
+        ("nbd-server-remove", {"name": "nope"}),
+        ("nbd-server-remove", {"name": "legacy"}),
+        ("nbd-server-remove", {"name": "legacy"}),
+        ("block-export-del", {"id": "ro", "mode": "hard"}),
+        ("query-block-exports", None),
+    ]:
+        await p.cmd(c, a)
+    r = await asyncio.get_running_loop().run_in_executor(
+        None, lambda: run("nbdinfo", "--list", "--json", f"nbd+unix://?socket={p.dir}/nbd.sock",
+                          check=False))
+    exports = sorted((e["export-name"][:8], e.get("description"), e.get("is_read_only"),
+                      e.get("can_multi_conn")) for e in json.loads(r.stdout or "{}").get("exports", []))
+    p.note("nbdinfo --list", exports)
+    await p.cmd("nbd-server-stop")
+    await p.cmd("query-block-exports")
+
+
+async def sc_export_users(p):
+    """T6-style: exports are users of their nodes (blockdev-del refused, write permission
+    conflicts with stream jobs) and follow the stream job's filter."""
+    await add_chain(p)
+    await p.cmd(*NBD_START)
+    await p.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "top", "writable": True})
+    await p.cmd("blockdev-del", {"node-name": "top"})
+    await p.cmd("blockdev-del", {"node-name": "mid"})
+    # writable exports on intermediate nodes: the stream cannot start (created -> null)
+    await p.cmd("block-export-add", {"type": "nbd", "id": "m", "node-name": "mid", "writable": True})
+    await p.cmd("block-stream", {"job-id": "s0", "device": "top"})
+    await p.cmd("block-stream", {"job-id": "s1", "device": "top", "base-node": "base"})
+    await p.cmd("block-export-del", {"id": "m"})
+    await p.cmd("block-export-add", {"type": "nbd", "id": "b", "node-name": "base", "writable": True})
+    await p.cmd("block-stream", {"job-id": "s2", "device": "mid"})
+    await p.cmd("block-stream", {"job-id": "s3", "device": "top"})
+    await p.cmd("block-export-del", {"id": "b"})
+    # a throttled stream of the exported device: the export moves to the filter
+    await p.cmd("block-stream", {"job-id": "s", "device": "top", "base-node": "base",
+                                 "speed": MiB, "filter-node-name": "cor0"})
+    await p.cmd("query-block-exports")
+    await p.cmd("blockdev-del", {"node-name": "cor0"})
+    await p.cmd("blockdev-del", {"node-name": "top"})
+    await p.cmd("block-export-add", {"type": "nbd", "id": "m", "node-name": "mid", "writable": True})
+    await p.cmd("block-export-add", {"type": "nbd", "id": "b", "node-name": "base", "writable": True})
+    await p.cmd("block-export-add", {"type": "nbd", "id": "m2", "node-name": "mid"})
+    await p.cmd("block-export-add", {"type": "nbd", "id": "c", "node-name": "cor0"})
+    await p.cmd("query-block-exports")
+    await p.io("top", "read -P 0x11 0 8M", "read -P 0x33 8M 8M", "write -P 0x99 60M 64k",
+               "read -P 0x44 48M 1M")
+    await p.cmd("block-job-set-speed", {"device": "s", "speed": 0})
+    await p.wait_job_gone("s")
+    await p.cmd("query-block-exports")
+    await p.io("top", "read -P 0x33 8M 8M", "read -P 0x99 60M 64k", "read -P 0x22 32M 8M")
+    await p.cmd("blockdev-del", {"node-name": "base"})
+    for e in ("c", "m2", "e"):
+        await p.cmd("block-export-del", {"id": e})
+    await p.cmd("blockdev-del", {"node-name": "top"})
+    await p.cmd("query-block-exports")
+
+
+async def sc_export_ro_stream(p):
+    """A read-only device with a read-only export is reopened read-write for a stream and
+    read-only again afterwards; the export follows and keeps serving reads."""
+    await add_chain(p)
+    await p.cmd("blockdev-del", {"node-name": "top"})
+    await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": "top", "read-only": True,
+                                 "backing": "mid",
+                                 "file": {"driver": "file", "filename": "top.qcow2"}})
+    await p.cmd(*NBD_START)
+    await p.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "top",
+                                     "writable": True})
+    await p.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "top"})
+    await p.cmd("block-stream", {"job-id": "s", "device": "top", "base-node": "base",
+                                 "speed": 4 * MiB})
+    await p.cmd("query-block-exports", masked=("node-name",))
+    await p.io("top", "read -P 0x33 8M 8M", "read -P 0x44 48M 1M", ro=True)
+    await p.cmd("block-job-set-speed", {"device": "s", "speed": 0})
+    await p.wait_job_gone("s")
+    await p.cmd("query-block-exports")
+    await p.io("top", "read -P 0x33 8M 8M", "read -P 0x11 0 8M", ro=True)
+    await p.io("top", "write -P 0x55 0 4k")
+    r = await p.cmd("query-named-block-nodes", {"flat": True})
+    p.note("top is read-only again", [n["ro"] for n in r["return"] if n.get("node-name") == "top"])
+    await p.cmd("block-stream", {"job-id": "s2", "device": "top", "base-node": "base"})
+    await p.wait_job_gone("s2")
+    await p.cmd("block-export-del", {"id": "e"})
+
+
+async def sc_export_t7b(p):
+    """T7b: removing an export with a client attached (safe refused, hard disconnects),
+    and nbd-server-stop with clients attached."""
+    await add_chain(p)
+    await p.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "nbd.sock"}},
+                                     "max-connections": 4})
+    await p.cmd("nbd-server-add", {"device": "top", "name": "top-export", "writable": False})
+    await p.cmd("block-export-add", {"type": "nbd", "id": "e2", "node-name": "mid",
+                                     "name": "mid-export"})
+    await p.cmd("query-block-exports")
+    h = await p.hold("top-export")
+    await p.cmd("block-export-del", {"id": "top-export"})
+    await p.cmd("blockdev-del", {"node-name": "top"})
+    await p.cmd("nbd-server-remove", {"name": "top-export", "mode": "hard"})
+    await p.wait_event("BLOCK_EXPORT_DELETED", id="top-export")
+    await asyncio.get_running_loop().run_in_executor(None, h.wait)
+    p.note("client disconnected", h.returncode is not None)
+    await p.cmd("query-block-exports")
+    await p.cmd("block-export-add", {"type": "nbd", "id": "top-export", "node-name": "top"})
+    await p.cmd("blockdev-del", {"node-name": "top"})
+    await p.hold("top")
+    await p.hold("mid-export")
+    await p.cmd("nbd-server-stop")
+    await p.cmd("query-block-exports")
+    await p.cmd("blockdev-del", {"node-name": "top"})
+    await p.cmd(*NBD_START)
+    await p.cmd("block-export-add", {"type": "nbd", "id": "top-export", "node-name": "mid",
+                                     "name": "top-export"})
+    await p.cmd("query-block-exports")
+    await p.cmd("block-export-del", {"id": "top-export", "mode": "safe"})
+
+
+async def sc_export_nbd_node(p):
+    """An nbd client node (our export, served by the other daemon's twin: a qemu-nbd) as the
+    backing of a qcow2 overlay, streamed into it."""
+    srv = subprocess.Popen(["qemu-nbd", "-t", "-r", "-f", "qcow2", "-x", "base",
+                            "-k", f"{p.dir}/q.sock", f"{p.dir}/base.qcow2"])
+    try:
+        deadline = time.time() + 10
+        while not os.path.exists(f"{p.dir}/q.sock") and time.time() < deadline:
+            await asyncio.sleep(0.02)
+        await p.cmd("blockdev-add", {"driver": "nbd", "node-name": "n",
+                                     "server": {"type": "unix", "path": "q.sock"},
+                                     "export": "base"})
+        await p.cmd("blockdev-add", {"driver": "nbd", "node-name": "n2",
+                                     "server": {"type": "unix", "path": "q.sock"},
+                                     "export": "base", "read-only": True,
+                                     "reconnect-delay": 5, "open-timeout": 1})
+        await p.cmd("blockdev-add", {"driver": "nbd", "node-name": "x",
+                                     "server": {"type": "unix", "path": "none.sock"}})
+        await p.cmd("blockdev-add", {"driver": "nbd", "node-name": "x",
+                                     "server": {"type": "unix", "path": "q.sock"},
+                                     "export": "nope", "read-only": True})
+        await p.cmd("blockdev-add", {"driver": "nbd", "node-name": "x"})
+        await p.cmd("blockdev-add", {"driver": "nbd", "node-name": "x",
+                                     "server": {"type": "inet", "host": "127.0.0.1"}})
+        await p.cmd("query-named-block-nodes", {"flat": True}, masked=("actual-size",))
+        await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": "ov", "backing": "n2",
+                                     "file": {"driver": "file", "filename": "ov.qcow2"}})
+        await p.cmd("block-stream", {"job-id": "s", "device": "ov"})
+        await p.wait_job_gone("s")
+        await p.cmd("blockdev-del", {"node-name": "ov"})
+        await p.cmd("blockdev-del", {"node-name": "n2"})
+    finally:
+        srv.terminate()
+        srv.wait()
+
+
+def mk_nbd_node(d):
+    imgs = mkchain(d)
+    create(f"{d}/ov.qcow2", 64 * MiB)
+    qemu_img("rebase", "-u", "-b", "", f"{d}/ov.qcow2")
+    qemu_io(f"{d}/ov.qcow2", "qcow2", "write -P 0x66 4M 1M")
+    return imgs + ["ov.qcow2"]
+
+
 NO_MAP_COMPARE = {"t3", "paused_cancel", "030_stream_stop", "030_errors_set_speed", "eio_report",
                   "eio_ignore", "eio_enospc_eio"}
 
@@ -718,6 +1034,12 @@ SCENARIOS = {
     "eio_stop": (mkeio, eio_scenario("stop", 5, resume=True)),
     "eio_enospc_eio": (mkeio, eio_scenario("enospc", 5, sector=2048)),
     "enospc_stop": (mkeio, eio_scenario("enospc", 28, resume=True)),
+    "export_t5": (mk_export, sc_export_t5),
+    "export_args": (mk_export, sc_export_args),
+    "export_users": (mkchain, sc_export_users),
+    "export_ro_stream": (mkchain, sc_export_ro_stream),
+    "export_t7b": (mkchain, sc_export_t7b),
+    "export_nbd_node": (mk_nbd_node, sc_export_nbd_node),
 }
 
 
@@ -942,7 +1264,7 @@ async def run_scenario(name, setup, body, qsd, ours, keep, maps=True):
             with open(os.path.join(os.environ["QMPDIFF_DUMP"], f"{name}.{peer.kind}.json"), "w") as f:
                 json.dump({"transcript": peer.transcript, "events": peer.events}, f, indent=1)
     problems += diff_lists(name, "reply", q.transcript, o.transcript)
-    eq, eo = job_events(q.events, q.dir), job_events(o.events, o.dir)
+    eq, eo = job_events(q.events, q.dir, q.quit_at), job_events(o.events, o.dir, o.quit_at)
     for job in sorted(set(eq) | set(eo)):
         problems += diff_lists(name, f"events of job '{job}'", eq.get(job, []), eo.get(job, []))
     if not problems:
