@@ -79,6 +79,18 @@ pub trait BlockNode: Send + Sync + 'static {
     fn cluster_size(&self) -> Option<u64> {
         None
     }
+    /// The smallest range this layer allocates on its own: the subcluster with qcow2's extended
+    /// L2 entries, else the cluster. Copy-on-read widens its copies to this unit, so a copy
+    /// fills whole units and the driver never has to merge it with backing data itself.
+    fn allocation_unit(&self) -> Option<u64> {
+        self.cluster_size()
+    }
+    /// Whether this layer can store copied backing data per cluster, i.e. whether
+    /// [`BlockNode::write_if_unallocated`] does anything (qcow2). Raw images allocate
+    /// everything and have no backing file: there is nothing to populate.
+    fn can_populate(&self) -> bool {
+        false
+    }
     /// Read `buf.len()` bytes at `offset` (through the backing chain as needed).
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
     /// Write `data` at `offset`.

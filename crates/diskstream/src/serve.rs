@@ -6,14 +6,22 @@
 //! `--persistent` is given, and on SIGINT/SIGTERM; either way connections finish the requests
 //! they have read, then the image is flushed and closed cleanly (dirty state cleared) and a unix
 //! socket file is removed.
+//!
+//! `--copy-on-read` puts the block layer's copy-on-read filter
+//! ([`diskstream_block::filter::cor`]) between the export and the image: data clients read
+//! from the backing chain is copied into the image, so re-reads are local. `--cor-granularity`,
+//! `--cor-readahead` and `--cor-bottom` tune it; its counters are printed when the server stops.
 
 use anyhow::{anyhow, Context, Result};
 use clap::Args;
+use diskstream_block::filter::cor::{CopyOnRead, CorConfig, CorStats};
 use diskstream_block::format::Format;
+use diskstream_block::node::{same_node, BlockNode};
 use diskstream_block::image::{open_image, OpenOptions};
 use diskstream_block::BlockBackend;
 use diskstream_nbd::server::{tls_config_from_pem, Export, Listener, Server, ServerConfig};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -59,8 +67,110 @@ pub struct ServeArgs {
     /// Keep serving after the last client disconnects.
     #[arg(short = 't', long = "persistent")]
     persistent: bool,
+    /// Copy data read from the backing chain into the image (copy-on-read), so re-reads are
+    /// local and a later stream has less to copy. Ignored, with a warning, with -r or a raw
+    /// image.
+    #[arg(long = "copy-on-read")]
+    copy_on_read: bool,
+    /// Copy-on-read fetch unit: missing data is fetched in aligned units of this size
+    /// (power of two, 512 bytes to 32M; K/M suffixes), whatever the clients' request sizes.
+    #[arg(long = "cor-granularity", value_name = "SIZE", requires = "copy_on_read")]
+    cor_granularity: Option<String>,
+    /// Copy-on-read read-ahead: units fetched ahead of a sequential reader (0 disables).
+    #[arg(long = "cor-readahead", value_name = "UNITS", requires = "copy_on_read")]
+    cor_readahead: Option<u32>,
+    /// Copy only data of the backing layers down to this backing file (inclusive); data of
+    /// the layers below it is read but never copied (QEMU's `bottom`).
+    #[arg(long = "cor-bottom", value_name = "FILE", requires = "copy_on_read")]
+    cor_bottom: Option<PathBuf>,
     /// The image to export.
     file: PathBuf,
+}
+
+/// The copy-on-read configuration asked for on the command line.
+fn cor_config(a: &ServeArgs) -> Result<CorConfig> {
+    let mut c = CorConfig::default();
+    if let Some(g) = &a.cor_granularity {
+        c.granularity = crate::img::opts::parse_size(g)
+            .map_err(|e| anyhow!("invalid --cor-granularity '{g}': {e}"))?;
+    }
+    if let Some(r) = a.cor_readahead {
+        c.readahead = r;
+    }
+    c.validate().map_err(|e| anyhow!("{e}"))?;
+    Ok(c)
+}
+
+/// The layer of `top`'s backing chain that `name` designates: same file name as opened, or
+/// the same file once both are resolved.
+fn find_layer(top: &Arc<dyn BlockNode>, name: &Path) -> Result<Arc<dyn BlockNode>> {
+    let wanted = std::fs::canonicalize(name).ok();
+    let mut node = top.backing();
+    let mut seen = Vec::new();
+    while let Some(n) = node {
+        let f = n.filename();
+        if Path::new(f) == name
+            || (wanted.is_some() && std::fs::canonicalize(f).ok() == wanted)
+        {
+            return Ok(n);
+        }
+        seen.push(format!("'{f}'"));
+        node = n.backing();
+    }
+    Err(anyhow!(
+        "--cor-bottom '{}' is not a backing file of the image (its backing chain: {})",
+        name.display(),
+        if seen.is_empty() {
+            "none".to_string()
+        } else {
+            seen.join(" <- ")
+        }
+    ))
+}
+
+/// Put the copy-on-read filter over `node` when asked and possible; warns (and serves the image
+/// as is) when copy-on-read cannot work on it.
+fn with_cor(a: &ServeArgs, node: &Arc<dyn BlockNode>) -> Result<Option<Arc<CopyOnRead>>> {
+    if !a.copy_on_read {
+        return Ok(None);
+    }
+    let config = cor_config(a)?;
+    let bottom = a
+        .cor_bottom
+        .as_deref()
+        .map(|b| find_layer(node, b))
+        .transpose()?;
+    if let Some(why) = CopyOnRead::off_reason_for(node.as_ref()) {
+        eprintln!("diskstream serve: warning: --copy-on-read is off: {why}");
+        return Ok(None);
+    }
+    if node.backing().is_none() {
+        eprintln!(
+            "diskstream serve: warning: --copy-on-read is off: '{}' has no backing file, so \
+             there is nothing to copy",
+            a.file.display()
+        );
+        return Ok(None);
+    }
+    if let Some(b) = &bottom {
+        if same_node(b, node) {
+            return Err(anyhow!("--cor-bottom must be a backing file of the image"));
+        }
+    }
+    let cor = CopyOnRead::new(Arc::clone(node), bottom, config).map_err(|e| anyhow!("{e}"))?;
+    tracing::info!(
+        "copy-on-read on '{}': fetch unit {} bytes, read-ahead {} units",
+        a.file.display(),
+        cor.unit(),
+        config.readahead
+    );
+    Ok(Some(cor))
+}
+
+/// The exit report of the copy-on-read counters.
+fn report_cor(stats: &CorStats) {
+    tracing::info!("copy-on-read: {stats}");
+    eprintln!("diskstream serve: copy-on-read: {stats}");
 }
 
 /// Run `serve`; returns the process exit code.
@@ -94,6 +204,17 @@ async fn serve(a: ServeArgs) -> Result<()> {
         .await
         .map_err(|e| anyhow!("{e}"))
         .with_context(|| format!("cannot open '{}'", a.file.display()))?;
+    let cor = match with_cor(&a, &node) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = node.close().await;
+            return Err(e);
+        }
+    };
+    let exported: Arc<dyn BlockNode> = match &cor {
+        Some(c) => c.clone(),
+        None => node.clone(),
+    };
     let limit = if a.shared == 0 { usize::MAX } else { a.shared };
     let listener = match &a.socket {
         Some(path) => Listener::bind_unix(path),
@@ -116,7 +237,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
     let mut cfg = ServerConfig::new(vec![Export {
         name: a.export_name.clone(),
         description: a.description.clone(),
-        backend: BlockBackend::new(node.clone()),
+        backend: BlockBackend::new(exported),
         read_only: a.read_only,
         allocation_depth: a.allocation_depth,
         writethrough: false,
@@ -165,6 +286,14 @@ async fn serve(a: ServeArgs) -> Result<()> {
             "diskstream serve: clients still connected after {}s; closing the image anyway",
             DRAIN_TIMEOUT.as_secs()
         );
+    }
+    if let Some(c) = &cor {
+        // Copies still in flight land (or are abandoned at a safe point) before the image
+        // is closed.
+        if let Err(e) = c.close().await {
+            eprintln!("diskstream serve: copy-on-read: {e}");
+        }
+        report_cor(&c.stats());
     }
     let closed = node.close().await;
     if let Some(p) = &a.socket {

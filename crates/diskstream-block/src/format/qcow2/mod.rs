@@ -846,6 +846,12 @@ impl BlockNode for Qcow2 {
     fn cluster_size(&self) -> Option<u64> {
         Some(self.cs())
     }
+    fn allocation_unit(&self) -> Option<u64> {
+        Some(self.unit())
+    }
+    fn can_populate(&self) -> bool {
+        true
+    }
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         check_bounds(offset, buf.len() as u64, self.size())?;

@@ -1,0 +1,481 @@
+//! The `copy-on-read` filter: reads of data the top image does not hold yet fetch it from the
+//! backing chain and store it in the top, so re-reads are local and a later stream has less to
+//! copy.
+//!
+//! Copy-on-read is a property of how a device is opened, not of the image: the same qcow2 image
+//! is used with or without it. QEMU models it as a filter node (`blockdev-add
+//! driver=copy-on-read,file=<node>,bottom=<node>`); so does diskstream. [`CopyOnRead::new`]
+//! puts the filter over a format node (`file`, the top of a chain) and the result is itself an
+//! `Arc<dyn BlockNode>` to hand to an export or a device. `bottom` limits copying to data
+//! provided by the layers from the top's backing file down to `bottom` (inclusive); data below
+//! it is read but never copied.
+//!
+//! # A read
+//! 1. The top's own block status (local metadata, no backing I/O) tells which parts of the
+//!    request it lacks. If none, the read is a *hit*: it goes straight to the top.
+//! 2. Otherwise every aligned **fetch unit** ([`CorConfig::granularity`], 1 MiB by default,
+//!    rounded to the top's cluster or subcluster) overlapping a missing part is fetched — the
+//!    fetch unit is decoupled from the guest's request size, so a slow remote backing is read in
+//!    large requests whatever the guest asks for. A unit already being fetched (by another
+//!    read, or by read-ahead) is joined, not fetched again: **concurrent reads of one missing
+//!    unit read the backing once**.
+//! 3. The unit's missing parts are read from the backing chain into the fetch's own **bounce
+//!    buffer**, never into the caller's: a client may modify its read buffer while the read is
+//!    in flight (a guest reusing memory, a VMM passing guest RAM), and what lands in the image
+//!    must be what the backing holds, not what the client scribbled (the seed thread's reason
+//!    for bounce buffers). The read is answered from the bounce buffer for the fetched parts
+//!    and from the top for the rest.
+//! 4. The bounce buffer is written into the top with the no-clobber population primitives
+//!    (see [`fetch`]): per cluster, under the top's metadata lock, only where the top is still
+//!    unallocated; all-zero allocation units become zero clusters. The read does not wait for
+//!    this step (it already has its data), which keeps local metadata work out of the guest's
+//!    read latency; [`CopyOnRead::quiesce`] and `close` wait for it.
+//!
+//! Sequential readers get **read-ahead**: from a stream's second read on, the next
+//! [`CorConfig::readahead`] units are fetched in the background, at most
+//! [`CorConfig::max_background`] at once; when those slots are busy read-ahead is skipped, never
+//! queued. Guest reads never wait for background work: they only ever wait for a fetch of a
+//! unit they need, and such a fetch, whoever started it, is already reading.
+//!
+//! # Guest writes
+//! Writes, write-zeroes and discards pass straight to the top and never wait for copies. The
+//! population primitives make the copy lose against any guest write: one that landed first is
+//! never overwritten; one issued while the copy's cluster allocation is in flight waits for it
+//! and then writes over it. When a write completes, the units it touched are dropped from the
+//! in-flight map, so a read issued afterwards starts a fresh fetch that sees the write rather
+//! than joining a fetch planned before it. (Writes must therefore go through the filter, as
+//! they do when the filter is what is exported; a second writer directly on the top node
+//! bypasses that bookkeeping.)
+//!
+//! # Sharing the backing with a stream job
+//! A stream job on the same top (QEMU's "copy-on-read + streaming" pairing) uses the same
+//! primitives and re-checks the top's allocation for every chunk just before copying it, so it
+//! skips whatever copy-on-read already brought in, and its own copies never overwrite guest
+//! data or a copy that landed first. Guest reads are not queued behind the stream: each guest
+//! fetch is its own backing request, issued as soon as the guest asks (a pipelined NBD
+//! backing runs them alongside the stream's chunks). The worst overlap is a unit both fetch at
+//! the same moment: the backing is read twice, the top written once.
+//!
+//! # When copy-on-read is off
+//! A read-only top is never written: the filter then forwards every request and reports why in
+//! [`CopyOnRead::off_reason`] (also logged as a warning). The same for a top whose format cannot
+//! hold copied data per cluster (raw). A top without a backing file has nothing to copy.
+//!
+//! The filter is transparent to the chain-wide mapping: its backing is the top's backing and
+//! its block status is the top's, so `map`, NBD block status and allocation depth through it
+//! are the top's.
+
+mod config;
+mod fetch;
+mod readahead;
+
+pub use config::{
+    CorConfig, CorStats, DEFAULT_BACKGROUND, DEFAULT_GRANULARITY, DEFAULT_READAHEAD,
+    MAX_GRANULARITY, MAX_READAHEAD, MIN_GRANULARITY,
+};
+
+use crate::error::{BlockError, Result};
+use crate::node::{check_bounds, same_node, Allocation, BlockNode, LayerStatus};
+use async_trait::async_trait;
+use config::{bump, Counters};
+use fetch::Fetch;
+use readahead::Streams;
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::{Notify, Semaphore};
+
+/// The copy-on-read filter node.
+pub struct CopyOnRead {
+    inner: Arc<Inner>,
+}
+
+/// State shared with the fetch tasks.
+pub(crate) struct Inner {
+    file: Arc<dyn BlockNode>,
+    bottom: Option<Arc<dyn BlockNode>>,
+    config: CorConfig,
+    /// Effective fetch unit (granularity rounded up to `align`).
+    unit: u64,
+    /// The top's allocation unit: copies are widened to it.
+    align: u64,
+    off_reason: Option<String>,
+    closed: AtomicBool,
+    /// Units being fetched, by unit index.
+    inflight: Mutex<HashMap<u64, Arc<Fetch>>>,
+    streams: Mutex<Streams>,
+    /// Read-ahead slots.
+    background: Arc<Semaphore>,
+    /// Fetch tasks running, and a wake-up for [`CopyOnRead::quiesce`].
+    tasks: AtomicUsize,
+    idle: Notify,
+    counters: Counters,
+}
+
+/// Keeps a fetch task counted while it runs.
+struct TaskGuard(Arc<Inner>);
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        if self.0.tasks.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Inner {
+    fn inflight(&self) -> MutexGuard<'_, HashMap<u64, Arc<Fetch>>> {
+        lock(&self.inflight)
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    fn task_guard(self: &Arc<Self>) -> TaskGuard {
+        self.tasks.fetch_add(1, Ordering::AcqRel);
+        TaskGuard(Arc::clone(self))
+    }
+
+    /// Forget in-flight units overlapping `[offset, offset+len)` (a guest write completed
+    /// there): later reads must plan afresh.
+    fn invalidate(&self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = offset / self.unit;
+        let last = (offset + len - 1) / self.unit;
+        let mut map = self.inflight();
+        if !map.is_empty() {
+            map.retain(|&u, _| u < first || u > last);
+        }
+    }
+
+    async fn quiesce(&self) {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.tasks.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+}
+
+impl std::fmt::Debug for CopyOnRead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CopyOnRead")
+            .field("file", &self.inner.file.filename())
+            .field("bottom", &self.inner.bottom.as_ref().map(|b| b.filename()))
+            .field("unit", &self.inner.unit)
+            .field("off_reason", &self.inner.off_reason)
+            .finish()
+    }
+}
+
+impl CopyOnRead {
+    /// Put a copy-on-read filter over `file` (a format node, usually the top of a chain).
+    ///
+    /// `bottom`, when given, must be a layer of `file`'s backing chain; only data provided by
+    /// the layers from `file`'s backing down to `bottom` (inclusive) is copied, as QEMU's
+    /// `bottom` option. Fails on an invalid `config` or a `bottom` outside the chain. A filter
+    /// over a read-only `file`, or over a format that cannot hold copied data (raw), is created
+    /// but inactive: it forwards everything, [`CopyOnRead::off_reason`] says why, and a warning
+    /// is logged. A caller that prefers to refuse (a monitor mirroring QEMU's permission error)
+    /// checks [`CopyOnRead::off_reason`].
+    pub fn new(
+        file: Arc<dyn BlockNode>,
+        bottom: Option<Arc<dyn BlockNode>>,
+        config: CorConfig,
+    ) -> Result<Arc<CopyOnRead>> {
+        config.validate()?;
+        if let Some(b) = &bottom {
+            let mut node = file.backing();
+            let mut found = false;
+            while let Some(n) = node {
+                if same_node(&n, b) {
+                    found = true;
+                    break;
+                }
+                node = n.backing();
+            }
+            if !found {
+                return Err(BlockError::InvalidArgument(format!(
+                    "copy-on-read bottom '{}' is not in the backing chain of '{}'",
+                    b.filename(),
+                    file.filename()
+                )));
+            }
+        }
+        let off_reason = Self::off_reason_for(file.as_ref());
+        if let Some(r) = &off_reason {
+            tracing::warn!("copy-on-read is off: {r}");
+        }
+        let align = file.allocation_unit().unwrap_or(512).max(1);
+        let unit = config.granularity.div_ceil(align) * align;
+        Ok(Arc::new(CopyOnRead {
+            inner: Arc::new(Inner {
+                file,
+                bottom,
+                config,
+                unit,
+                align,
+                off_reason,
+                closed: AtomicBool::new(false),
+                inflight: Mutex::new(HashMap::new()),
+                streams: Mutex::new(Streams::default()),
+                background: Arc::new(Semaphore::new(config.max_background as usize)),
+                tasks: AtomicUsize::new(0),
+                idle: Notify::new(),
+                counters: Counters::default(),
+            }),
+        }))
+    }
+
+    /// Why a filter over `file` would be inactive: a read-only node is never written, and a
+    /// format that cannot allocate per cluster (raw) cannot hold copied data. `None` when
+    /// copy-on-read can work. Front ends ask before building a filter to report it their way.
+    pub fn off_reason_for(file: &dyn BlockNode) -> Option<String> {
+        if file.read_only() {
+            Some(format!(
+                "'{}' is opened read-only and copy-on-read never writes to a read-only image",
+                file.filename()
+            ))
+        } else if !file.can_populate() {
+            Some(format!(
+                "'{}' is a {} image, which cannot hold copied data (copy-on-read needs a \
+                 format that allocates over a backing file, such as qcow2)",
+                file.filename(),
+                file.format_name()
+            ))
+        } else {
+            None
+        }
+    }
+
+    /// The filtered node (QEMU's `file` child).
+    pub fn file(&self) -> &Arc<dyn BlockNode> {
+        &self.inner.file
+    }
+
+    /// The `bottom` layer, if copying is limited.
+    pub fn bottom(&self) -> Option<&Arc<dyn BlockNode>> {
+        self.inner.bottom.as_ref()
+    }
+
+    /// The configuration the filter was created with.
+    pub fn config(&self) -> CorConfig {
+        self.inner.config
+    }
+
+    /// The effective fetch unit in bytes.
+    pub fn unit(&self) -> u64 {
+        self.inner.unit
+    }
+
+    /// Why copy-on-read is off (`None`: it is on).
+    pub fn off_reason(&self) -> Option<&str> {
+        self.inner.off_reason.as_deref()
+    }
+
+    /// Whether reads copy into the top.
+    pub fn is_active(&self) -> bool {
+        self.inner.off_reason.is_none() && !self.inner.is_closed()
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> CorStats {
+        let mut s = CorStats {
+            active: self.inner.off_reason.is_none(),
+            off_reason: self.inner.off_reason.clone(),
+            unit: self.inner.unit,
+            readahead: self.inner.config.readahead,
+            ..CorStats::default()
+        };
+        self.inner.counters.fill(&mut s);
+        s
+    }
+
+    /// Wait until no fetch or copy is running (fetches started meanwhile are waited for too).
+    /// For graph changes that need the top quiet, e.g. before removing the filter.
+    pub async fn quiesce(&self) {
+        self.inner.quiesce().await;
+    }
+
+    async fn cor_read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let inner = &self.inner;
+        let end = offset + buf.len() as u64;
+        let mut units: Vec<u64> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let st = inner.file.block_status(pos, end - pos).await?;
+            let n = st.len.clamp(1, end - pos);
+            if st.alloc == Allocation::Unallocated {
+                for u in pos / inner.unit..=(pos + n - 1) / inner.unit {
+                    if units.last() != Some(&u) {
+                        units.push(u);
+                    }
+                }
+            }
+            pos += n;
+        }
+        let ahead = {
+            let units_total = inner.file.size().div_ceil(inner.unit);
+            lock(&inner.streams).access(
+                offset,
+                end,
+                inner.unit,
+                inner.config.readahead,
+                units_total,
+            )
+        };
+        if units.is_empty() {
+            bump(&inner.counters.hits, 1);
+            if let Some(r) = ahead {
+                inner.readahead(r);
+            }
+            return inner.file.read(offset, buf).await;
+        }
+        bump(&inner.counters.misses, 1);
+        // The guest's own units first, then read-ahead, so the backing sees them in that order.
+        let fetches: Vec<Arc<Fetch>> = units.iter().map(|&u| inner.fetch(u)).collect();
+        if let Some(r) = ahead {
+            inner.readahead(r);
+        }
+        let mut pos = offset;
+        for f in fetches {
+            let d = f.wait().await?;
+            for &(a, b) in &d.ranges {
+                let (s, e) = (a.max(offset), b.min(end));
+                if s >= e {
+                    continue;
+                }
+                if pos < s {
+                    let gap = &mut buf[(pos - offset) as usize..(s - offset) as usize];
+                    inner.file.read(pos, gap).await?;
+                }
+                buf[(s - offset) as usize..(e - offset) as usize]
+                    .copy_from_slice(&d.data[(s - d.start) as usize..(e - d.start) as usize]);
+                pos = e;
+            }
+        }
+        if pos < end {
+            inner.file.read(pos, &mut buf[(pos - offset) as usize..]).await?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl BlockNode for CopyOnRead {
+    fn format_name(&self) -> &'static str {
+        "copy-on-read"
+    }
+    fn filename(&self) -> &str {
+        self.inner.file.filename()
+    }
+    fn size(&self) -> u64 {
+        self.inner.file.size()
+    }
+    fn read_only(&self) -> bool {
+        self.inner.file.read_only()
+    }
+    /// The filtered node's backing: the filter is transparent to chain walks.
+    fn backing(&self) -> Option<Arc<dyn BlockNode>> {
+        self.inner.file.backing()
+    }
+    fn cluster_size(&self) -> Option<u64> {
+        self.inner.file.cluster_size()
+    }
+    fn allocation_unit(&self) -> Option<u64> {
+        self.inner.file.allocation_unit()
+    }
+    fn can_populate(&self) -> bool {
+        self.inner.file.can_populate()
+    }
+
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        check_bounds(offset, buf.len() as u64, self.size())?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        if !self.is_active() {
+            return self.inner.file.read(offset, buf).await;
+        }
+        if self.inner.file.backing().is_none() {
+            bump(&self.inner.counters.hits, 1);
+            return self.inner.file.read(offset, buf).await;
+        }
+        self.cor_read(offset, buf).await
+    }
+
+    async fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let r = self.inner.file.write(offset, data).await;
+        self.inner.invalidate(offset, data.len() as u64);
+        r
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        let r = self.inner.file.write_zeroes(offset, len, unmap).await;
+        self.inner.invalidate(offset, len);
+        r
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let r = self.inner.file.discard(offset, len).await;
+        self.inner.invalidate(offset, len);
+        r
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.inner.file.flush().await
+    }
+
+    async fn write_if_unallocated(&self, offset: u64, data: &[u8]) -> Result<u64> {
+        self.inner.file.write_if_unallocated(offset, data).await
+    }
+
+    async fn zero_if_unallocated(&self, offset: u64, len: u64) -> Result<u64> {
+        self.inner.file.zero_if_unallocated(offset, len).await
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> Result<LayerStatus> {
+        self.inner.file.block_status(offset, len).await
+    }
+
+    /// Waits for fetches in flight (they were planned for the old size), then resizes the top.
+    async fn truncate(&self, size: u64) -> Result<()> {
+        self.inner.quiesce().await;
+        let r = self.inner.file.truncate(size).await;
+        self.inner.invalidate(0, u64::MAX);
+        r
+    }
+
+    /// Stops copying (later reads are forwarded), waits for fetches and copies in flight, and
+    /// flushes the top. The top itself stays open: it is a node of its own (QEMU's
+    /// `blockdev-del` of a filter leaves its child in the graph); whoever opened it closes it.
+    async fn close(&self) -> Result<()> {
+        self.inner.closed.store(true, Ordering::Release);
+        self.inner.quiesce().await;
+        tracing::debug!(
+            "copy-on-read over '{}' closed: {}",
+            self.inner.file.filename(),
+            self.stats()
+        );
+        if self.inner.file.read_only() {
+            return Ok(());
+        }
+        self.inner.file.flush().await
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
