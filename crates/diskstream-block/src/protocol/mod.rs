@@ -70,6 +70,28 @@ pub trait Protocol: Send + Sync {
         Ok(())
     }
 
+    /// Write the byte ranges `ranges` of `buf` back to back at `offset`, followed by
+    /// `zero_tail` zero bytes, and hand the buffer back for reuse. A gathered write: pieces
+    /// that lie apart in memory but belong next to each other in the storage (bulk copies
+    /// produce these) go out in one request without being copied together first. The default
+    /// copies them into one buffer and calls [`Protocol::write_vec`].
+    async fn write_gather(
+        &self,
+        offset: u64,
+        buf: Vec<u8>,
+        ranges: Vec<std::ops::Range<usize>>,
+        zero_tail: usize,
+    ) -> Result<Vec<u8>> {
+        let total = ranges.iter().map(|r| r.len()).sum::<usize>() + zero_tail;
+        let mut v = Vec::with_capacity(total);
+        for r in ranges {
+            v.extend_from_slice(&buf[r]);
+        }
+        v.resize(total, 0);
+        self.write_vec(offset, v).await?;
+        Ok(buf)
+    }
+
     /// Write a borrowed buffer (copies into an owned write).
     async fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.write_vec(offset, data.to_vec()).await

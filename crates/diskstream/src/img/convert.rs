@@ -71,7 +71,13 @@ pub fn progress_bar(enabled: bool, len: u64) -> ProgressBar {
     pb
 }
 
-const CHUNK: u64 = 2 << 20;
+/// Guest bytes one copy batch spans at most (one map query may return less). A batch is read
+/// with few requests, checked for zeroes, and written with as few requests as its layout allows
+/// (for a qcow2 target usually one: see [`Qcow2::write_pieces`]).
+const BATCH: u64 = 2 << 20;
+
+/// Data extents closer than this are read with one request (the gap is read too).
+const READ_GAP: u64 = 256 << 10;
 
 /// Run `convert`.
 pub async fn convert(a: ConvertArgs) -> Result<()> {
@@ -162,33 +168,54 @@ async fn convert_inner(a: ConvertArgs) -> Result<()> {
     };
     let mut tasks: JoinSet<Result<u64>> = JoinSet::new();
     // Reads run in parallel; for allocating formats the writes are issued in guest order so the
-    // output's clusters are laid out sequentially (as qemu-img does without -W).
+    // output's clusters are laid out sequentially (as qemu-img does without -W). A batch hands
+    // the turn on as soon as its clusters are allocated, so data writes still overlap.
     let ordered = matches!(out_fmt, Format::Qcow2 | Format::Qed);
     let (turn_tx, turn_rx) = tokio::sync::watch::channel(0u64);
     let turn_tx = Arc::new(turn_tx);
+    let ctx = Arc::new(Copier {
+        src: Arc::clone(&src),
+        dst: Arc::clone(&dst),
+        gran,
+        fresh,
+        compress: a.compress,
+        buffers: std::sync::Mutex::new(Vec::new()),
+    });
     let mut seq = 0u64;
     let mut pos = 0;
     while pos < size {
-        let e = status::map_extent(&src, pos, (size - pos).min(CHUNK))
-            .await
-            .map_err(|e| anyhow!("{e}"))?;
-        let (start, mut len, mut zero) = (pos, e.length, e.zero);
-        if a.compress {
-            // Compressed clusters are written whole (as qemu-img does): a data range is widened
-            // to the target's cluster boundaries, a zero range keeps only the whole clusters it
-            // covers. `start` is always cluster aligned here.
-            let end = start + len;
-            let whole = end / gran * gran;
-            if zero && whole > start {
-                len = whole - start;
-            } else {
-                zero = false;
-                len = (end.div_ceil(gran) * gran).min(size) - start;
+        // Gather one batch of extents.
+        let mut batch: Vec<Extent> = Vec::new();
+        let batch_start = pos;
+        let mut skipped = 0;
+        while pos < size && pos - batch_start < BATCH {
+            let want = (size - pos).min(BATCH - (pos - batch_start));
+            let e = status::map_extent(&src, pos, want)
+                .await
+                .map_err(|e| anyhow!("{e}"))?;
+            let (start, mut len, mut zero) = (pos, e.length, e.zero);
+            if a.compress {
+                // Compressed clusters are written whole (as qemu-img does): a data range is
+                // widened to the target's cluster boundaries, a zero range keeps only the whole
+                // clusters it covers. `start` is always cluster aligned here.
+                let end = start + len;
+                let whole = end / gran * gran;
+                if zero && whole > start {
+                    len = whole - start;
+                } else {
+                    zero = false;
+                    len = (end.div_ceil(gran) * gran).min(size) - start;
+                }
             }
+            pos += len;
+            if zero && fresh {
+                skipped += len;
+                continue;
+            }
+            batch.push(Extent { start, len, zero });
         }
-        pos += len;
-        if zero && fresh {
-            pb.inc(len);
+        pb.inc(skipped);
+        if batch.is_empty() {
             continue;
         }
         while tasks.len() >= a.parallel.max(1) {
@@ -196,8 +223,7 @@ async fn convert_inner(a: ConvertArgs) -> Result<()> {
                 pb.inc(r.map_err(|e| anyhow!("copy task failed: {e}"))??);
             }
         }
-        let (src, dst) = (Arc::clone(&src), Arc::clone(&dst));
-        let compress = a.compress;
+        let ctx = Arc::clone(&ctx);
         let turn = ordered.then(|| Turn {
             me: seq,
             rx: turn_rx.clone(),
@@ -205,22 +231,11 @@ async fn convert_inner(a: ConvertArgs) -> Result<()> {
         });
         seq += 1;
         tasks.spawn(async move {
-            let r = copy_range(
-                &src,
-                &dst,
-                start,
-                len,
-                gran,
-                fresh,
-                zero,
-                compress,
-                turn.as_ref(),
-            )
-            .await;
+            let r = ctx.copy_batch(&batch, turn.as_ref()).await;
             if let Some(t) = &turn {
                 t.done();
             }
-            r.map(|_| len)
+            r.map(|_| batch.iter().map(|e| e.len).sum())
         });
     }
     while let Some(r) = tasks.join_next().await {
@@ -243,7 +258,7 @@ impl Turn {
         let _ = rx.wait_for(|&t| t >= self.me).await;
     }
 
-    /// Let the next task write (also on failure, so no task waits forever).
+    /// Let the next task write (also on failure, so no task waits forever). Idempotent.
     fn done(&self) {
         self.tx.send_if_modified(|t| {
             if *t == self.me {
@@ -256,93 +271,245 @@ impl Turn {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn copy_range(
-    src: &Arc<dyn BlockNode>,
-    dst: &Arc<dyn BlockNode>,
+/// One extent of a batch: guest range and whether the source reads as zeroes there.
+#[derive(Clone, Copy)]
+struct Extent {
     start: u64,
     len: u64,
-    gran: u64,
-    fresh: bool,
     zero: bool,
+}
+
+/// What a batch does to the target, in guest order.
+enum Action {
+    /// Write buffer bytes `[at, at+len)` at guest offset `off`.
+    Write { off: u64, at: usize, len: usize },
+    /// Make `[off, off+len)` read as zeroes.
+    Zero { off: u64, len: u64 },
+    /// Write buffer bytes `[at, at+len)` compressed at cluster-aligned `off`.
+    Compressed { off: u64, at: usize, len: usize },
+}
+
+/// What every batch of one conversion shares.
+struct Copier {
+    src: Arc<dyn BlockNode>,
+    dst: Arc<dyn BlockNode>,
+    /// Zero-detection granule (target cluster, at least 4 KiB; exactly one cluster with -c).
+    gran: u64,
+    /// The target was created by us and has no backing file: it reads as zeroes everywhere.
+    fresh: bool,
     compress: bool,
-    turn: Option<&Turn>,
-) -> Result<()> {
-    let err = |e: diskstream_block::BlockError| anyhow!("{e}");
-    let has_backing = dst.backing().is_some();
-    if zero && !has_backing {
+    /// Batch buffers for reuse (a fresh buffer would be zero-filled for nothing each time).
+    buffers: std::sync::Mutex<Vec<Vec<u8>>>,
+}
+
+impl Copier {
+    fn take_buffer(&self, len: usize) -> Vec<u8> {
+        let mut b = self
+            .buffers
+            .lock()
+            .ok()
+            .and_then(|mut v| v.pop())
+            .unwrap_or_default();
+        b.resize(len, 0);
+        b
+    }
+
+    fn give_buffer(&self, b: Vec<u8>) {
+        if let Ok(mut v) = self.buffers.lock() {
+            v.push(b);
+        }
+    }
+
+    /// Copy one batch of extents (ascending, contiguous or with skipped zero gaps).
+    async fn copy_batch(&self, batch: &[Extent], turn: Option<&Turn>) -> Result<()> {
+        let err = |e: diskstream_block::BlockError| anyhow!("{e}");
+        let base = batch[0].start;
+        let span = batch.iter().map(|e| e.start + e.len).max().unwrap_or(base) - base;
+        let has_backing = self.dst.backing().is_some();
+        let mut buf = self.take_buffer(span as usize);
+        let mut old = if has_backing {
+            vec![0u8; span as usize]
+        } else {
+            Vec::new()
+        };
+        // Read what must be compared or copied, extents close together in one request.
+        let needs_read = |e: &Extent| !e.zero || has_backing;
+        let mut i = 0;
+        while i < batch.len() {
+            if !needs_read(&batch[i]) {
+                i += 1;
+                continue;
+            }
+            let first = batch[i].start;
+            let mut end = first + batch[i].len;
+            let mut j = i + 1;
+            while j < batch.len() && needs_read(&batch[j]) && batch[j].start - end < READ_GAP {
+                end = batch[j].start + batch[j].len;
+                j += 1;
+            }
+            let r = (first - base) as usize..(end - base) as usize;
+            let res = self.src.read(first, &mut buf[r.clone()]).await;
+            if let Err(e) = res {
+                self.give_buffer(buf);
+                return Err(err(e));
+            }
+            if has_backing {
+                diskstream_block::node::read_backing(
+                    self.dst.backing().as_ref(),
+                    first,
+                    &mut old[r],
+                )
+                .await
+                .map_err(err)?;
+            }
+            i = j;
+        }
+        let mut actions = Vec::new();
+        for e in batch {
+            self.plan_extent(e, base, &buf, &old, has_backing, &mut actions);
+        }
         if let Some(t) = turn {
             t.wait().await;
         }
-        return dst.write_zeroes(start, len, true).await.map_err(err);
+        let buf = self.execute(&actions, buf, turn).await?;
+        self.give_buffer(buf);
+        Ok(())
     }
-    let mut buf = vec![0u8; len as usize];
-    src.read(start, &mut buf).await.map_err(err)?;
-    if let Some(t) = turn {
-        t.wait().await;
-    }
-    let mut old = if has_backing {
-        vec![0u8; len as usize]
-    } else {
-        Vec::new()
-    };
-    if has_backing {
-        diskstream_block::node::read_backing(dst.backing().as_ref(), start, &mut old)
-            .await
-            .map_err(err)?;
-    }
-    // Walk granules aligned to the target's clusters; write runs of granules that matter.
-    let mut i = 0u64;
-    while i < len {
-        let g_end = (((start + i) / gran + 1) * gran - start).min(len);
-        let piece = &buf[i as usize..g_end as usize];
-        let skip = if has_backing {
-            piece == &old[i as usize..g_end as usize]
-        } else {
-            fresh && piece.iter().all(|&b| b == 0)
+
+    /// Decide what extent `e` needs written (see the module documentation).
+    fn plan_extent(
+        &self,
+        e: &Extent,
+        base: u64,
+        buf: &[u8],
+        old: &[u8],
+        has_backing: bool,
+        actions: &mut Vec<Action>,
+    ) {
+        let gran = self.gran;
+        let (start, len) = (e.start, e.len);
+        if e.zero && !has_backing {
+            actions.push(Action::Zero { off: start, len });
+            return;
+        }
+        let at = |off: u64| (off - base) as usize;
+        // Whether the target already holds the granule `[a, b)` (offsets in the extent).
+        let skip = |a: u64, b: u64| {
+            let piece = &buf[at(start + a)..at(start + b)];
+            if has_backing {
+                piece == &old[at(start + a)..at(start + b)]
+            } else {
+                self.fresh && is_zero(piece)
+            }
         };
-        if skip {
-            i = g_end;
-            continue;
-        }
-        if compress {
-            let q = dst
-                .as_any()
-                .downcast_ref::<Qcow2>()
-                .ok_or_else(|| anyhow!("compressed output needs qcow2"))?;
-            if (start + i) % gran == 0 && (g_end - i == gran || start + g_end == dst.size()) {
-                q.write_compressed(start + i, piece).await.map_err(err)?;
-            } else {
-                dst.write(start + i, piece).await.map_err(err)?;
+        // Walk granules aligned to the target's clusters; write runs of granules that matter.
+        let mut i = 0u64;
+        while i < len {
+            let g_end = (((start + i) / gran + 1) * gran - start).min(len);
+            if skip(i, g_end) {
+                i = g_end;
+                continue;
             }
-            i = g_end;
-            continue;
-        }
-        // Extend the run over following granules that also need writing.
-        let mut j = g_end;
-        while j < len {
-            let n_end = (j + gran).min(len);
-            let p = &buf[j as usize..n_end as usize];
-            let s = if has_backing {
-                p == &old[j as usize..n_end as usize]
-            } else {
-                fresh && p.iter().all(|&b| b == 0)
-            };
-            if s {
-                break;
+            if self.compress {
+                let whole = (start + i) % gran == 0
+                    && (g_end - i == gran || start + g_end == self.dst.size());
+                let (off, at, len) = (start + i, at(start + i), (g_end - i) as usize);
+                actions.push(if whole {
+                    Action::Compressed { off, at, len }
+                } else {
+                    Action::Write { off, at, len }
+                });
+                i = g_end;
+                continue;
             }
-            j = n_end;
+            // Extend the run over following granules that also need writing.
+            let mut j = g_end;
+            while j < len {
+                let n_end = (j + gran).min(len);
+                if skip(j, n_end) {
+                    break;
+                }
+                j = n_end;
+            }
+            let r = at(start + i)..at(start + j);
+            if !self.fresh && !has_backing && is_zero(&buf[r.clone()]) {
+                actions.push(Action::Zero {
+                    off: start + i,
+                    len: j - i,
+                });
+            } else {
+                actions.push(Action::Write {
+                    off: start + i,
+                    at: r.start,
+                    len: r.len(),
+                });
+            }
+            i = j;
         }
-        if !fresh && !has_backing && buf[i as usize..j as usize].iter().all(|&b| b == 0) {
-            dst.write_zeroes(start + i, j - i, true)
-                .await
-                .map_err(err)?;
-        } else {
-            dst.write(start + i, &buf[i as usize..j as usize])
-                .await
-                .map_err(err)?;
-        }
-        i = j;
     }
-    Ok(())
+
+    /// Apply `actions` in order; hands the buffer back. Consecutive writes to a qcow2 target go
+    /// out as one batch, which releases the turn once the last of them is allocated.
+    async fn execute(
+        &self,
+        actions: &[Action],
+        mut buf: Vec<u8>,
+        turn: Option<&Turn>,
+    ) -> Result<Vec<u8>> {
+        let err = |e: diskstream_block::BlockError| anyhow!("{e}");
+        let qcow2 = self.dst.as_any().downcast_ref::<Qcow2>();
+        let mut i = 0;
+        while i < actions.len() {
+            match actions[i] {
+                Action::Zero { off, len } => {
+                    self.dst.write_zeroes(off, len, true).await.map_err(err)?;
+                    i += 1;
+                }
+                Action::Compressed { off, at, len } => {
+                    let q = qcow2.ok_or_else(|| anyhow!("compressed output needs qcow2"))?;
+                    q.write_compressed(off, &buf[at..at + len])
+                        .await
+                        .map_err(err)?;
+                    i += 1;
+                }
+                Action::Write { .. } => {
+                    let mut pieces = Vec::new();
+                    while let Some(Action::Write { off, at, len }) = actions.get(i) {
+                        pieces.push((*off, *at..*at + *len));
+                        i += 1;
+                    }
+                    match qcow2 {
+                        Some(q) => {
+                            let last = i == actions.len();
+                            let release = || {
+                                if let Some(t) = turn {
+                                    t.done();
+                                }
+                            };
+                            let cb: Option<&(dyn Fn() + Sync)> =
+                                if last { Some(&release) } else { None };
+                            buf = q.write_pieces(buf, &pieces, cb).await.map_err(err)?;
+                        }
+                        None => {
+                            for (off, r) in pieces {
+                                self.dst.write(off, &buf[r]).await.map_err(err)?;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(buf)
+    }
+}
+
+/// Whether `buf` holds only zero bytes (word-wise: this runs over every byte copied).
+fn is_zero(buf: &[u8]) -> bool {
+    let mut chunks = buf.chunks_exact(16);
+    let words = (&mut chunks).all(|c| {
+        let mut w = [0u8; 16];
+        w.copy_from_slice(c);
+        u128::from_ne_bytes(w) == 0
+    });
+    words && chunks.remainder().iter().all(|&b| b == 0)
 }
