@@ -171,7 +171,10 @@ mod tests {
         for _ in 0..3 {
             let rx = Arc::clone(&rx);
             pool.spawn_detached(move || {
-                let _ = rx.lock().unwrap().recv_timeout(std::time::Duration::from_secs(5));
+                let _ = rx
+                    .lock()
+                    .unwrap()
+                    .recv_timeout(std::time::Duration::from_secs(5));
             });
         }
         assert_eq!(pool.run(|| Ok(7)).await.unwrap(), 7);

@@ -195,7 +195,10 @@ fn cfg(granularity: u64, readahead: u32) -> CorConfig {
 
 /// Extents of `qemu-img map --output=json`.
 fn map_of(path: &Path) -> Vec<Value> {
-    qemu_map(path, "qcow2").as_array().cloned().unwrap_or_default()
+    qemu_map(path, "qcow2")
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
 }
 
 fn field(e: &Value, k: &str) -> u64 {
@@ -285,7 +288,12 @@ async fn full_read_makes_the_top_self_contained() {
         let mut pos = 0;
         while pos < size {
             let st = top.block_status(pos, size - pos).await.expect("status");
-            assert_ne!(st.alloc, Allocation::Unallocated, "{opts}: {pos}+{}", st.len);
+            assert_ne!(
+                st.alloc,
+                Allocation::Unallocated,
+                "{opts}: {pos}+{}",
+                st.len
+            );
             pos += st.len;
         }
         cor.close().await.expect("close filter");
@@ -423,10 +431,14 @@ async fn guest_reads_never_wait_behind_readahead() {
     probe.hold(128 * KIB, 256 * KIB); // units 2 and 3
     let mut b = vec![0u8; 4096];
     cor.read(0, &mut b).await.expect("read 0");
-    cor.read(4096, &mut b).await.expect("read 1: starts read-ahead of units 1..");
+    cor.read(4096, &mut b)
+        .await
+        .expect("read 1: starts read-ahead of units 1..");
     // Units 2 and 3 (or 1 and 2) occupy both slots; unit 10 is read by the guest itself.
     within(5, "guest read beside stuck read-ahead", async {
-        cor.read(10 * 64 * KIB + 5, &mut b).await.expect("read unit 10")
+        cor.read(10 * 64 * KIB + 5, &mut b)
+            .await
+            .expect("read unit 10")
     })
     .await;
     assert!(b.iter().all(|&x| x == 0x77));
@@ -490,7 +502,10 @@ async fn reads_after_a_write_never_see_older_fetches() {
     let b1 = within(5, "r1", r1).await.expect("task").expect("r1");
     assert!(b1.iter().all(|&x| x == 0x11));
     let b2 = within(5, "r2", r2).await.expect("task").expect("r2");
-    assert!(b2[..64 * KIB as usize].iter().all(|&x| x == 0xab), "r2 saw the write");
+    assert!(
+        b2[..64 * KIB as usize].iter().all(|&x| x == 0xab),
+        "r2 saw the write"
+    );
     assert!(b2[64 * KIB as usize..].iter().all(|&x| x == 0x11));
     cor.quiesce().await;
     let mut all = vec![0u8; 2 * MIB as usize];
@@ -544,7 +559,10 @@ async fn guest_writes_always_win_against_copies() {
                     continue;
                 }
                 // Writes of one round never overlap each other (their order is undefined).
-                if written.iter().any(|&(a, b)| off < b + cs && a < off + len + cs) {
+                if written
+                    .iter()
+                    .any(|&(a, b)| off < b + cs && a < off + len + cs)
+                {
                     continue;
                 }
                 written.push((off, off + len));
@@ -651,7 +669,11 @@ async fn scribbling_on_the_read_buffer_cannot_reach_the_image() {
     // changes the bytes behind it (as a guest does to its RAM): the filter must never read
     // them back.
     let guest_ram: &mut [u8] = unsafe { std::slice::from_raw_parts_mut(a as *mut u8, len) };
-    for (off, n) in [(0usize, 4096usize), (300_000, 700_001), (MIB as usize, 3 * MIB as usize)] {
+    for (off, n) in [
+        (0usize, 4096usize),
+        (300_000, 700_001),
+        (MIB as usize, 3 * MIB as usize),
+    ] {
         cor.read(off as u64, &mut guest_ram[off..off + n])
             .await
             .expect("read into guest RAM");
@@ -663,7 +685,10 @@ async fn scribbling_on_the_read_buffer_cannot_reach_the_image() {
     // The top alone (no backing) must hold exactly the backing's bytes wherever it copied.
     let mut img = vec![0u8; len];
     top.read(0, &mut img).await.expect("read top");
-    assert!(img.iter().all(|&x| x == 0x3c), "a scribble reached the image");
+    assert!(
+        img.iter().all(|&x| x == 0x3c),
+        "a scribble reached the image"
+    );
     top.close().await.expect("close top");
     for e in map_of(&top_path) {
         assert_eq!(e["depth"], 0, "{e}");

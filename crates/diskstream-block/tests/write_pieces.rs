@@ -10,7 +10,6 @@ mod common;
 use common::*;
 use diskstream_block::format::qcow2::create::CreateOptions;
 use diskstream_block::format::qcow2::Qcow2;
-use diskstream_block::node::BlockNode;
 use std::ops::Range;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -49,10 +48,7 @@ async fn check_case(what: &str, opts: &CreateOptions, setup: &[&str], spec: &[(u
     let (buf, pieces) = batch(5, spec);
     // Batched.
     let node = open_qcow2(&a, false).await;
-    let q = node
-        .as_any()
-        .downcast_ref::<Qcow2>()
-        .expect("a qcow2 node");
+    let q = node.as_any().downcast_ref::<Qcow2>().expect("a qcow2 node");
     let calls = AtomicUsize::new(0);
     let cb = || {
         calls.fetch_add(1, Ordering::SeqCst);
@@ -116,7 +112,13 @@ async fn batched_writes_equal_single_writes() {
         (2 << 20, 4 * k),   // partial cluster: single-write path
         (3 << 20, 64 * k),
     ];
-    check_case("64k clusters over existing data", &opts(4 << 20, 65536), &setup, &spec).await;
+    check_case(
+        "64k clusters over existing data",
+        &opts(4 << 20, 65536),
+        &setup,
+        &spec,
+    )
+    .await;
     // The image ends inside its last cluster.
     let size = (1 << 20) + 3584;
     check_case(
@@ -131,8 +133,13 @@ async fn batched_writes_equal_single_writes() {
         extended_l2: true,
         ..opts(2 << 20, 65536)
     };
-    check_case("extended L2", &ext, &["write -P 4 0 8k"], &[(0, 128 * k), (1 << 20, 64 * k)])
-        .await;
+    check_case(
+        "extended L2",
+        &ext,
+        &["write -P 4 0 8k"],
+        &[(0, 128 * k), (1 << 20, 64 * k)],
+    )
+    .await;
 }
 
 /// Clusters shared with an internal snapshot (refcount 2, not COPIED) and compressed clusters

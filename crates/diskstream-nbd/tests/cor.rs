@@ -130,7 +130,10 @@ const LAYOUTS: &[Layout] = &[
         cluster: 65536,
         layers: [
             (511, &["write -P 0x51 0 512"]),
-            (2 * MIB + 65537, &["write -P 0x52 4096 1M", "write -z 1M 2048"]),
+            (
+                2 * MIB + 65537,
+                &["write -P 0x52 4096 1M", "write -z 1M 2048"],
+            ),
             (3 * MIB + 1, &["write -P 0x53 70000 3000"]),
         ],
         granularity: MIB,
@@ -194,9 +197,10 @@ async fn random_concurrent_io_through_an_nbd_export_with_copy_on_read() {
         let server = Server::new(ServerConfig::new(vec![Export {
             name: String::new(),
             description: String::new(),
-            node: cor.clone(),
+            backend: diskstream_block::BlockBackend::new(cor.clone()),
             read_only: false,
             allocation_depth: true,
+            writethrough: false,
             max_connections: 4,
         }]))
         .expect("server");
@@ -205,7 +209,11 @@ async fn random_concurrent_io_through_an_nbd_export_with_copy_on_read() {
         let accept = tokio::spawn(async move { srv.serve(listener).await });
         let mut o = ClientOptions::new(Address::Unix(sock.clone()), "");
         o.connections = 2;
-        let client = Arc::new(within(10, "connect", NbdClient::connect(o)).await.expect("connect"));
+        let client = Arc::new(
+            within(10, "connect", NbdClient::connect(o))
+                .await
+                .expect("connect"),
+        );
         let cs = l.cluster;
         let mut rng = StdRng::seed_from_u64(li as u64 + 11);
         let lens = [1u64, 511, cs - 1, cs, cs + 1, 3 * cs + 7, 300_001];
@@ -280,7 +288,10 @@ async fn random_concurrent_io_through_an_nbd_export_with_copy_on_read() {
         within(10, "drain", server.wait_idle()).await;
         cor.close().await.expect("close filter");
         let st = cor.stats();
-        assert!(st.misses > 0 && st.bytes_copied + st.bytes_zeroed > 0, "{st:?}");
+        assert!(
+            st.misses > 0 && st.bytes_copied + st.bytes_zeroed > 0,
+            "{st:?}"
+        );
         assert_eq!(st.fetch_errors + st.populate_errors, 0, "{st:?}");
         top.close().await.expect("close top");
         check_clean(&top_path);
@@ -312,7 +323,16 @@ async fn copy_on_read_over_a_qemu_nbd_backing() {
     run_ok(
         "qemu-img",
         &[
-            "create", "-q", "-f", "qcow2", "-u", "-b", &url, "-F", "raw", &s(&top_path),
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            &url,
+            "-F",
+            "raw",
+            &s(&top_path),
             &expected.len().to_string(),
         ],
     );
@@ -324,9 +344,13 @@ async fn copy_on_read_over_a_qemu_nbd_backing() {
     let mut pos = 0;
     while pos < size {
         let n = (size - pos).min(100_000);
-        within(10, "read", node.read(pos, &mut got[pos as usize..(pos + n) as usize]))
-            .await
-            .expect("read over NBD backing");
+        within(
+            10,
+            "read",
+            node.read(pos, &mut got[pos as usize..(pos + n) as usize]),
+        )
+        .await
+        .expect("read over NBD backing");
         pos += n;
     }
     assert!(got == expected, "contents differ");
@@ -363,7 +387,12 @@ fn logged_reads(log: &Path) -> usize {
 async fn fetch_units_and_readahead_reduce_requests_to_a_slow_nbd_backing() {
     init();
     let total = 16 * MIB;
-    for (gran, ra, want) in [(64 * KIB, 0, 256), (MIB, 0, 16), (MIB, 4, 16), (4 * MIB, 2, 4)] {
+    for (gran, ra, want) in [
+        (64 * KIB, 0, 256),
+        (MIB, 0, 16),
+        (MIB, 4, 16),
+        (4 * MIB, 2, 4),
+    ] {
         let dir = tmpdir();
         let raw = dir.path().join("base.raw");
         std::fs::write(&raw, pattern(gran + u64::from(ra), total as usize)).expect("base");
@@ -387,8 +416,17 @@ async fn fetch_units_and_readahead_reduce_requests_to_a_slow_nbd_backing() {
         run_ok(
             "qemu-img",
             &[
-                "create", "-q", "-f", "qcow2", "-u", "-b", &unix_url(&sock, ""), "-F", "raw",
-                &s(&top_path), &total.to_string(),
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-u",
+                "-b",
+                &unix_url(&sock, ""),
+                "-F",
+                "raw",
+                &s(&top_path),
+                &total.to_string(),
             ],
         );
         let top = open_rw(&top_path).await;
@@ -406,8 +444,13 @@ async fn fetch_units_and_readahead_reduce_requests_to_a_slow_nbd_backing() {
         let mut b = vec![0u8; 64 * KIB as usize];
         for i in 0..total / (64 * KIB) {
             let off = i * 64 * KIB;
-            within(10, "read", cor.read(off, &mut b)).await.expect("read");
-            assert!(b == expected[off as usize..(off + 64 * KIB) as usize], "read {i}");
+            within(10, "read", cor.read(off, &mut b))
+                .await
+                .expect("read");
+            assert!(
+                b == expected[off as usize..(off + 64 * KIB) as usize],
+                "read {i}"
+            );
         }
         cor.quiesce().await;
         let first = logged_reads(&log);
@@ -459,8 +502,17 @@ async fn backing_errors_over_nbd_reach_the_reader_and_nothing_lands() {
     run_ok(
         "qemu-img",
         &[
-            "create", "-q", "-f", "qcow2", "-u", "-b", &unix_url(&sock, ""), "-F", "raw",
-            &s(&top_path), &size.to_string(),
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            &unix_url(&sock, ""),
+            "-F",
+            "raw",
+            &s(&top_path),
+            &size.to_string(),
         ],
     );
     let top = open_rw(&top_path).await;

@@ -458,9 +458,7 @@ pub fn check_union(
         // QEMU names a bad discriminator value without the path of the union.
         let bad_tag = format!("Parameter '{}' does not accept", join(prefix, u.tag));
         match e.desc.strip_prefix(&bad_tag) {
-            Some(rest) => {
-                QmpError::generic(format!("Parameter '{}' does not accept{rest}", u.tag))
-            }
+            Some(rest) => QmpError::generic(format!("Parameter '{}' does not accept{rest}", u.tag)),
             None => e,
         }
     })?;

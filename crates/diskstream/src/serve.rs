@@ -16,8 +16,8 @@ use anyhow::{anyhow, Context, Result};
 use clap::Args;
 use diskstream_block::filter::cor::{CopyOnRead, CorConfig, CorStats};
 use diskstream_block::format::Format;
-use diskstream_block::node::{same_node, BlockNode};
 use diskstream_block::image::{open_image, OpenOptions};
+use diskstream_block::node::{same_node, BlockNode};
 use diskstream_block::BlockBackend;
 use diskstream_nbd::server::{tls_config_from_pem, Export, Listener, Server, ServerConfig};
 use std::path::{Path, PathBuf};
@@ -74,10 +74,18 @@ pub struct ServeArgs {
     copy_on_read: bool,
     /// Copy-on-read fetch unit: missing data is fetched in aligned units of this size
     /// (power of two, 512 bytes to 32M; K/M suffixes), whatever the clients' request sizes.
-    #[arg(long = "cor-granularity", value_name = "SIZE", requires = "copy_on_read")]
+    #[arg(
+        long = "cor-granularity",
+        value_name = "SIZE",
+        requires = "copy_on_read"
+    )]
     cor_granularity: Option<String>,
     /// Copy-on-read read-ahead: units fetched ahead of a sequential reader (0 disables).
-    #[arg(long = "cor-readahead", value_name = "UNITS", requires = "copy_on_read")]
+    #[arg(
+        long = "cor-readahead",
+        value_name = "UNITS",
+        requires = "copy_on_read"
+    )]
     cor_readahead: Option<u32>,
     /// Copy only data of the backing layers down to this backing file (inclusive); data of
     /// the layers below it is read but never copied (QEMU's `bottom`).
@@ -109,9 +117,7 @@ fn find_layer(top: &Arc<dyn BlockNode>, name: &Path) -> Result<Arc<dyn BlockNode
     let mut seen = Vec::new();
     while let Some(n) = node {
         let f = n.filename();
-        if Path::new(f) == name
-            || (wanted.is_some() && std::fs::canonicalize(f).ok() == wanted)
-        {
+        if Path::new(f) == name || (wanted.is_some() && std::fs::canonicalize(f).ok() == wanted) {
             return Ok(n);
         }
         seen.push(format!("'{f}'"));

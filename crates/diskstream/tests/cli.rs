@@ -698,7 +698,18 @@ fn convert_in_batches_matches_qemu_byte_for_byte() {
     let d = dir.path();
     // 24 MiB + 3.5 KiB: the last cluster of every target is partial.
     let size = (24u64 << 20) + 3584;
-    qemu(d, &["create", "-q", "-f", "qcow2", "src.qcow2", &size.to_string()]).ok();
+    qemu(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "src.qcow2",
+            &size.to_string(),
+        ],
+    )
+    .ok();
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let mut cmds = Vec::new();
     for i in 0..400 {

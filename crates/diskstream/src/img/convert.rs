@@ -506,7 +506,7 @@ impl Copier {
 /// Whether `buf` holds only zero bytes (word-wise: this runs over every byte copied).
 fn is_zero(buf: &[u8]) -> bool {
     let mut chunks = buf.chunks_exact(16);
-    let words = (&mut chunks).all(|c| {
+    let words = chunks.by_ref().all(|c| {
         let mut w = [0u8; 16];
         w.copy_from_slice(c);
         u128::from_ne_bytes(w) == 0

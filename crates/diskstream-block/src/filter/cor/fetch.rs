@@ -306,7 +306,10 @@ impl Inner {
                 let n = n.clamp(1, stop - pos);
                 if alloc {
                     let s = (pos / self.align * self.align).max(a);
-                    let e = (pos + n).div_ceil(self.align).saturating_mul(self.align).min(b);
+                    let e = (pos + n)
+                        .div_ceil(self.align)
+                        .saturating_mul(self.align)
+                        .min(b);
                     push_range(&mut v, s, e);
                 }
                 pos += n;
@@ -380,7 +383,9 @@ impl Inner {
                             self.file.filename()
                         );
                         if prior == 0 {
-                            tracing::warn!("{msg} (reads still succeed; further failures are logged at debug)");
+                            tracing::warn!(
+                                "{msg} (reads still succeed; further failures are logged at debug)"
+                            );
                         } else {
                             tracing::debug!("{msg}");
                         }

@@ -367,7 +367,10 @@ impl CopyOnRead {
             }
         }
         if pos < end {
-            inner.file.read(pos, &mut buf[(pos - offset) as usize..]).await?;
+            inner
+                .file
+                .read(pos, &mut buf[(pos - offset) as usize..])
+                .await?;
         }
         Ok(())
     }

@@ -649,9 +649,7 @@ impl Qcow2 {
             return Ok(((end - off) as usize, true));
         }
         // Whole-cluster allocation of a run of clusters that need it.
-        let n = self
-            .alloc_run_len(&mut m, gc, (write_end - 1) / cs)
-            .await?;
+        let n = self.alloc_run_len(&mut m, gc, (write_end - 1) / cs).await?;
         let mut olds = Vec::with_capacity(n as usize);
         for c in gc..gc + n {
             olds.push(m.l2_get(c).await?);
