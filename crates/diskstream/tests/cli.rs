@@ -734,7 +734,7 @@ fn convert_in_batches_matches_qemu_byte_for_byte() {
         &["-O", "qcow2", "-o", "cluster_size=2M"],
         &["-O", "qcow2", "-o", "compat=0.10,cluster_size=16k"],
         &["-m", "1", "-O", "qcow2", "-o", "cluster_size=1k"],
-        &["-m", "32", "-O", "qcow2", "-o", "cluster_size=8k"],
+        &["-m", "16", "-O", "qcow2", "-o", "cluster_size=8k"],
         &["-O", "raw"],
     ];
     for (n, opts) in cases.iter().enumerate() {

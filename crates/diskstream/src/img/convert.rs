@@ -89,6 +89,10 @@ pub async fn convert(a: ConvertArgs) -> Result<()> {
 
 async fn convert_inner(a: ConvertArgs) -> Result<()> {
     // Everything is validated before the target is created or written.
+    if !(1..=16).contains(&a.parallel) {
+        // qemu-img's limit and text.
+        bail!("Invalid number of coroutines specified. Must be between 1 and 16.");
+    }
     let out_fmt = parse_format(&a.out_fmt)?;
     if a.compress && out_fmt != Format::Qcow2 {
         bail!("Compression not supported for this file format");

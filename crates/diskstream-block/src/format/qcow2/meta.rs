@@ -447,17 +447,22 @@ impl Meta {
     }
 
     /// Make sure a refcount block covers host cluster `hc`; return its offset.
+    ///
+    /// Laid out as QEMU does, so images stay byte-identical to qemu-img's: the new block goes
+    /// to the first free cluster. When the refcount table has no slot for it, the table grows
+    /// the way QEMU grows it: a self-describing area (any further refcount blocks, then a
+    /// table half again as large as needed) is built at the first cluster that no refcount
+    /// block used so far covers, and the new block is hooked into that table.
     fn ensure_rc_block(&mut self, hc: u64) -> BoxFut<'_, u64> {
         Box::pin(async move {
             let epb = self.rc_entries_per_block();
             let ti = (hc / epb) as usize;
-            if ti >= self.reftable.len() {
-                self.grow_reftable(ti + 1).await?;
-            }
-            let off = self.reftable[ti] & !0x1ff;
-            if off != 0 {
-                self.load_rc(off).await?;
-                return Ok(off);
+            if let Some(&e) = self.reftable.get(ti) {
+                let off = e & !0x1ff;
+                if off != 0 {
+                    self.load_rc(off).await?;
+                    return Ok(off);
+                }
             }
             // New block: place it at the first free cluster. If it describes itself, its own
             // entry lives in the new block; otherwise another block records it.
@@ -473,41 +478,66 @@ impl Meta {
                     dirty: true,
                 },
             );
-            self.reftable[ti] = boff;
-            self.reftable_dirty.insert(ti);
-            self.set_refcount(c, 1).await?;
+            if ti < self.reftable.len() {
+                self.reftable[ti] = boff;
+                self.reftable_dirty.insert(ti);
+                self.set_refcount(c, 1).await?;
+                self.free_cluster_index = self.free_cluster_index.max(c + 1);
+                return Ok(boff);
+            }
+            // The table has no slot for the new block.
+            if c / epb == ti as u64 {
+                let order = self.rc_order;
+                let b = self
+                    .rc
+                    .get_mut(&boff)
+                    .ok_or_else(|| BlockError::corrupt("qcow2", "refcount cache lost a block"))?;
+                Self::rc_write(&mut b.data, order, c % epb, 1);
+            } else {
+                self.set_refcount(c, 1).await?;
+            }
+            let blocks_used = (hc + 1).max(c + 1).div_ceil(epb);
+            self.refcount_area_with(blocks_used * epb, 0, false, Some((ti, boff)))
+                .await?;
             self.free_cluster_index = self.free_cluster_index.max(c + 1);
+            self.commit_reftable_move().await?;
             Ok(boff)
         })
     }
 
-    fn grow_reftable(&mut self, min_entries: usize) -> BoxFut<'_, ()> {
-        Box::pin(async move {
-            let per_cluster = (self.cs() / 8) as usize;
-            let want = min_entries.max(self.reftable.len() * 2).max(per_cluster);
-            let clusters = want.div_ceil(per_cluster);
-            if clusters as u64 * self.cs() > super::header::MAX_REFTABLE_BYTES {
-                return Err(BlockError::NoSpace(format!(
-                    "{}: refcount table would exceed its maximum size",
-                    self.file.name()
-                )));
-            }
-            let old = (
-                self.header.refcount_table_offset,
-                self.header.refcount_table_clusters as u64,
-            );
-            self.reftable.resize(clusters * per_cluster, 0);
-            let start = self.alloc_clusters(clusters as u64).await?;
-            self.header.refcount_table_offset = start;
-            self.header.refcount_table_clusters = clusters as u32;
-            if self.reftable_moved.is_none() {
-                self.reftable_moved = Some(old);
-            } else {
-                // Replaced twice before a flush: the intermediate table was never written.
-                self.pending_frees.push((old.0, old.1 * self.cs()));
-            }
-            Ok(())
-        })
+    /// Put a grown refcount table in place at once, as QEMU does when an allocation outgrows
+    /// the table: the refcount blocks (with the data written so far), then the new table, then
+    /// the header, each synced; then the old table's clusters are freed, so the next
+    /// allocations reuse them exactly where qemu-img's would. Until the header is written the
+    /// old table stays intact, so a crash at any point leaves a valid image (at worst leaking
+    /// the old table's clusters).
+    async fn commit_reftable_move(&mut self) -> Result<()> {
+        let Some((old_off, old_clusters)) = self.reftable_moved.take() else {
+            return Ok(());
+        };
+        self.write_dirty_rc_blocks().await?;
+        // QEMU hooks every refcount block into the table on disk as it creates it: bring
+        // the old table up to date too, so the freed clusters hold the same bytes.
+        let old_len = ((old_clusters << self.cluster_bits) / 8) as usize;
+        let old_dirty: BTreeSet<usize> = self
+            .reftable_dirty
+            .iter()
+            .copied()
+            .filter(|&i| i < old_len)
+            .collect();
+        if !old_dirty.is_empty() && old_len <= self.reftable.len() {
+            self.write_table_sectors(old_off, &self.reftable[..old_len], &old_dirty)
+                .await?;
+        }
+        self.file.flush().await?;
+        self.write_words(self.header.refcount_table_offset, &self.reftable)
+            .await?;
+        self.file.flush().await?;
+        self.write_header().await?;
+        self.file.flush().await?;
+        self.reftable_dirty.clear();
+        self.update_refcounts(old_off, old_clusters << self.cluster_bits, -1)
+            .await
     }
 
     /// QEMU's `qcow2_refcount_area(exact_size)`: build, from host cluster `start` on, the refcount
@@ -517,21 +547,48 @@ impl Meta {
     /// the new structures. Every cluster from `start` on must be free. Used by falloc/full
     /// preallocation, which must lay the file out as qemu-img does.
     pub async fn refcount_area(&mut self, start: u64, additional: u64) -> Result<u64> {
+        self.refcount_area_with(start, additional, true, None).await
+    }
+
+    /// [`Meta::refcount_area`] with QEMU's other knobs: without `exact` the table is sized
+    /// generously (half as large again, as when QEMU grows a full table during allocation);
+    /// `new_block` (table index, offset) hooks a refcount block the caller already placed into
+    /// the new table.
+    async fn refcount_area_with(
+        &mut self,
+        start: u64,
+        additional: u64,
+        exact: bool,
+        new_block: Option<(usize, u64)>,
+    ) -> Result<u64> {
         let epb = self.rc_entries_per_block();
         let per_cluster = self.cs() / 8;
-        // Fixed point of "clusters + refcount blocks + table clusters".
-        let clusters = start + additional;
+        // Fixed point of "clusters + refcount blocks + table clusters" (QEMU's
+        // qcow2_refcount_metadata_size, whose generous variant reserves half the table again).
+        let mut clusters = start + additional;
+        let mut generous = !exact;
         let (mut blocks, mut table, mut n) = (0u64, 0u64, 0u64);
         loop {
             let last = n;
             blocks = (clusters + table + blocks).div_ceil(epb);
             table = blocks.div_ceil(per_cluster);
             n = clusters + blocks + table;
+            if n == last && generous {
+                clusters += table.div_ceil(2);
+                n = 0;
+                generous = false;
+                continue;
+            }
             if n == last {
                 break;
             }
         }
-        let table_size = (blocks.div_ceil(per_cluster) * per_cluster) as usize;
+        let wanted = if exact {
+            blocks
+        } else {
+            blocks + blocks.div_ceil(2)
+        };
+        let table_size = (wanted.div_ceil(per_cluster) * per_cluster) as usize;
         let table_clusters = table_size as u64 / per_cluster;
         if table_clusters * self.cs() > super::header::MAX_REFTABLE_BYTES {
             return Err(BlockError::NoSpace(format!(
@@ -541,6 +598,11 @@ impl Meta {
         }
         let mut new_table = self.reftable.clone();
         new_table.resize(table_size, 0);
+        if let Some((i, off)) = new_block {
+            if let Some(e) = new_table.get_mut(i) {
+                *e = off;
+            }
+        }
         let area_index = start / epb;
         let new_blocks = (area_index..blocks)
             .filter(|&i| new_table[i as usize] & !0x1ff == 0)
