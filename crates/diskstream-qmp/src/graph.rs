@@ -781,7 +781,10 @@ impl Graph {
                 "Node '{name}' is busy: block device is in use by block job: {job}"
             )));
         }
-        if let Some(p) = self.nodes.iter().find(|n| n.backing == Some(id)) {
+        // QEMU names the parent attached last (its parent list grows at the head). Nodes
+        // attach in creation order, and the re-links of stream, commit and snapshots attach
+        // the newer node, so the newest parent is the one QEMU names.
+        if let Some(p) = self.nodes.iter().rev().find(|n| n.backing == Some(id)) {
             return Err(QmpError::generic(format!(
                 "Node '{name}' is busy: node is used as backing hd of '{}'",
                 p.name

@@ -311,6 +311,8 @@ def test_enospc_through_export(exe, d):
     if shutil.which("nbdkit") is None:
         raise AssertionError("nbdkit is required (bash .ci/run installs it)")
     run("qemu-img", "create", "-q", "-f", "qcow2", f"{d}/top.qcow2", "64M")
+    # An NBD export has a fixed size: give the qcow2 file room to allocate clusters in.
+    os.truncate(f"{d}/top.qcow2", 256 * MiB)
     full = f"{d}/full"
     kit = subprocess.Popen(
         ["nbdkit", "-f", "--exit-with-parent", "-U", f"{d}/kit.sock", "--filter=error",
@@ -319,6 +321,7 @@ def test_enospc_through_export(exe, d):
          "error-zero-rate=100%", f"error-zero-file={full}",
          "error-trim-rate=100%", f"error-trim-file={full}"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    dm = None
     try:
         wait_path(f"{d}/kit.sock")
         dm = Daemon(exe, d, [
@@ -349,13 +352,21 @@ def test_enospc_through_export(exe, d):
         # Reads: acknowledged data; the in-place overwrite that failed may have reached the
         # file or not (NBD leaves that undefined), newly allocated clusters must not exist.
         r = io("read -P 0x55 4k 1020k", "read -P 0 4M 1M", "read -P 0x77 8M 1M",
-               "read -P 0x56 16M 64k", "read -P 0 32M 512")
+               "read -P 0 32M 512")
         assert "Pattern verification failed" not in r.stdout + r.stderr and r.returncode == 0, \
             r.stdout + r.stderr
+        # The write-zeroes of an allocated v3 cluster is a metadata change: the request
+        # itself may succeed and only qemu-io's closing flush meet ENOSPC. Either outcome is
+        # fine, as long as the range reads as before or as zeroes.
+        ok = [c for c in ("read -P 0x56 16M 64k", "read -P 0 16M 64k")
+              if "Pattern verification failed" not in (lambda x: x.stdout + x.stderr)(io(c))]
+        assert ok, "16M: neither the old data nor zeroes"
         q.cmd("quit")
         assert dm.wait() == 0
     finally:
-        kit.terminate()
+        if dm is not None and dm.p.poll() is None:
+            dm.kill9()
+        kit.kill()
         kit.wait(timeout=10)
     check_clean(f"{d}/top.qcow2")
     m = json.loads(run("qemu-img", "map", "--output=json", f"{d}/top.qcow2").stdout)
