@@ -4,8 +4,10 @@
 //! Every layer is a node with a name (the user's `node-name`, or an automatic `#blockN` for
 //! implicit nodes: inline children, backing files opened from an image header, job filters).
 //! Protocol nodes (`file`, `blkdebug`) hold a [`Protocol`]; format nodes (`raw`, `qcow2`) hold
-//! the [`BlockNode`] built on their `file` child and link to their `backing` node. While a
-//! stream job runs, a `copy-on-read` filter node sits above the streamed node (overlays point
+//! the [`BlockNode`] built on their `file` child and link to their `backing` node.
+//! `copy-on-read` filter nodes hold the block layer's [`CopyOnRead`] filter over their `file`
+//! child: users attached to them (exports) read through it. They are added by `blockdev-add`
+//! or, while a stream job runs, inserted above the streamed node (overlays and users then point
 //! at the filter), as in QEMU, so job conflicts name the same nodes QSD names.
 //!
 //! **Users** ([`User`]) are what QEMU models as BlockBackend parents: block exports attach to
@@ -53,7 +55,7 @@ pub enum Driver {
     Raw,
     /// Format: qcow2.
     Qcow2,
-    /// Filter inserted by a stream job.
+    /// Filter: the copy-on-read filter (`blockdev-add`, or inserted by a stream job).
     CopyOnRead,
     /// Protocol: an NBD export (QEMU's `nbd` driver); also usable directly as an image.
     Nbd,
