@@ -722,9 +722,9 @@ impl Graph {
         let bottom_block = match bottom {
             None => None,
             Some(name) => {
-                let b = self.staged_or_graph(st, name).ok_or_else(|| {
-                    QmpError::generic(format!("Bottom node '{name}' not found"))
-                })?;
+                let b = self
+                    .staged_or_graph(st, name)
+                    .ok_or_else(|| QmpError::generic(format!("Bottom node '{name}' not found")))?;
                 if b.driver == Driver::CopyOnRead {
                     return Err(QmpError::generic(format!(
                         "Bottom node '{name}' is a filter"
@@ -753,7 +753,8 @@ impl Graph {
                 Some(bb)
             }
         };
-        let filter = CopyOnRead::new(file, bottom_block, CorConfig::default()).map_err(block_err)?;
+        let filter =
+            CopyOnRead::new(file, bottom_block, CorConfig::default()).map_err(block_err)?;
         tracing::info!(
             file = %c.name,
             bottom = bottom.unwrap_or(""),
@@ -1005,7 +1006,11 @@ impl Graph {
                 u.node = target;
             }
         }
-        let removed = self.nodes.iter().position(|n| n.id == id).map(|p| self.nodes.remove(p));
+        let removed = self
+            .nodes
+            .iter()
+            .position(|n| n.id == id)
+            .map(|p| self.nodes.remove(p));
         self.sync_users().await;
         // Users read through the child again; let the filter's copies in flight land.
         if let Some(b) = removed.and_then(|n| n.block) {

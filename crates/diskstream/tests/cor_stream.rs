@@ -80,20 +80,51 @@ async fn full_read_with_copy_on_read_leaves_nothing_to_stream() {
         run("qemu-io", &a, dir)
     };
     q(&["create", "-q", "-f", "qcow2", "base.qcow2", "3146240"]); // 3 MiB + 512
-    io("base.qcow2", &["write -P 0x11 0 2M", "write -P 0x12 3M 512"]);
+    io(
+        "base.qcow2",
+        &["write -P 0x11 0 2M", "write -P 0x12 3M 512"],
+    );
     q(&[
-        "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "mid.qcow2", "4193792",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "mid.qcow2",
+        "4193792",
     ]); // 4 MiB - 512
     io(
         "mid.qcow2",
-        &["write -P 0x21 1M 512k", "write -z 1536k 128k", "write -P 0x22 2101248 102400"],
+        &[
+            "write -P 0x21 1M 512k",
+            "write -z 1536k 128k",
+            "write -P 0x22 2101248 102400",
+        ],
     );
     q(&[
-        "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", "top.qcow2", "4195840",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "mid.qcow2",
+        "-F",
+        "qcow2",
+        "top.qcow2",
+        "4195840",
     ]); // 4 MiB + 1536
     io("top.qcow2", &["write -P 0x31 64k 64k"]);
     q(&[
-        "convert", "-f", "qcow2", "-O", "raw", "top.qcow2", "model.raw",
+        "convert",
+        "-f",
+        "qcow2",
+        "-O",
+        "raw",
+        "top.qcow2",
+        "model.raw",
     ]);
     let before = map(dir);
     assert!(
@@ -103,7 +134,7 @@ async fn full_read_with_copy_on_read_leaves_nothing_to_stream() {
 
     // Serve with copy-on-read; the server exits after its only client leaves.
     let sock = dir.join("cor.sock");
-    let mut serve = Command::new(env!("CARGO_BIN_EXE_diskstream"))
+    let serve = Command::new(env!("CARGO_BIN_EXE_diskstream"))
         .args(["serve", "--copy-on-read", "-f", "qcow2", "-k"])
         .arg(&sock)
         .arg(dir.join("top.qcow2"))
@@ -117,11 +148,7 @@ async fn full_read_with_copy_on_read_leaves_nothing_to_stream() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let url = format!("nbd+unix:///?socket={}", sock.display());
-    run(
-        "/usr/bin/python3",
-        &["-c", READER, &url, "read.raw"],
-        dir,
-    );
+    run("/usr/bin/python3", &["-c", READER, &url, "read.raw"], dir);
     let out = serve.wait_with_output().expect("serve exits");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "serve failed: {stderr}");
@@ -130,13 +157,23 @@ async fn full_read_with_copy_on_read_leaves_nothing_to_stream() {
 
     // Everything is in the top now.
     q(&["check", "top.qcow2"]);
-    q(&["compare", "-f", "qcow2", "-F", "raw", "top.qcow2", "model.raw"]);
+    q(&[
+        "compare",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        "top.qcow2",
+        "model.raw",
+    ]);
     let after = map(dir);
     for e in &after {
         assert_eq!(e["depth"], 0, "not copied: {e}");
         assert_eq!(e["present"], true, "{e}");
     }
-    let len_before = std::fs::metadata(dir.join("top.qcow2")).expect("stat").len();
+    let len_before = std::fs::metadata(dir.join("top.qcow2"))
+        .expect("stat")
+        .len();
 
     // A stream of the whole chain has nothing to copy.
     let top = open_image(
@@ -152,7 +189,9 @@ async fn full_read_with_copy_on_read_leaves_nothing_to_stream() {
     let layers = chain_layers(&top);
     assert_eq!(layers.len(), 3);
     let bottom = Arc::clone(&layers[2]);
-    let step = stream_step(&top, &bottom, 0, MIB).await.expect("stream step");
+    let step = stream_step(&top, &bottom, 0, MIB)
+        .await
+        .expect("stream step");
     assert_eq!(step, None, "a stream would still copy something");
     let mgr = JobManager::new(Arc::new(Quiet));
     let driver = Arc::new(StreamJob::new(
@@ -173,8 +212,18 @@ async fn full_read_with_copy_on_read_leaves_nothing_to_stream() {
     top.close().await.expect("close");
     drop(top);
     q(&["check", "top.qcow2"]);
-    q(&["compare", "-f", "qcow2", "-F", "raw", "top.qcow2", "model.raw"]);
-    let len_after = std::fs::metadata(dir.join("top.qcow2")).expect("stat").len();
+    q(&[
+        "compare",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        "top.qcow2",
+        "model.raw",
+    ]);
+    let len_after = std::fs::metadata(dir.join("top.qcow2"))
+        .expect("stat")
+        .len();
     assert_eq!(len_after, len_before, "the stream allocated clusters");
     let streamed = map(dir);
     let strip = |m: &[Value]| -> Vec<(Value, Value, Value)> {
@@ -183,7 +232,7 @@ async fn full_read_with_copy_on_read_leaves_nothing_to_stream() {
             .collect()
     };
     assert_eq!(strip(&streamed), strip(&after), "the stream moved data");
-    let info: Value = serde_json::from_str(&q(&["info", "--output=json", "top.qcow2"]))
-        .expect("info json");
+    let info: Value =
+        serde_json::from_str(&q(&["info", "--output=json", "top.qcow2"])).expect("info json");
     assert!(info.get("backing-filename").is_none(), "{info}");
 }
