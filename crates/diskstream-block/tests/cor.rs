@@ -323,6 +323,17 @@ async fn bottom_limits_copying_to_the_layers_above_it() {
     let e = CopyOnRead::new(mid.clone(), Some(top.clone()), CorConfig::default())
         .expect_err("bottom above the filtered node");
     assert!(e.to_string().contains("not in the backing chain"), "{e}");
+    // bottom = the filtered node itself (QEMU's stream filter when nothing is streamed):
+    // accepted, reads are exact and nothing is copied.
+    let none = CopyOnRead::new(top.clone(), Some(top.clone()), cfg(128 * KIB, 1)).expect("cor");
+    let none_node: Arc<dyn BlockNode> = none.clone();
+    assert_bytes_eq(
+        &read_all(&none_node, 70_001).await,
+        &expected,
+        "bottom = file",
+    );
+    none.close().await.expect("close");
+    assert_eq!(none.stats().bytes_copied + none.stats().bytes_zeroed, 0);
     let cor = CopyOnRead::new(top.clone(), Some(mid.clone()), cfg(128 * KIB, 1)).expect("cor");
     let node: Arc<dyn BlockNode> = cor.clone();
     assert_bytes_eq(&read_all(&node, 70_001).await, &expected, "through cor");

@@ -65,6 +65,7 @@ const COMMANDS: &[(&str, Args)] = &[
         Args::Members(&[opt("flat", Ty::Bool)]),
     ),
     ("query-block", Args::Members(NONE)),
+    ("x-query-cor-stats", Args::Members(NONE)),
     ("block-stream", Args::Members(BLOCK_STREAM)),
     (
         "block-job-set-speed",
@@ -225,6 +226,7 @@ pub async fn dispatch(
             Ok(mon.graph.lock().await.query_named_block_nodes(flat).await)
         }
         "query-block" => Ok(json!([])),
+        "x-query-cor-stats" => Ok(mon.graph.lock().await.query_cor_stats()),
         "block-stream" => stream_cmd::block_stream(mon, a).await,
         "block_stream" => stream_cmd::legacy_block_stream(mon, a).await,
         "query-block-stream" => Ok(stream_cmd::query_block_stream(mon)),

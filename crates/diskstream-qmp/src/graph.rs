@@ -4,8 +4,10 @@
 //! Every layer is a node with a name (the user's `node-name`, or an automatic `#blockN` for
 //! implicit nodes: inline children, backing files opened from an image header, job filters).
 //! Protocol nodes (`file`, `blkdebug`) hold a [`Protocol`]; format nodes (`raw`, `qcow2`) hold
-//! the [`BlockNode`] built on their `file` child and link to their `backing` node. While a
-//! stream job runs, a `copy-on-read` filter node sits above the streamed node (overlays point
+//! the [`BlockNode`] built on their `file` child and link to their `backing` node.
+//! `copy-on-read` filter nodes hold the block layer's [`CopyOnRead`] filter over their `file`
+//! child: users attached to them (exports) read through it. They are added by `blockdev-add`
+//! or, while a stream job runs, inserted above the streamed node (overlays and users then point
 //! at the filter), as in QEMU, so job conflicts name the same nodes QSD names.
 //!
 //! **Users** ([`User`]) are what QEMU models as BlockBackend parents: block exports attach to
@@ -26,6 +28,7 @@
 
 use crate::blkdebug::{BlkdebugProtocol, InjectRule};
 use crate::error::{QmpError, QmpResult};
+use diskstream_block::filter::cor::{CopyOnRead, CorConfig};
 use diskstream_block::format::qcow2::Qcow2;
 use diskstream_block::format::raw::RawNode;
 use diskstream_block::image::resolve_backing;
@@ -52,7 +55,7 @@ pub enum Driver {
     Raw,
     /// Format: qcow2.
     Qcow2,
-    /// Filter inserted by a stream job.
+    /// Filter: the copy-on-read filter (`blockdev-add`, or inserted by a stream job).
     CopyOnRead,
     /// Protocol: an NBD export (QEMU's `nbd` driver); also usable directly as an image.
     Nbd,
@@ -513,6 +516,13 @@ impl Graph {
             let driver = opts.get("driver").and_then(|v| v.as_str()).unwrap_or("");
             let explicit_ro = opts.get("read-only").and_then(|v| v.as_bool());
             let read_only = explicit_ro.unwrap_or(parent_ro);
+            // QEMU opens a filter's `file` child before it assigns the filter's node name, so
+            // errors of the child come before a duplicate or invalid name.
+            let mut cor_child = None;
+            if driver == "copy-on-read" {
+                let file = opts.get("file").cloned().unwrap_or(Value::Null);
+                cor_child = Some(self.open_ref(st, &file, read_only).await?);
+            }
             let name = match opts.get("node-name").and_then(|v| v.as_str()) {
                 Some(n) => {
                     if !node_name_valid(n) {
@@ -665,6 +675,17 @@ impl Graph {
                         return Ok(id);
                     }
                 }
+                "copy-on-read" => {
+                    let Some(child) = cor_child else {
+                        return Err(QmpError::generic("copy-on-read: no file child"));
+                    };
+                    let bottom = opts.get("bottom").and_then(|v| v.as_str());
+                    let filter = self.open_cor(st, child, bottom).await?;
+                    node.driver = Driver::CopyOnRead;
+                    node.filename = filter.filename().to_string();
+                    node.block = Some(filter);
+                    node.file = Some(child);
+                }
                 other => {
                     return Err(QmpError::generic(format!(
                         "Driver '{other}' is not supported by diskstream"
@@ -674,6 +695,74 @@ impl Graph {
             st.nodes.push(node);
             Ok(id)
         })
+    }
+
+    /// Build a `copy-on-read` filter over `child` with QEMU's checks in QEMU's order: the
+    /// filter takes write permission on its child ("Block node is read-only"), then `bottom`
+    /// must name an open non-filter node. QEMU 10 does not check that `bottom` is in the
+    /// child's chain (QSD 10.0.2 hangs on such a `blockdev-add`); diskstream refuses it.
+    async fn open_cor(
+        &self,
+        st: &Staging,
+        child: NodeId,
+        bottom: Option<&str>,
+    ) -> QmpResult<Arc<dyn BlockNode>> {
+        let c = self
+            .staged_or_graph_id(st, child)
+            .ok_or_else(|| QmpError::generic("copy-on-read: child vanished"))?;
+        if c.read_only {
+            return Err(QmpError::generic("Block node is read-only"));
+        }
+        let file: Arc<dyn BlockNode> = match (&c.block, &c.proto) {
+            (Some(b), _) => Arc::clone(b),
+            // A filter straight over a protocol node: its bytes are the image (raw).
+            (None, Some(p)) => Arc::new(RawNode::open(Arc::clone(p)).await.map_err(block_err)?),
+            (None, None) => return Err(QmpError::generic("copy-on-read: child has no image")),
+        };
+        let bottom_block = match bottom {
+            None => None,
+            Some(name) => {
+                let b = self
+                    .staged_or_graph(st, name)
+                    .ok_or_else(|| QmpError::generic(format!("Bottom node '{name}' not found")))?;
+                if b.driver == Driver::CopyOnRead {
+                    return Err(QmpError::generic(format!(
+                        "Bottom node '{name}' is a filter"
+                    )));
+                }
+                let in_chain = {
+                    let mut cur = Some(child);
+                    let mut found = false;
+                    for _ in 0..=self.nodes.len() + st.nodes.len() {
+                        let Some(id) = cur else { break };
+                        if id == b.id {
+                            found = true;
+                            break;
+                        }
+                        cur = self.staged_or_graph_id(st, id).and_then(|n| n.chain_next());
+                    }
+                    found
+                };
+                let own = (b.id == child).then(|| Arc::clone(&file));
+                let bb = own.or_else(|| b.block.clone().filter(|_| in_chain)).ok_or_else(|| {
+                    QmpError::generic(format!(
+                        "Bottom node '{name}' is not in the backing chain of the copy-on-read filter's file '{}'",
+                        c.name
+                    ))
+                })?;
+                Some(bb)
+            }
+        };
+        let filter =
+            CopyOnRead::new(file, bottom_block, CorConfig::default()).map_err(block_err)?;
+        tracing::info!(
+            file = %c.name,
+            bottom = bottom.unwrap_or(""),
+            "copy-on-read filter opened (fetch unit {} bytes, read-ahead {} units)",
+            filter.unit(),
+            filter.config().readahead
+        );
+        Ok(filter)
     }
 
     fn staged_or_graph_id<'a>(&'a self, st: &'a Staging, id: NodeId) -> Option<&'a GraphNode> {
@@ -771,7 +860,7 @@ impl Graph {
             )));
         };
         let id = node.id;
-        if node.driver == Driver::CopyOnRead || self.has_users(id) {
+        if (node.driver == Driver::CopyOnRead && !node.monitor_owned) || self.has_users(id) {
             // A job filter carries the job's block backend, an export its own (QEMU's
             // bdrv_has_blk check).
             return Err(QmpError::generic(format!("Node {name} is in use")));
@@ -835,8 +924,20 @@ impl Graph {
     }
 
     /// Insert a job filter above `target`: its backing parents and its users now point at
-    /// the filter (QEMU's `bdrv_insert_node`).
+    /// the filter (QEMU's `bdrv_insert_node`). The filter has no image of its own: users see
+    /// `target`'s.
     pub async fn insert_filter(&mut self, name: Option<&str>, target: NodeId) -> QmpResult<NodeId> {
+        self.insert_filter_with(name, target, None).await
+    }
+
+    /// [`Graph::insert_filter`] with the filter's own image, e.g. a real copy-on-read filter
+    /// over `target` (what users read through while the job runs).
+    pub async fn insert_filter_with(
+        &mut self,
+        name: Option<&str>,
+        target: NodeId,
+        block: Option<Arc<dyn BlockNode>>,
+    ) -> QmpResult<NodeId> {
         let name = match name {
             Some(n) => {
                 if !node_name_valid(n) {
@@ -880,7 +981,7 @@ impl Graph {
             monitor_owned: false,
             filename,
             proto: None,
-            block: None,
+            block,
             file: Some(target),
             backing: None,
             blocker: None,
@@ -908,8 +1009,18 @@ impl Graph {
                 u.node = target;
             }
         }
-        self.nodes.retain(|n| n.id != id);
+        let removed = self
+            .nodes
+            .iter()
+            .position(|n| n.id == id)
+            .map(|p| self.nodes.remove(p));
         self.sync_users().await;
+        // Users read through the child again; let the filter's copies in flight land.
+        if let Some(b) = removed.and_then(|n| n.block) {
+            if let Err(e) = b.close().await {
+                tracing::warn!("closing a job filter: {e}");
+            }
+        }
     }
 
     /// Replace the image of a node (reopen read-write / read-only for a job), keeping every
@@ -1127,6 +1238,12 @@ impl Graph {
                     if let Some(a) = self.actual_size(t) {
                         img.insert("actual-size".into(), json!(a));
                     }
+                    // The nested view shows the filtered image as the filter's backing image.
+                    if !flat && n.block.is_some() {
+                        let c = self.skip_filters(t);
+                        let ci = Box::pin(self.image_info(c, flat)).await;
+                        img.insert("backing-image".into(), ci);
+                    }
                 }
             }
             Driver::Qcow2 => {
@@ -1205,6 +1322,13 @@ impl Graph {
     }
 
     fn backing_depth(&self, n: &GraphNode) -> u64 {
+        // A filter counts its filtered child as one level (QEMU walks filter-or-COW children).
+        if n.driver == Driver::CopyOnRead {
+            return match n.file.and_then(|f| self.get(f)) {
+                Some(c) if n.block.is_some() => 1 + self.backing_depth(self.skip_filters(c)),
+                _ => 0,
+            };
+        }
         let mut d = 0;
         let mut cur = n.backing.and_then(|b| self.get(b));
         while let Some(c) = cur {
@@ -1240,6 +1364,39 @@ impl Graph {
             json!({"writeback": true, "direct": false, "no-flush": false}),
         );
         m.insert("write_threshold".into(), json!(0));
+        // diskstream's addition (QSD's members above are unchanged): what the filter did.
+        if let Some(st) = Self::cor_filter(n).map(|c| c.stats()) {
+            m.insert("x-cor-stats".into(), json!(st));
+        }
         Value::Object(m)
+    }
+
+    fn cor_filter(n: &GraphNode) -> Option<&CopyOnRead> {
+        n.block.as_ref()?.as_any().downcast_ref::<CopyOnRead>()
+    }
+
+    /// `x-query-cor-stats`: every copy-on-read filter node (user-added or a stream job's) with
+    /// its counters, oldest first.
+    pub fn query_cor_stats(&self) -> Value {
+        let mut out = Vec::new();
+        for n in &self.nodes {
+            let Some(c) = Self::cor_filter(n) else {
+                continue;
+            };
+            let mut m = Map::new();
+            m.insert("node-name".into(), json!(n.name));
+            let child = n.file.and_then(|f| self.get(f)).map(|f| f.name.clone());
+            m.insert("file".into(), json!(child));
+            if let Some(b) = c.bottom().and_then(|b| self.find_block(b)) {
+                if let Some(b) = self.get(b) {
+                    m.insert("bottom".into(), json!(b.name));
+                }
+            }
+            if let Value::Object(st) = json!(c.stats()) {
+                m.extend(st);
+            }
+            out.push(Value::Object(m));
+        }
+        Value::Array(out)
     }
 }

@@ -14,6 +14,7 @@ use crate::error::{QmpError, QmpResult};
 use crate::graph::{Driver, NodeId};
 use crate::monitor::Monitor;
 use async_trait::async_trait;
+use diskstream_block::filter::cor::{CopyOnRead, CorConfig};
 use diskstream_block::format::qcow2::Qcow2;
 use diskstream_block::protocol::file::FileProtocol;
 use diskstream_block::protocol::Protocol;
@@ -224,7 +225,24 @@ pub async fn block_stream(mon: &Arc<Monitor>, a: &Map<String, Value>) -> QmpResu
         }
         reopened = true;
     }
-    let filter = match g.insert_filter(s(a, "filter-node-name"), dev).await {
+    // QEMU's stream filter is a real copy-on-read filter with `bottom` = the lowest streamed
+    // node: what users read while the job runs is copied into the device at once, and the
+    // job, which re-checks the device's allocation before every chunk, then skips it.
+    let cor: Option<Arc<dyn BlockNode>> = match CopyOnRead::new(
+        Arc::clone(&top_block),
+        Some(Arc::clone(&bottom_block)),
+        CorConfig::default(),
+    ) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!("stream of '{device}': reads through the job filter will not copy: {e}");
+            None
+        }
+    };
+    let filter = match g
+        .insert_filter_with(s(a, "filter-node-name"), dev, cor)
+        .await
+    {
         Ok(f) => f,
         Err(e) => {
             undo_reopen(&mut g, dev, reopened).await;

@@ -66,7 +66,8 @@ def normalize(v, workdir):
     if isinstance(v, dict):
         out = {}
         for k, x in v.items():
-            if k in ("timestamp", "actual-size"):
+            # x-cor-stats: diskstream's extra member on copy-on-read nodes (QSD's are unchanged).
+            if k in ("timestamp", "actual-size", "x-cor-stats"):
                 continue
             out[k] = normalize(x, workdir)
         # A file node's size is its file's length, which depends on the writer's allocator.
@@ -1013,6 +1014,167 @@ def mk_nbd_node(d):
     return imgs + ["ov.qcow2"]
 
 
+# ----------------------------------------------------------------------------------------
+# Copy-on-read filter nodes (blockdev-add driver=copy-on-read)
+
+
+def mk_cor(d):
+    imgs = mkchain(d)
+    create(f"{d}/other.qcow2", 64 * MiB)
+    return imgs + ["other.qcow2"]
+
+
+COR_C0 = ("blockdev-add", {"driver": "copy-on-read", "node-name": "c0", "file": "top"})
+
+
+async def ours_only_error(p, cmd, args, want):
+    """A command QSD 10.0.2 cannot answer (it hangs), checked on diskstream alone."""
+    if p.kind != "ours":
+        return
+    r = await p.cmd(cmd, args, record=False)
+    got = r.get("error", {}).get("desc")
+    if got != want:
+        raise RuntimeError(f"{cmd} {args}: expected error {want!r}, got {r}")
+
+
+async def sc_cor_errors(p):
+    """blockdev-add driver=copy-on-read: argument checks, read-only files, bottom lookup, the
+    graph as query-named-block-nodes shows it, blockdev-del of filters and their files."""
+    await add_chain(p)
+    await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": "ro", "read-only": True,
+                                 "file": {"driver": "file", "filename": "other.qcow2"}})
+    for c, a in [
+        ("blockdev-add", {"driver": "copy-on-read", "node-name": "c0"}),
+        ("blockdev-add", {"driver": "copy-on-read", "file": "top"}),
+        ("blockdev-add", {"driver": "copy-on-read", "node-name": "c0", "file": "nope"}),
+        ("blockdev-add", {"driver": "copy-on-read", "node-name": "c0", "file": 5}),
+        ("blockdev-add", {"driver": "copy-on-read", "node-name": "c0", "file": "top",
+                          "bottom": 5}),
+        ("blockdev-add", {"driver": "copy-on-read", "node-name": "c0", "file": "top",
+                          "bogus": 1}),
+        ("blockdev-add", {"driver": "copy-on-read", "node-name": "c0", "file": "top",
+                          "bottom": "nope"}),
+        ("blockdev-add", {"driver": "copy-on-read", "node-name": "c0", "file": "ro"}),
+        ("blockdev-add", {"driver": "copy-on-read", "node-name": "c0", "file": "ro",
+                          "bottom": "nope"}),
+        ("blockdev-add", {"driver": "copy-on-read", "node-name": "c0", "read-only": True,
+                          "file": "top"}),
+        ("blockdev-add", {"driver": "copy-on-read", "node-name": "c0", "read-only": True,
+                          "file": {"driver": "qcow2", "node-name": "o1",
+                                   "file": {"driver": "file", "filename": "base.qcow2"}}}),
+        ("blockdev-add", {"driver": "copy-on-read", "node-name": "0c", "file": "top"}),
+        COR_C0,
+        COR_C0,
+        ("blockdev-add", {"driver": "copy-on-read", "node-name": "c1", "file": "c0",
+                          "bottom": "c0"}),
+        ("blockdev-add", {"driver": "copy-on-read", "node-name": "c1", "file": "c0",
+                          "bottom": "mid"}),
+        ("blockdev-add", {"driver": "copy-on-read", "node-name": "c2", "file": "top",
+                          "bottom": "top"}),
+        ("blockdev-add", {"driver": "copy-on-read", "node-name": "c3", "file": "mid",
+                          "bottom": "base"}),
+        ("query-named-block-nodes", {"flat": True}),
+        ("query-named-block-nodes", None),
+        ("blockdev-del", {"node-name": "top"}),
+        ("blockdev-del", {"node-name": "c0"}),
+        ("blockdev-del", {"node-name": "c1"}),
+        ("blockdev-del", {"node-name": "c0"}),
+        ("blockdev-del", {"node-name": "c2"}),
+        ("blockdev-del", {"node-name": "c3"}),
+        ("blockdev-add", {"driver": "copy-on-read", "node-name": "c4",
+                          "file": {"driver": "qcow2", "node-name": "inl",
+                                   "file": {"driver": "file", "filename": "other.qcow2"}}}),
+        ("blockdev-del", {"node-name": "ro"}),
+        ("blockdev-add", {"driver": "copy-on-read", "node-name": "c5",
+                          "file": {"driver": "qcow2",
+                                   "file": {"driver": "file", "filename": "other.qcow2"}}}),
+        ("blockdev-del", {"node-name": "inl"}),
+        ("blockdev-del", {"node-name": "c4"}),
+        ("query-named-block-nodes", {"flat": True}),
+    ]:
+        await p.cmd(c, a)
+    # QSD 10.0.2 hangs on a bottom outside the file's chain; diskstream refuses it.
+    await ours_only_error(p, "blockdev-add", {"driver": "copy-on-read", "node-name": "c6",
+                                              "file": "mid", "bottom": "top"},
+                          "Bottom node 'top' is not in the backing chain of the "
+                          "copy-on-read filter's file 'mid'")
+
+
+async def cor_reads(p, export, reads):
+    await p.io(export, *[f"read -P {pat} {off} {ln}" for pat, off, ln in reads])
+
+
+async def sc_cor_export(p):
+    """A copy-on-read filter over a 3-deep chain exported over NBD: reads through the export
+    copy what they read into the top (map compared offline: depth 0 exactly where read,
+    whole clusters), writes go to the top, the filter is deleted after the export."""
+    await add_chain(p)
+    await p.cmd(*COR_C0)
+    await p.cmd(*NBD_START)
+    await p.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "c0",
+                                     "writable": True, "name": "cor"})
+    await p.cmd("query-block-exports")
+    await p.cmd("blockdev-del", {"node-name": "c0"})
+    # Reads far apart (no sequential stream), 1 MiB aligned: QEMU copies the clusters read,
+    # diskstream whole fetch units; the same ranges either way. The all-zero range at 20M is
+    # answered by both servers as a hole without reading, so it is not copied.
+    await cor_reads(p, "cor", [("0x11", "2M", "2M"), ("0x33", "10M", "1M"), ("0", "20M", "1M"),
+                               ("0x22", "34M", "2M"), ("0x44", "48M", "1M")])
+    await p.io("cor", "write -P 0x66 40M 64k", "read -P 0x66 40M 64k", "read -P 0x11 2M 2M")
+    await p.cmd("query-named-block-nodes", {"flat": True})
+    if p.kind == "ours":
+        st = (await p.cmd("x-query-cor-stats", record=False))["return"]
+        if len(st) != 1 or st[0]["node-name"] != "c0" or st[0]["bytes-copied"] != 5 * MiB or \
+                st[0]["hits"] < 2:
+            raise RuntimeError(f"unexpected copy-on-read counters {st}")
+    await p.cmd("block-export-del", {"id": "e"})
+    await p.wait_event("BLOCK_EXPORT_DELETED", id="e")
+    await p.cmd("blockdev-del", {"node-name": "c0"})
+    await p.cmd("query-named-block-nodes", {"flat": True})
+
+
+async def sc_cor_bottom(p):
+    """bottom=mid: only what the layers from mid's level down to bottom provide is copied;
+    base's data is read through but stays at its depth."""
+    await add_chain(p)
+    await p.cmd("blockdev-add", {"driver": "copy-on-read", "node-name": "c1", "file": "top",
+                                 "bottom": "mid"})
+    await p.cmd(*NBD_START)
+    await p.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "c1",
+                                     "name": "cor"})
+    await cor_reads(p, "cor", [("0x11", "4M", "4M"), ("0x33", "8M", "4M"),
+                               ("0x22", "34M", "2M"), ("0", "60M", "1M")], )
+    await p.io("cor", "read -P 0x11 0 1M", "read -P 0x33 12M 4M", ro=True)
+    await p.cmd("query-named-block-nodes", {"flat": True})
+    await p.cmd("block-export-del", {"id": "e"})
+    await p.wait_event("BLOCK_EXPORT_DELETED", id="e")
+    await p.cmd("blockdev-del", {"node-name": "c1"})
+
+
+async def sc_cor_stream(p):
+    """A stream job of the filtered image while the filter is exported: the job's own filter
+    (a real copy-on-read filter) sits between them, reads through the export during the job
+    land in the top, the job finishes the rest; afterwards the chain is gone."""
+    await add_chain(p)
+    await p.cmd(*COR_C0)
+    await p.cmd(*NBD_START)
+    await p.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "c0",
+                                     "writable": True, "name": "cor"})
+    await cor_reads(p, "cor", [("0x11", "2M", "2M")])
+    await p.cmd("block-stream", {"job-id": "s", "device": "top", "speed": MiB,
+                                 "filter-node-name": "sf"})
+    await cor_reads(p, "cor", [("0x33", "10M", "1M"), ("0x22", "34M", "2M")])
+    await p.cmd("blockdev-del", {"node-name": "sf"})
+    await p.cmd("block-job-set-speed", {"device": "s", "speed": 0})
+    await p.wait_job_gone("s")
+    await p.cmd("query-named-block-nodes", {"flat": True})
+    await cor_reads(p, "cor", [("0x11", "0", "8M"), ("0x33", "8M", "8M"), ("0x44", "48M", "1M")])
+    await p.cmd("block-export-del", {"id": "e"})
+    await p.wait_event("BLOCK_EXPORT_DELETED", id="e")
+    await p.cmd("blockdev-del", {"node-name": "c0"})
+    await p.cmd("blockdev-del", {"node-name": "mid"})
+
+
 NO_MAP_COMPARE = {"t3", "paused_cancel", "030_stream_stop", "030_errors_set_speed", "eio_report",
                   "eio_ignore", "eio_enospc_eio"}
 
@@ -1045,6 +1207,10 @@ SCENARIOS = {
     "export_ro_stream": (mkchain, sc_export_ro_stream),
     "export_t7b": (mkchain, sc_export_t7b),
     "export_nbd_node": (mk_nbd_node, sc_export_nbd_node),
+    "cor_errors": (mk_cor, sc_cor_errors),
+    "cor_export": (mkchain, sc_cor_export),
+    "cor_bottom": (mkchain, sc_cor_bottom),
+    "cor_stream": (mkchain, sc_cor_stream),
 }
 
 

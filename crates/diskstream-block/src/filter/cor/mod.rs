@@ -183,9 +183,9 @@ impl std::fmt::Debug for CopyOnRead {
 impl CopyOnRead {
     /// Put a copy-on-read filter over `file` (a format node, usually the top of a chain).
     ///
-    /// `bottom`, when given, must be a layer of `file`'s backing chain; only data provided by
-    /// the layers from `file`'s backing down to `bottom` (inclusive) is copied, as QEMU's
-    /// `bottom` option. Fails on an invalid `config` or a `bottom` outside the chain. A filter
+    /// `bottom`, when given, must be `file` or a layer of its backing chain; only data
+    /// provided by the layers from `file`'s backing down to `bottom` (inclusive) is copied, as
+    /// QEMU's `bottom` option (`bottom` = `file`: nothing is). Fails on an invalid `config` or a `bottom` outside the chain. A filter
     /// over a read-only `file`, or over a format that cannot hold copied data (raw), is created
     /// but inactive: it forwards everything, [`CopyOnRead::off_reason`] says why, and a warning
     /// is logged. A caller that prefers to refuse (a monitor mirroring QEMU's permission error)
@@ -197,7 +197,10 @@ impl CopyOnRead {
     ) -> Result<Arc<CopyOnRead>> {
         config.validate()?;
         if let Some(b) = &bottom {
-            let mut node = file.backing();
+            // `bottom` may be `file` itself (QEMU's stream job passes its lowest streamed
+            // node, which is the device when there is nothing to stream): then no layer is
+            // eligible and nothing is ever copied.
+            let mut node = Some(Arc::clone(&file));
             let mut found = false;
             while let Some(n) = node {
                 if same_node(&n, b) {
@@ -467,7 +470,7 @@ impl BlockNode for CopyOnRead {
     async fn close(&self) -> Result<()> {
         self.inner.closed.store(true, Ordering::Release);
         self.inner.quiesce().await;
-        tracing::debug!(
+        tracing::info!(
             "copy-on-read over '{}' closed: {}",
             self.inner.file.filename(),
             self.stats()
