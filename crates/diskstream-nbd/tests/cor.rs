@@ -249,11 +249,6 @@ async fn random_concurrent_io_through_an_nbd_export_with_copy_on_read() {
                 .await
                 .expect("connect"),
         );
-        // One copy-on-read miss for sure, whatever the random ops do first (on a one-cluster
-        // device a first write would make everything local). No layout's top allocates its
-        // first cluster, and every layout has backing data there.
-        let first = client.read(0, 1).await.expect("read first byte");
-        assert_eq!(first[..], model[..1], "{}: first byte", l.name);
         let cs = l.cluster;
         let mut rng = StdRng::seed_from_u64(li as u64 + 11);
         let lens = [1u64, 511, cs - 1, cs, cs + 1, 3 * cs + 7, 300_001];
@@ -330,8 +325,7 @@ async fn random_concurrent_io_through_an_nbd_export_with_copy_on_read() {
             }
         }
         // Tiny devices leave room for few disjoint ops per batch.
-        let min_ops = if size < 8 * cs { 250 } else { 1000 };
-        assert!(ops_done >= min_ops, "{}: {ops_done} ops", l.name);
+        assert!(ops_done > 1000, "{}: {ops_done} ops", l.name);
         let all = client.read(0, size as usize).await.expect("read all");
         assert!(all == model, "{}: final contents differ", l.name);
         client.flush().await.expect("flush");
