@@ -1205,7 +1205,10 @@ impl Graph {
         let mut img = Map::new();
         img.insert("filename".into(), json!(self.display_filename(n).await));
         img.insert("format".into(), json!(n.driver.as_str()));
-        img.insert("dirty-flag".into(), json!(false));
+        // QEMU shows the flag only for drivers with bdrv_get_info (not the nbd client).
+        if n.driver != Driver::Nbd {
+            img.insert("dirty-flag".into(), json!(false));
+        }
         if let Some(a) = self.actual_size(n) {
             img.insert("actual-size".into(), json!(a));
         }

@@ -973,7 +973,7 @@ async def sc_export_t7b(p):
 async def sc_export_nbd_node(p):
     """An nbd client node (our export, served by the other daemon's twin: a qemu-nbd) as the
     backing of a qcow2 overlay, streamed into it."""
-    srv = subprocess.Popen(["qemu-nbd", "-t", "-r", "-f", "qcow2", "-x", "base",
+    srv = subprocess.Popen(["qemu-nbd", "-t", "-r", "-e", "8", "-f", "qcow2", "-x", "base",
                             "-k", f"{p.dir}/q.sock", f"{p.dir}/base.qcow2"])
     try:
         deadline = time.time() + 10
