@@ -801,3 +801,71 @@ async fn read_only_and_raw_tops_turn_copy_on_read_off() {
     assert!(e.to_string().contains("power of two"), "{e}");
     top.close().await.expect("close top");
 }
+
+/// Copy-on-read into a QED top (created by qemu-img over a qcow2 chain): a full read makes
+/// it self-contained, `qemu-img check` accepts it and its map shows every byte at depth 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qed_tops_are_populated_too() {
+    let dir = tmpdir();
+    let base = dir.path().join("base.qcow2");
+    run_ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", &s(&base), "5000000"],
+    );
+    qemu_io(
+        &base,
+        "qcow2",
+        &[
+            "write -P 0x61 0 1M",
+            "write -P 0x62 3M 65537",
+            "write -z 1536k 64k",
+        ],
+    );
+    let top_path = dir.path().join("top.qed");
+    run_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qed",
+            "-b",
+            &s(&base),
+            "-F",
+            "qcow2",
+            &s(&top_path),
+        ],
+    );
+    qemu_io(&top_path, "qed", &["write -P 0x63 2M 4k"]);
+    let expected = qemu_export_raw(&top_path, "qed");
+    let top = diskstream_block::image::open_image(
+        &top_path,
+        &diskstream_block::image::OpenOptions {
+            format: Some(diskstream_block::format::Format::Qed),
+            read_only: false,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("open qed");
+    let cor = CopyOnRead::new(top.clone(), None, cfg(256 * KIB, 2)).expect("filter");
+    assert!(cor.is_active(), "{:?}", cor.off_reason());
+    let node: Arc<dyn BlockNode> = cor.clone();
+    let got = read_all(&node, 77_777).await;
+    assert_bytes_eq(&got, &expected, "qed");
+    cor.close().await.expect("close filter");
+    assert!(cor.stats().bytes_copied > 0, "{:?}", cor.stats());
+    top.close().await.expect("close top");
+    let (code, _, desc) = qemu_check(&top_path, "qed");
+    assert_eq!(code, 0, "qemu-img check: {desc}");
+    for e in qemu_map(&top_path, "qed")
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    {
+        assert_eq!(e["depth"], 0, "{e}");
+    }
+    let model = dir.path().join("model.raw");
+    write_file(&model, &expected);
+    assert_compare(&top_path, "qed", &model, "raw");
+}

@@ -304,3 +304,78 @@ async fn missing_forbidden_and_replaced_objects() {
     // Writes are refused: the protocol is read-only.
     assert!(p.write_vec(0, vec![1]).await.is_err());
 }
+
+/// Copy-on-read over an `http://` backing (seed 004): one full read through the filter
+/// brings every byte into the overlay; with the server stopped, the overlay still reads
+/// identically and maps entirely at depth 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_on_read_over_http_makes_the_overlay_local() {
+    diskstream_http::register_url_opener(cfg());
+    let (dir, _) = fixture();
+    let d = dir.path();
+    let mut srv = Server::range(d, &[]);
+    let url = srv.url("base.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            &url,
+            "-F",
+            "qcow2",
+            "top.qcow2",
+            "7M",
+        ],
+        d,
+    );
+    let (expected, _) = qemu_view_over_local(d, "base.qcow2");
+    let top = open_top(&d.join("top.qcow2"), false).await;
+    let cor = diskstream_block::filter::cor::CopyOnRead::new(
+        Arc::clone(&top),
+        None,
+        diskstream_block::filter::cor::CorConfig::default(),
+    )
+    .expect("filter");
+    let node: Arc<dyn BlockNode> = cor.clone();
+    assert!(read_all(&node).await == expected, "first read through COR");
+    cor.close().await.expect("close filter");
+    let st = cor.stats();
+    assert!(st.misses > 0 && st.bytes_copied > 0, "{st:?}");
+    top.flush().await.expect("flush");
+    // With the server gone, the overlay still reads the same: everything is local.
+    srv.stop();
+    assert!(
+        read_all(&top).await == expected,
+        "re-read with the server gone"
+    );
+    let map = map_range(&top, 0, top.size()).await.expect("map");
+    let v = serde_json::to_value(&map).expect("json");
+    for e in v.as_array().cloned().unwrap_or_default() {
+        assert_eq!(e["depth"], 0, "{e}");
+    }
+    top.close().await.expect("close");
+    drop((node, cor, top));
+    // QEMU's view (its curl driver is not installed): a copy with the backing link cut
+    // passes `qemu-img check` and equals the chain's contents.
+    std::fs::copy(d.join("top.qcow2"), d.join("flat.qcow2")).expect("copy");
+    run("qemu-img", &["rebase", "-u", "-b", "", "flat.qcow2"], d);
+    run("qemu-img", &["check", "flat.qcow2"], d);
+    std::fs::write(d.join("expected.raw"), &expected).expect("write");
+    run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "flat.qcow2",
+            "expected.raw",
+        ],
+        d,
+    );
+}

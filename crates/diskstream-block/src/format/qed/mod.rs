@@ -463,6 +463,11 @@ impl BlockNode for Qed {
     fn cluster_size(&self) -> Option<u64> {
         Some(self.cs())
     }
+    /// QED stores copied backing data per cluster (`write_if_unallocated`), so copy-on-read
+    /// and streaming can populate it.
+    fn can_populate(&self) -> bool {
+        true
+    }
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         check_bounds(offset, buf.len() as u64, self.size())?;
