@@ -561,7 +561,6 @@ impl Job {
                 .map_err(|e| e.to_string())?;
         }
         self.driver.change_copy_mode(mode)?;
-        self.wake.notify_one();
         Ok(())
     }
 

@@ -507,8 +507,8 @@ impl MirrorJob {
         match (cur, mode) {
             (true, CopyMode::WriteBlocking) | (false, CopyMode::Background) => Ok(()),
             (false, CopyMode::WriteBlocking) => {
+                // The job notices at its next iteration (within 100 ms when idle), as QEMU's.
                 sh.write_blocking.store(true, Ordering::Release);
-                sh.dirtied.notify_one();
                 Ok(())
             }
             (true, CopyMode::Background) => Err(format!(

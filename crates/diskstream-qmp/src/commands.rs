@@ -186,7 +186,11 @@ fn block_job_info(i: &JobInfo) -> Value {
     if let (Some(e), Some(o)) = (&i.error, v.as_object_mut()) {
         o.insert("error".into(), json!(e));
     }
-    if let (Some(a), Some(o)) = (i.actively_synced, v.as_object_mut()) {
+    // Only the `mirror` branch of BlockJobInfo has it (not active commit).
+    let synced = i
+        .actively_synced
+        .filter(|_| i.job_type == diskstream_jobs::JobType::Mirror);
+    if let (Some(a), Some(o)) = (synced, v.as_object_mut()) {
         o.insert("actively-synced".into(), json!(a));
     }
     v

@@ -340,6 +340,19 @@ impl Graph {
         }
     }
 
+    /// Close `id` (and its orphaned children) if nothing references it any more: not
+    /// monitor-owned, no users, no parents, no job.
+    pub async fn remove_if_unreferenced(&mut self, id: NodeId) {
+        let unreferenced = self
+            .get(id)
+            .is_some_and(|n| !n.monitor_owned && n.blocker.is_none())
+            && !self.has_users(id)
+            && self.has_parents(id).is_empty();
+        if unreferenced {
+            self.remove_tree(id).await;
+        }
+    }
+
     /// Point every user's backend at its node's current image (draining each one that
     /// changes: requests in flight on the old image finish first).
     pub async fn sync_users(&self) {

@@ -139,10 +139,13 @@ fn root_node(g: &Graph, name: &str) -> QmpResult<NodeId> {
     Ok(n.id)
 }
 
+/// Whether a node has a parent other than a user: another node, or a job (QEMU's jobs
+/// attach to the nodes they hold as non-root parents).
 fn is_child(g: &Graph, id: NodeId) -> bool {
-    g.nodes()
-        .iter()
-        .any(|p| p.backing == Some(id) || p.file == Some(id))
+    g.get(id).is_some_and(|n| n.blocker.is_some())
+        || g.nodes()
+            .iter()
+            .any(|p| p.backing == Some(id) || p.file == Some(id))
 }
 
 /// The chain below `from` (inclusive), following filters and backing links.
@@ -942,6 +945,16 @@ pub async fn drive_mirror(mon: &Arc<Monitor>, a: &Map<String, Value>) -> QmpResu
 
 /// `block-job-change`.
 pub async fn block_job_change(mon: &Arc<Monitor>, a: &Map<String, Value>) -> QmpResult<Value> {
+    // The union's branches: only `mirror` has members.
+    match (s(a, "type"), a.contains_key("copy-mode")) {
+        (Some("mirror"), false) => {
+            return Err(QmpError::generic("Parameter 'copy-mode' is missing"))
+        }
+        (Some(t), true) if t != "mirror" => {
+            return Err(QmpError::generic("Parameter 'copy-mode' is unexpected"))
+        }
+        _ => {}
+    }
     let id = s(a, "id").unwrap_or_default();
     let job = mon.jobs.find(id).ok_or_else(|| {
         QmpError::new(
