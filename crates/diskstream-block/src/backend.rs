@@ -16,7 +16,7 @@
 use crate::node::BlockNode;
 use std::ops::Deref;
 use std::sync::Arc;
-use tokio::sync::{OwnedRwLockReadGuard, RwLock};
+use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
 
 /// The attachment point of one user.
 pub struct BlockBackend {
@@ -83,6 +83,20 @@ impl BlockBackend {
         std::mem::replace(&mut *w, node)
     }
 
+    /// Begin a drain that the caller ends by dropping the returned guard: waits for every
+    /// request in flight, then holds new ones back. Several backends drained together and
+    /// re-pointed with [`Drained::set_root`] before any guard drops switch *atomically*: no
+    /// request runs on any of them between the first swap and the last (QEMU drains the
+    /// node under all its parents before `bdrv_replace_node`). The caller must not start
+    /// requests on a backend it holds drained.
+    pub async fn drain(self: &Arc<Self>) -> Drained {
+        let guard = Arc::clone(&self.root).write_owned().await;
+        Drained {
+            guard,
+            backend: Arc::clone(self),
+        }
+    }
+
     /// Run `f` with the backend drained: no request is in flight while it runs and none
     /// starts. For operations that must see a quiescent device (flush-then-switch, the
     /// header rewrite that ends a stream when the caller wants guest I/O held off).
@@ -93,6 +107,28 @@ impl BlockBackend {
     {
         let w = self.root.write().await;
         f(Arc::clone(&w)).await
+    }
+}
+
+/// A backend held drained (see [`BlockBackend::drain`]); requests resume when it drops.
+pub struct Drained {
+    guard: OwnedRwLockWriteGuard<Arc<dyn BlockNode>>,
+    backend: Arc<BlockBackend>,
+}
+
+impl Drained {
+    /// The root as it is now (no request is running on it).
+    pub fn root(&self) -> Arc<dyn BlockNode> {
+        Arc::clone(&self.guard)
+    }
+
+    /// Swap the root; requests that resume after the drain run on `node`. Returns the old root.
+    pub fn set_root(&mut self, node: Arc<dyn BlockNode>) -> Arc<dyn BlockNode> {
+        match self.backend.current.write() {
+            Ok(mut g) => *g = Arc::clone(&node),
+            Err(p) => *p.into_inner() = Arc::clone(&node),
+        }
+        std::mem::replace(&mut *self.guard, node)
     }
 }
 

@@ -30,6 +30,10 @@ use tokio::sync::{watch, Notify};
 pub enum JobType {
     /// `block-stream`.
     Stream,
+    /// `block-commit` (intermediate or active).
+    Commit,
+    /// `blockdev-mirror` / `drive-mirror`.
+    Mirror,
 }
 
 impl JobType {
@@ -37,6 +41,8 @@ impl JobType {
     pub fn as_str(self) -> &'static str {
         match self {
             JobType::Stream => "stream",
+            JobType::Commit => "commit",
+            JobType::Mirror => "mirror",
         }
     }
 }
@@ -182,6 +188,19 @@ pub enum JobEvent {
         /// Decision taken.
         action: ErrorAction,
     },
+    /// `BLOCK_JOB_READY`: a mirror-like job is in sync and may be completed.
+    Ready {
+        /// Job type.
+        job_type: JobType,
+        /// Job id.
+        device: String,
+        /// Progress total.
+        len: u64,
+        /// Progress done.
+        offset: u64,
+        /// Speed limit.
+        speed: u64,
+    },
     /// `BLOCK_JOB_PENDING` (manual finalization only).
     Pending {
         /// Job type.
@@ -241,6 +260,20 @@ pub trait JobDriver: Send + Sync + 'static {
     fn can_complete(&self) -> bool {
         false
     }
+    /// `complete` was accepted (the job is ready): finish with the pivot.
+    fn request_complete(&self) {}
+    /// A non-forced cancel of a ready job: finish *without* the pivot (QEMU's soft cancel;
+    /// the job then ends as completed).
+    fn request_soft_cancel(&self) {}
+    /// `block-job-change` with a mirror copy mode; QEMU's texts on refusal.
+    fn change_copy_mode(&self, _mode: &str) -> Result<(), String> {
+        Err("Job type does not support change".into())
+    }
+    /// Mirror jobs: whether guest writes are mirrored synchronously and the target is in
+    /// sync (`actively-synced`); `None` for other jobs.
+    fn actively_synced(&self) -> Option<bool> {
+        None
+    }
 }
 
 /// A snapshot of a job for the query commands.
@@ -270,6 +303,8 @@ pub struct JobInfo {
     pub auto_finalize: bool,
     /// Auto-dismiss flag.
     pub auto_dismiss: bool,
+    /// Mirror jobs: `actively-synced`.
+    pub actively_synced: Option<bool>,
 }
 
 struct JobState {
@@ -280,6 +315,8 @@ struct JobState {
     paused_from: Option<JobStatus>,
     busy: bool,
     cancelled: bool,
+    /// A soft cancel (non-forced, after READY) was requested.
+    soft_cancelled: bool,
     error: Option<JobFailure>,
     current: u64,
     total: u64,
@@ -358,6 +395,7 @@ impl Job {
             error: st.error.as_ref().map(|e| e.message.clone()),
             auto_finalize: st.auto_finalize,
             auto_dismiss: st.auto_dismiss,
+            actively_synced: self.driver.actively_synced(),
         }
     }
 
@@ -473,12 +511,81 @@ impl Job {
 
     /// `block-job-complete` / `job-complete`.
     pub fn complete(&self) -> Result<(), JobError> {
-        let st = self.lock();
-        self.apply_verb(&st, JobVerb::Complete)?;
-        if st.cancelled || !self.driver.can_complete() {
-            return Err(JobError::CannotComplete(self.id.clone()));
+        {
+            let st = self.lock();
+            self.apply_verb(&st, JobVerb::Complete)?;
+            if st.cancelled || st.soft_cancelled || !self.driver.can_complete() {
+                return Err(JobError::CannotComplete(self.id.clone()));
+            }
         }
+        self.driver.request_complete();
+        self.wake.notify_one();
         Ok(())
+    }
+
+    /// `block-job-cancel` with `force`: a non-forced cancel of a ready mirror-like job
+    /// completes it without the pivot (QEMU's soft cancel, ending in `BLOCK_JOB_COMPLETED`);
+    /// anything else is a real cancel. Waits until the job concluded, like QSD.
+    pub async fn cancel_with(self: &Arc<Self>, force: bool) -> Result<(), JobError> {
+        let soft = {
+            let mut st = self.lock();
+            self.apply_verb(&st, JobVerb::Cancel)?;
+            let soft = !force
+                && self.driver.can_complete()
+                && matches!(st.status, JobStatus::Ready | JobStatus::Standby);
+            if soft && !st.deferred {
+                st.soft_cancelled = true;
+                if st.user_paused {
+                    st.user_paused = false;
+                    st.io_status = IoStatus::Ok;
+                    self.release_pause(&mut st);
+                }
+            }
+            soft
+        };
+        if !soft {
+            return self.cancel().await;
+        }
+        self.driver.request_soft_cancel();
+        self.wake.notify_one();
+        self.wait_for(|st| matches!(st.status, JobStatus::Concluded | JobStatus::Null))
+            .await;
+        Ok(())
+    }
+
+    /// `block-job-change`: switch a mirror's copy mode (verb `change`).
+    pub fn change_copy_mode(&self, mode: &str) -> Result<(), String> {
+        {
+            let st = self.lock();
+            self.apply_verb(&st, JobVerb::Change)
+                .map_err(|e| e.to_string())?;
+        }
+        self.driver.change_copy_mode(mode)?;
+        Ok(())
+    }
+
+    /// Drivers of mirror-like jobs: the target is in sync. `running → ready` and
+    /// `BLOCK_JOB_READY` (once).
+    pub fn set_ready(&self) {
+        let mut st = self.lock();
+        if st.status != JobStatus::Running {
+            return;
+        }
+        self.transition(&mut st, JobStatus::Ready);
+        self.sink.emit(JobEvent::Ready {
+            job_type: self.job_type,
+            device: self.id.clone(),
+            len: st.total,
+            offset: st.current,
+            speed: st.limit.speed(),
+        });
+    }
+
+    /// Whether the job reached READY (it may be in standby now).
+    pub fn is_ready(&self) -> bool {
+        let st = self.lock();
+        matches!(st.status, JobStatus::Ready | JobStatus::Standby)
+            || st.paused_from == Some(JobStatus::Ready)
     }
 
     /// Whether the user paused the job (or an error stopped it).
@@ -651,6 +758,12 @@ impl Job {
         self.lock().total = total;
     }
 
+    /// Add to the progress total (new work appeared: guest writes a mirror must copy).
+    pub fn progress_increase_remaining(&self, n: u64) {
+        let mut st = self.lock();
+        st.total = st.total.saturating_add(n);
+    }
+
     /// Add to the progress done.
     pub fn progress_update(&self, n: u64) {
         let mut st = self.lock();
@@ -668,8 +781,20 @@ impl Job {
     /// emits `BLOCK_JOB_ERROR`; on `stop`, pauses the job as a user pause with `io-status`
     /// set, so `resume` retries.
     pub fn error_action(&self, errno: i32, operation: IoOperation) -> ErrorAction {
+        let policy = self.lock().on_error;
+        self.error_action_with(policy, errno, operation)
+    }
+
+    /// [`Job::error_action`] with an explicit policy (mirror: `on-source-error` for reads,
+    /// `on-target-error` for writes).
+    pub fn error_action_with(
+        &self,
+        policy: OnError,
+        errno: i32,
+        operation: IoOperation,
+    ) -> ErrorAction {
         let mut st = self.lock();
-        let action = match st.on_error {
+        let action = match policy {
             OnError::Report => ErrorAction::Report,
             OnError::Ignore => ErrorAction::Ignore,
             OnError::Stop => ErrorAction::Stop,
@@ -868,6 +993,7 @@ impl JobManager {
                 paused_from: None,
                 busy: false,
                 cancelled: false,
+                soft_cancelled: false,
                 error: None,
                 current: 0,
                 total: 0,

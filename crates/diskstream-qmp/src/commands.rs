@@ -6,6 +6,7 @@ use crate::export;
 use crate::monitor::{package, Monitor, QEMU_VERSION};
 use crate::schema::{check_blockdev_options, check_object, opt, req, Member, Ty, ON_ERROR};
 use crate::stream_cmd;
+use crate::{mirror_cmd, snapshot_cmd};
 use diskstream_jobs::job::JobInfo;
 use diskstream_jobs::Job;
 use serde_json::{json, Map, Value};
@@ -29,6 +30,16 @@ pub const BLOCK_STREAM: &[Member] = &[
     opt("filter-node-name", Ty::Str),
     opt("auto-finalize", Ty::Bool),
     opt("auto-dismiss", Ty::Bool),
+];
+
+/// `blockdev-snapshot-sync`'s arguments.
+const BLOCKDEV_SNAPSHOT_SYNC: &[Member] = &[
+    opt("device", Ty::Str),
+    opt("node-name", Ty::Str),
+    req("snapshot-file", Ty::Str),
+    opt("snapshot-node-name", Ty::Str),
+    opt("format", Ty::Str),
+    opt("mode", Ty::Enum(&["existing", "absolute-paths"])),
 ];
 
 const LEGACY_BLOCK_STREAM: &[Member] = &[
@@ -67,6 +78,24 @@ const COMMANDS: &[(&str, Args)] = &[
     ("query-block", Args::Members(NONE)),
     ("x-query-cor-stats", Args::Members(NONE)),
     ("block-stream", Args::Members(BLOCK_STREAM)),
+    (
+        "blockdev-snapshot-sync",
+        Args::Members(BLOCKDEV_SNAPSHOT_SYNC),
+    ),
+    (
+        "blockdev-snapshot",
+        Args::Members(&[req("node", Ty::Str), req("overlay", Ty::Str)]),
+    ),
+    ("block-commit", Args::Members(mirror_cmd::BLOCK_COMMIT)),
+    (
+        "blockdev-mirror",
+        Args::Members(mirror_cmd::BLOCKDEV_MIRROR),
+    ),
+    ("drive-mirror", Args::Members(mirror_cmd::DRIVE_MIRROR)),
+    (
+        "block-job-change",
+        Args::Members(mirror_cmd::BLOCK_JOB_CHANGE),
+    ),
     (
         "block-job-set-speed",
         Args::Members(&[req("device", Ty::Str), req("speed", Ty::Int)]),
@@ -158,6 +187,13 @@ fn block_job_info(i: &JobInfo) -> Value {
     if let (Some(e), Some(o)) = (&i.error, v.as_object_mut()) {
         o.insert("error".into(), json!(e));
     }
+    // Only the `mirror` branch of BlockJobInfo has it (not active commit).
+    let synced = i
+        .actively_synced
+        .filter(|_| i.job_type == diskstream_jobs::JobType::Mirror);
+    if let (Some(a), Some(o)) = (synced, v.as_object_mut()) {
+        o.insert("actively-synced".into(), json!(a));
+    }
     v
 }
 
@@ -228,6 +264,12 @@ pub async fn dispatch(
         "query-block" => Ok(json!([])),
         "x-query-cor-stats" => Ok(mon.graph.lock().await.query_cor_stats()),
         "block-stream" => stream_cmd::block_stream(mon, a).await,
+        "blockdev-snapshot-sync" => snapshot_cmd::blockdev_snapshot_sync(mon, a).await,
+        "blockdev-snapshot" => snapshot_cmd::blockdev_snapshot(mon, a).await,
+        "block-commit" => mirror_cmd::block_commit(mon, a).await,
+        "blockdev-mirror" => mirror_cmd::blockdev_mirror(mon, a).await,
+        "drive-mirror" => mirror_cmd::drive_mirror(mon, a).await,
+        "block-job-change" => mirror_cmd::block_job_change(mon, a).await,
         "block_stream" => stream_cmd::legacy_block_stream(mon, a).await,
         "query-block-stream" => Ok(stream_cmd::query_block_stream(mon)),
         "nbd-server-start"
@@ -248,7 +290,8 @@ pub async fn dispatch(
             if job.user_paused() && !bool_arg(a, "force").unwrap_or(false) {
                 return Err(diskstream_jobs::JobError::CurrentlyPaused(id.to_string()).into());
             }
-            job.cancel().await?;
+            job.cancel_with(bool_arg(a, "force").unwrap_or(false))
+                .await?;
             Ok(json!({}))
         }
         "job-cancel" => {

@@ -581,7 +581,14 @@ async fn finish(st: &mut State, mon: &Monitor, id: &str) {
         return;
     };
     st.list.remove(pos);
-    mon.graph.lock().await.detach_user(id);
+    {
+        let mut g = mon.graph.lock().await;
+        if let Some(u) = g.detach_user(id) {
+            // A node only the export kept alive (a snapshot overlay or mirror target the
+            // monitor did not create) goes with it, as QEMU drops its last reference.
+            g.remove_if_unreferenced(u.node).await;
+        }
+    }
     mon.emit_event("BLOCK_EXPORT_DELETED", Some(json!({ "id": id })));
 }
 

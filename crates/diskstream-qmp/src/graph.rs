@@ -59,6 +59,9 @@ pub enum Driver {
     CopyOnRead,
     /// Protocol: an NBD export (QEMU's `nbd` driver); also usable directly as an image.
     Nbd,
+    /// Filter inserted above the source of a mirror or active commit job (QEMU's
+    /// `mirror_top`); its image is the job's write-tracking filter.
+    MirrorTop,
 }
 
 impl Driver {
@@ -71,7 +74,13 @@ impl Driver {
             Driver::Qcow2 => "qcow2",
             Driver::CopyOnRead => "copy-on-read",
             Driver::Nbd => "nbd",
+            Driver::MirrorTop => "mirror_top",
         }
+    }
+
+    /// Whether the node is a filter (transparent for chain walks).
+    pub fn is_filter(self) -> bool {
+        matches!(self, Driver::CopyOnRead | Driver::MirrorTop)
     }
 }
 
@@ -118,7 +127,7 @@ impl GraphNode {
     /// The next node down a chain: a filter's child, a format node's backing.
     pub fn chain_next(&self) -> Option<NodeId> {
         match self.driver {
-            Driver::CopyOnRead => self.file,
+            Driver::CopyOnRead | Driver::MirrorTop => self.file,
             _ => self.backing,
         }
     }
@@ -315,12 +324,36 @@ impl Graph {
             if let Some(b) = &cur.block {
                 return Some(Arc::clone(b));
             }
-            if cur.driver != Driver::CopyOnRead {
+            if !cur.driver.is_filter() {
                 return None;
             }
             cur = self.get(cur.file?)?;
         }
         None
+    }
+
+    /// Re-attach every user of `from` to `to` in the graph (QEMU's `bdrv_replace_node` for
+    /// BlockBackend parents). Their backends are not touched: the caller re-points them,
+    /// drained, before anything else can run (see [`BlockBackend::drain`]).
+    pub fn move_users(&mut self, from: NodeId, to: NodeId) {
+        for u in self.users.iter_mut() {
+            if u.node == from {
+                u.node = to;
+            }
+        }
+    }
+
+    /// Close `id` (and its orphaned children) if nothing references it any more: not
+    /// monitor-owned, no users, no parents, no job.
+    pub async fn remove_if_unreferenced(&mut self, id: NodeId) {
+        let unreferenced = self
+            .get(id)
+            .is_some_and(|n| !n.monitor_owned && n.blocker.is_none())
+            && !self.has_users(id)
+            && self.has_parents(id).is_empty();
+        if unreferenced {
+            self.remove_tree(id).await;
+        }
     }
 
     /// Point every user's backend at its node's current image (draining each one that
@@ -860,7 +893,8 @@ impl Graph {
             )));
         };
         let id = node.id;
-        if (node.driver == Driver::CopyOnRead && !node.monitor_owned) || self.has_users(id) {
+        // A user-added copy-on-read filter can be deleted; a job's filter cannot.
+        if (node.driver.is_filter() && !node.monitor_owned) || self.has_users(id) {
             // A job filter carries the job's block backend, an export its own (QEMU's
             // bdrv_has_blk check).
             return Err(QmpError::generic(format!("Node {name} is in use")));
@@ -1143,7 +1177,7 @@ impl Graph {
             match n.driver {
                 Driver::File => json!({"driver": "file", "filename": n.filename}),
                 Driver::Nbd => json!({"driver": "nbd", "filename": n.filename}),
-                Driver::Blkdebug | Driver::Raw | Driver::CopyOnRead => {
+                Driver::Blkdebug | Driver::Raw | Driver::CopyOnRead | Driver::MirrorTop => {
                     let key = if n.driver == Driver::Blkdebug {
                         "image"
                     } else {
@@ -1184,7 +1218,7 @@ impl Graph {
         Box::pin(async move {
             let json_name = match n.driver {
                 Driver::File => false,
-                Driver::CopyOnRead => !n.name.starts_with('#'),
+                Driver::CopyOnRead | Driver::MirrorTop => !n.name.starts_with('#'),
                 Driver::Qcow2 => self.backing_overridden(n).await,
                 Driver::Raw | Driver::Blkdebug | Driver::Nbd => false,
             };
@@ -1230,7 +1264,7 @@ impl Graph {
                 let size = n.block.as_ref().map(|b| b.size()).unwrap_or(0);
                 img.insert("virtual-size".into(), json!(size));
             }
-            Driver::CopyOnRead => {
+            Driver::CopyOnRead | Driver::MirrorTop => {
                 if let Some(t) = n.file.and_then(|f| self.get(f)) {
                     if let Some(b) = &t.block {
                         img.insert("virtual-size".into(), json!(b.size()));
@@ -1315,7 +1349,7 @@ impl Graph {
     }
 
     fn skip_filters<'a>(&'a self, mut n: &'a GraphNode) -> &'a GraphNode {
-        while n.driver == Driver::CopyOnRead {
+        while n.driver.is_filter() {
             match n.file.and_then(|f| self.get(f)) {
                 Some(c) => n = c,
                 None => break,

@@ -5,7 +5,7 @@
 //! * [`schema`]: argument validation with QAPI's semantics and texts.
 //! * [`graph`]: the named node graph (`blockdev-add`/`-del`, `query-named-block-nodes`).
 //! * [`monitor`]: connections, negotiation, dispatch, events.
-//! * [`commands`], [`stream_cmd`]: the commands.
+//! * [`commands`], [`stream_cmd`], [`snapshot_cmd`], [`mirror_cmd`]: the commands.
 //! * [`export`]: the integration point the NBD server plugs into.
 //! * [`blkdebug`]: error injection for tests.
 //! * [`server`]: listening sockets.
@@ -17,9 +17,11 @@ pub mod export;
 pub mod fuzzing;
 pub mod graph;
 pub mod json;
+pub mod mirror_cmd;
 pub mod monitor;
 pub mod schema;
 pub mod server;
+pub mod snapshot_cmd;
 pub mod stream_cmd;
 
 pub use error::{ErrorClass, QmpError};

@@ -91,6 +91,16 @@ fn job_event_json(ev: &JobEvent) -> (&'static str, Value) {
             "BLOCK_JOB_ERROR",
             json!({"device": device, "operation": operation.as_str(), "action": action.as_str()}),
         ),
+        JobEvent::Ready {
+            job_type,
+            device,
+            len,
+            offset,
+            speed,
+        } => (
+            "BLOCK_JOB_READY",
+            json!({"device": device, "len": len, "offset": offset, "speed": speed, "type": job_type.as_str()}),
+        ),
         JobEvent::Pending { job_type, id } => (
             "BLOCK_JOB_PENDING",
             json!({"type": job_type.as_str(), "id": id}),

@@ -51,7 +51,7 @@ async fn find_backing_image(g: &crate::graph::Graph, from: NodeId, name: &str) -
     loop {
         // bdrv_backing_chain_next: the next non-filter node.
         let mut below = g.get(cur.chain_next()?)?;
-        while below.driver == Driver::CopyOnRead {
+        while below.driver.is_filter() {
             below = g.get(below.file?)?;
         }
         if let Some(rec) = cur.backing_file_str.clone() {
@@ -140,7 +140,7 @@ pub async fn block_stream(mon: &Arc<Monitor>, a: &Map<String, Value>) -> QmpResu
         let n = g.find(b).ok_or_else(|| {
             QmpError::generic(format!("Cannot find device='' nor node-name='{b}'"))
         })?;
-        if n.driver == Driver::CopyOnRead {
+        if n.driver.is_filter() {
             return Err(QmpError::generic(format!(
                 "Node '{b}' is a filter, use a non-filter node as 'bottom'"
             )));
@@ -347,7 +347,9 @@ async fn undo_reopen(g: &mut crate::graph::Graph, dev: NodeId, reopened: bool) {
     }
 }
 
-async fn reopen_read_only(g: &mut crate::graph::Graph, dev: NodeId) {
+/// Reopen a node's image read-only (after a job that needed it writable, or when a snapshot
+/// overlay takes over its writes), moving its users and parents to the new image.
+pub(crate) async fn reopen_read_only(g: &mut crate::graph::Graph, dev: NodeId) {
     let Some(node) = g.get(dev) else { return };
     let Some(old) = node.block.clone() else {
         return;
@@ -367,10 +369,19 @@ async fn reopen_read_only(g: &mut crate::graph::Graph, dev: NodeId) {
             return;
         }
     };
-    match Qcow2::open(Arc::clone(&proto)).await {
-        Ok(q) => {
+    let reopened: Result<Arc<dyn BlockNode>, _> = if node.driver == Driver::Raw {
+        diskstream_block::format::raw::RawNode::open(Arc::clone(&proto))
+            .await
+            .map(|r| Arc::new(r) as Arc<dyn BlockNode>)
+    } else {
+        Qcow2::open(Arc::clone(&proto)).await.map(|q| {
             q.set_backing_node(old.backing());
-            g.replace_image(dev, proto, Arc::new(q), true).await;
+            Arc::new(q) as Arc<dyn BlockNode>
+        })
+    };
+    match reopened {
+        Ok(q) => {
+            g.replace_image(dev, proto, q, true).await;
             if let Err(e) = old.close().await {
                 tracing::warn!("closing {path} after reopening it read-only: {e}");
             }

@@ -1460,6 +1460,10 @@ async def main():
     if not os.access(args.ours, os.X_OK):
         print(f"FATAL: diskstream binary '{args.ours}' not found", file=sys.stderr)
         return 2
+    # Snapshot, commit and mirror scenarios live in their own module.
+    import mirror_scenarios
+    SCENARIOS.update(mirror_scenarios.SCENARIOS)
+    NO_MAP_COMPARE.update(mirror_scenarios.NO_MAP_COMPARE)
     failures = 0
     passed = 0
     names = args.only or ["raw"] + list(SCENARIOS)

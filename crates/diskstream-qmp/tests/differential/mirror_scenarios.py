@@ -1,0 +1,221 @@
+"""Differential scenarios for external snapshots, block-commit and mirror (iotests 040/041
+checklists, transcripts T4-T6 and T10), loaded by harness.py."""
+
+import asyncio
+import os
+
+import harness as H
+
+MiB = H.MiB
+
+
+def mk_snap(d):
+    imgs = H.mkchain(d)
+    H.create(f"{d}/snap2.qcow2", 64 * MiB)
+    H.create(f"{d}/raw.img", 64 * MiB, fmt="raw")
+    return imgs + ["snap1.qcow2", "snap2.qcow2"]
+
+
+async def sc_snapshot(p):
+    await H.add_chain(p)
+    await p.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "nbd.sock"}}})
+    await p.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "top", "writable": True})
+    await p.io("top", "write -P 0x55 0 1M")
+    await p.cmd("blockdev-snapshot-sync", {"snapshot-file": "s0.qcow2"})
+    await p.cmd("blockdev-snapshot-sync", {"device": "top", "snapshot-file": "s0.qcow2"})
+    await p.cmd("blockdev-snapshot-sync", {"node-name": "top", "snapshot-file": "s0.qcow2"})
+    await p.cmd("blockdev-snapshot-sync", {"node-name": "top", "snapshot-file": "s0.qcow2",
+                                           "snapshot-node-name": "mid"})
+    await p.cmd("blockdev-snapshot-sync", {"node-name": "mid", "snapshot-file": "s0.qcow2",
+                                           "snapshot-node-name": "s0"})
+    await p.cmd("blockdev-snapshot-sync", {"node-name": "top", "snapshot-file": "s0.qcow2",
+                                           "snapshot-node-name": "s0", "format": "raw"})
+    await p.cmd("blockdev-snapshot-sync", {"node-name": "top", "snapshot-file": "nope.qcow2",
+                                           "snapshot-node-name": "s0", "mode": "existing"})
+    await p.cmd("blockdev-snapshot-sync", {"node-name": "top", "snapshot-file": "nodir/x.qcow2",
+                                           "snapshot-node-name": "s0"})
+    await p.cmd("blockdev-snapshot-sync", {"node-name": "top", "snapshot-file": "snap1.qcow2",
+                                           "snapshot-node-name": "snap1", "mode": "bogus"})
+    await p.cmd("blockdev-snapshot-sync", {"node-name": "top", "snapshot-file": "snap1.qcow2",
+                                           "snapshot-node-name": "snap1"})
+    await p.cmd("query-block-exports")
+    await p.cmd("query-named-block-nodes", {"flat": True})
+    await p.cmd("blockdev-del", {"node-name": "snap1"})
+    await p.cmd("blockdev-del", {"node-name": "top"})
+    await p.io("top", "read -P 0x55 0 1M", "write -P 0x66 1M 1M", "read -P 0x44 48M 1M")
+    await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": "snap2", "backing": None,
+                                 "file": {"driver": "file", "filename": "snap2.qcow2"}})
+    await p.cmd("blockdev-add", {"driver": "raw", "node-name": "r",
+                                 "file": {"driver": "file", "filename": "raw.img"}})
+    await p.cmd("blockdev-snapshot", {"node": "nope", "overlay": "snap2"})
+    await p.cmd("blockdev-snapshot", {"node": "snap1", "overlay": "nope"})
+    await p.cmd("blockdev-snapshot", {"node": "snap1", "overlay": "r"})
+    await p.cmd("blockdev-snapshot", {"node": "snap1", "overlay": "top"})
+    await p.cmd("blockdev-snapshot", {"node": "snap1", "overlay": "snap2"})
+    await p.cmd("blockdev-snapshot", {"node": "snap1", "overlay": "snap2"})
+    await p.cmd("query-block-exports")
+    await p.cmd("query-named-block-nodes", {"flat": True})
+    await p.io("top", "read -P 0x66 1M 1M", "write -P 0x77 2M 1M", "read -P 0x11 4M 1M")
+    await p.cmd("block-export-del", {"id": "e"})
+    await p.wait_event("BLOCK_EXPORT_DELETED")
+    await p.cmd("blockdev-del", {"node-name": "snap1"})
+
+
+async def sc_commit(p):
+    await H.add_chain(p)
+    # T4 errors
+    await p.cmd("block-commit", {"device": "nope"})
+    await p.cmd("block-commit", {"job-id": "c", "device": "top", "top-node": "base", "base-node": "base"})
+    await p.cmd("block-commit", {"job-id": "c", "device": "top", "top-node": "base", "base-node": "top"})
+    await p.cmd("block-commit", {"job-id": "c", "device": "top", "top-node": "top", "backing-file": "x"})
+    await p.cmd("block-commit", {"job-id": "c", "device": "mid"})
+    # 040 argument errors
+    await p.cmd("block-commit", {"job-id": "c", "device": "top", "top": "mid.qcow2", "top-node": "mid"})
+    await p.cmd("block-commit", {"job-id": "c", "device": "top", "base": "base.qcow2", "base-node": "base"})
+    await p.cmd("block-commit", {"job-id": "c", "device": "top", "top-node": "badfile"})
+    await p.cmd("block-commit", {"job-id": "c", "device": "top", "base-node": "badfile"})
+    await p.cmd("block-commit", {"job-id": "c", "device": "top", "top": "badfile"})
+    await p.cmd("block-commit", {"job-id": "c", "device": "top", "base": "badfile"})
+    await p.cmd("block-commit", {"device": "top", "top-node": "mid"})
+    await p.cmd("block-commit", {"job-id": "c", "device": "top", "top-node": "mid", "speed": -1})
+    await p.cmd("query-jobs")
+    # intermediate commit mid -> base, throttled, with pause/resume and set-speed
+    await p.cmd("block-commit", {"job-id": "c1", "device": "top", "top-node": "mid",
+                                 "base-node": "base", "speed": 2 * MiB})
+    await p.cmd("query-block-jobs", masked=("offset", "busy"))
+    await p.cmd("block-commit", {"job-id": "c9", "device": "top", "top-node": "mid"})
+    await p.cmd("block-job-complete", {"device": "c1"})
+    await p.cmd("block-job-pause", {"device": "c1"})
+    await p.cmd("query-block-jobs", masked=("offset",))
+    await p.cmd("block-job-resume", {"device": "c1"})
+    await p.cmd("block-job-set-speed", {"device": "c1", "speed": 0})
+    await p.wait_job_gone("c1")
+    await p.cmd("query-named-block-nodes", {"flat": True})
+    # active commit top -> base
+    await p.cmd("block-commit", {"job-id": "c2", "device": "top"})
+    await p.wait_event("BLOCK_JOB_READY", device="c2")
+    await p.cmd("query-block-jobs")
+    await p.cmd("block-job-complete", {"device": "c2"})
+    await p.wait_job_gone("c2")
+    await p.cmd("query-block-jobs")
+
+
+def mk_mirror(d):
+    imgs = H.mkchain(d)
+    H.create(f"{d}/target.qcow2", 64 * MiB)
+    H.create(f"{d}/small.qcow2", 32 * MiB)
+    return imgs + ["target.qcow2"]
+
+
+async def add_target(p, name="tgt", file="target.qcow2"):
+    await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": name, "backing": None,
+                                 "file": {"driver": "file", "filename": file}})
+
+
+async def sc_mirror(p):
+    await H.add_chain(p)
+    await add_target(p)
+    await add_target(p, "small", "small.qcow2")
+    m = {"job-id": "m1", "device": "top", "target": "tgt", "sync": "full"}
+    await p.cmd("blockdev-mirror", dict(m, granularity=1000))
+    await p.cmd("blockdev-mirror", dict(m, granularity=256))
+    await p.cmd("blockdev-mirror", dict(m, granularity=1 << 27))
+    await p.cmd("blockdev-mirror", dict(m, sync="incremental"))
+    await p.cmd("blockdev-mirror", dict(m, sync="bogus"))
+    await p.cmd("blockdev-mirror", dict(m, target="top"))
+    await p.cmd("blockdev-mirror", dict(m, target="nope"))
+    await p.cmd("blockdev-mirror", dict(m, device="nope"))
+    await p.cmd("blockdev-mirror", dict(m, device="mid"))
+    await p.cmd("blockdev-mirror", {"job-id": "m1", "device": "top", "target": "tgt"})
+    await p.cmd("blockdev-mirror", dict(m, **{"buf-size": -1}))
+    await p.cmd("blockdev-mirror", dict(m, speed=-1))
+    await p.cmd("blockdev-mirror", dict(m, **{"job-id": "bad id"}))
+    await p.cmd("query-jobs")
+    await p.cmd("blockdev-mirror", dict(m, target="small", **{"job-id": "msmall"}))
+    await p.wait_job_gone("msmall")
+    await p.cmd("blockdev-mirror", dict(m, speed=8 * MiB, **{"buf-size": MiB}))
+    await p.cmd("query-block-jobs", masked=("offset", "busy", "len"))
+    await p.cmd("block-job-complete", {"device": "m1"})
+    await p.cmd("block-job-set-speed", {"device": "m1", "speed": 0})
+    await p.wait_event("BLOCK_JOB_READY", device="m1")
+    await p.cmd("query-block-jobs")
+    await p.cmd("block-job-change", {"id": "m1", "type": "stream", "copy-mode": "write-blocking"})
+    await p.cmd("block-job-change", {"id": "nope", "type": "mirror", "copy-mode": "write-blocking"})
+    await p.cmd("block-job-change", {"id": "m1", "type": "mirror"})
+    await p.cmd("block-job-change", {"id": "m1", "type": "mirror", "copy-mode": "write-blocking"})
+    # actively-synced turns true at the job's next iteration (within 100 ms when idle)
+    await p.cmd("query-block-jobs", masked=("actively-synced",))
+    await asyncio.sleep(0.4)
+    await p.cmd("query-block-jobs")
+    await p.cmd("block-job-change", {"id": "m1", "type": "mirror", "copy-mode": "write-blocking"})
+    await p.cmd("block-job-change", {"id": "m1", "type": "mirror", "copy-mode": "background"})
+    await p.cmd("block-job-pause", {"device": "m1"})
+    await p.cmd("query-block-jobs", masked=("busy",))
+    await p.cmd("block-job-cancel", {"device": "m1"})
+    await p.cmd("block-job-resume", {"device": "m1"})
+    await p.cmd("block-job-cancel", {"device": "m1"})
+    await p.wait_job_gone("m1")
+    await p.cmd("query-block-jobs")
+    await p.cmd("query-named-block-nodes", {"flat": True})
+
+
+async def sc_mirror_cancel(p):
+    """041 test_cancel / job-cancel and force cancel after READY / sync none + manual finalize
+    (T10 with qcow2 nodes)."""
+    await H.add_chain(p)
+    await add_target(p)
+    m = {"job-id": "m", "device": "top", "target": "tgt", "sync": "full"}
+    await p.cmd("blockdev-mirror", dict(m, speed=MiB))
+    await p.cmd("block-job-cancel", {"device": "m", "force": True})
+    await p.wait_job_gone("m")
+    await p.cmd("blockdev-mirror", m)
+    await p.wait_event("BLOCK_JOB_READY", device="m", offset=64 * MiB)
+    await p.cmd("job-cancel", {"id": "m"})
+    await p.wait_job_gone("m")
+    await p.cmd("blockdev-mirror", dict(m, **{"job-id": "m2"}))
+    await p.wait_event("BLOCK_JOB_READY", device="m2")
+    await p.cmd("block-job-cancel", {"device": "m2", "force": True})
+    await p.wait_job_gone("m2")
+    await p.cmd("blockdev-mirror", dict(m, **{"job-id": "m3", "sync": "none", "auto-finalize": False}))
+    await p.wait_event("BLOCK_JOB_READY", device="m3")
+    await p.cmd("job-complete", {"id": "m3"})
+    await p.wait_event("BLOCK_JOB_PENDING", id="m3")
+    await p.cmd("job-finalize", {"id": "m3"})
+    await p.wait_job_gone("m3")
+    await p.cmd("query-named-block-nodes", {"flat": True})
+
+
+async def sc_mirror_export(p):
+    """T6: export as the user; drive-mirror sync=top creates the target; complete pivots the
+    export; guest writes before and after the pivot land on the right node."""
+    await H.add_chain(p)
+    await p.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "nbd.sock"}}})
+    await p.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "top", "writable": True})
+    await p.io("top", "write -P 0x55 0 2M")
+    await p.cmd("drive-mirror", {"job-id": "dm", "device": "top", "target": "dm.qcow2",
+                                 "sync": "top", "node-name": "dmnode", "granularity": 65536})
+    await p.wait_event("BLOCK_JOB_READY", device="dm")
+    await p.io("top", "write -P 0x66 4M 1M", "read -P 0x55 0 2M")
+    await p.cmd("block-job-complete", {"device": "dm"})
+    await p.wait_job_gone("dm")
+    await p.cmd("query-block-exports")
+    await p.io("top", "read -P 0x66 4M 1M", "read -P 0x55 0 2M", "read -P 0x33 8M 1M",
+               "write -P 0x77 6M 1M")
+    await p.cmd("blockdev-del", {"node-name": "dmnode"})
+    await p.cmd("block-export-del", {"id": "e", "mode": "hard"})
+    await p.wait_event("BLOCK_EXPORT_DELETED")
+    await p.cmd("query-named-block-nodes", {"flat": True})
+
+
+def mk_mirror_export(d):
+    return H.mkchain(d) + ["dm.qcow2"]
+
+
+SCENARIOS = {
+    "snapshot": (mk_snap, sc_snapshot),
+    "commit": (H.mkchain, sc_commit),
+    "mirror": (mk_mirror, sc_mirror),
+    "mirror_cancel": (mk_mirror, sc_mirror_cancel),
+    "mirror_export": (mk_mirror_export, sc_mirror_export),
+}
+NO_MAP_COMPARE = {"mirror", "mirror_cancel", "mirror_export"}
