@@ -845,15 +845,15 @@ def report(h, data, out_md, plot_dir, rel_plot_dir):
     if "ratios.png" in made:
         L += [f"![ratios]({rel_plot_dir}/ratios.png)", ""]
     L += ["| scenario | unit | diskstream median | min | max | peer | peer median | min | max | ratio | "
-          "RSS MiB ds / peer | load |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "RSS MiB ds / peer | load | measured |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         o, t, u = r["ours"], r["theirs"], r["unit"]
         L.append(f"| {r['name']} | {u}{' (more is better)' if r['higher_better'] else ''} | "
                  f"{fmt(statistics.median(o), u)} | {fmt(min(o), u)} | {fmt(max(o), u)} | {r['peer']} | "
                  f"{fmt(statistics.median(t), u)} | {fmt(min(t), u)} | {fmt(max(t), u)} | **{r['ratio']:.2f}x** | "
                  f"{mib(r.get('rss_ours_kib'))} / {mib(r.get('rss_theirs_kib'))} | "
-                 f"{r['load_min']:.1f}-{r['load_max']:.1f} |")
+                 f"{r['load_min']:.1f}-{r['load_max']:.1f} | {r.get('when', '-')[5:16]} |")
     L.append("")
     lat = next((r for r in results if r.get("latency")), None)
     if lat:
