@@ -831,7 +831,8 @@ def report(h, data, out_md, plot_dir, rel_plot_dir):
          "Regenerate with `python3 bench/run.py` (all scenarios, about 25 minutes on this machine),",
          "`python3 bench/run.py --only stream,latency` (some; merged into this report), or",
          "`python3 bench/run.py --quick` (tiny images, CI smoke test of the harness: timings mean nothing).",
-         "Raw numbers: [bench/results.json](bench/results.json).", "",
+         "A full run needs about 40 GiB free in its temp dir (`--tmpdir`; the 64 GiB map image alone",
+         "allocates 16 GiB) and deletes it at the end. Raw numbers: [bench/results.json](bench/results.json).", "",
          "## Machine", ""]
     for k in ("cpu", "ram", "os", "fs", "qemu", "fio", "nbdkit", "nbdcopy", "diskstream"):
         L.append(f"- {k}: {m.get(k)}")
