@@ -249,7 +249,7 @@ class Harness:
         self.results.append(r)
         self.loads = self.loads[-1:]
         print(f"  {name}: diskstream {mo:.4g} {unit}, {peer} {mt:.4g} {unit}, ratio {ratio:.2f}x "
-              f"(load {r['load_min']:.2f}-{r['load_max']:.2f})", flush=True)
+              f"(load {load_range(r)})", flush=True)
         return r
 
 
@@ -814,6 +814,13 @@ def plots(results, series, outdir):
     return made
 
 
+def load_range(r):
+    """The load average range of a result ('-' when none was sampled)."""
+    if r.get("load_min") is None or r.get("load_max") is None:
+        return "-"
+    return f"{r['load_min']:.1f}-{r['load_max']:.1f}"
+
+
 def report(h, data, out_md, plot_dir, rel_plot_dir):
     results = data["results"]
     m = data["machine"]
@@ -854,7 +861,7 @@ def report(h, data, out_md, plot_dir, rel_plot_dir):
                  f"{fmt(statistics.median(o), u)} | {fmt(min(o), u)} | {fmt(max(o), u)} | {r['peer']} | "
                  f"{fmt(statistics.median(t), u)} | {fmt(min(t), u)} | {fmt(max(t), u)} | **{r['ratio']:.2f}x** | "
                  f"{mib(r.get('rss_ours_kib'))} / {mib(r.get('rss_theirs_kib'))} | "
-                 f"{r['load_min']:.1f}-{r['load_max']:.1f} | {r.get('when', '-')[5:16]} |")
+                 f"{load_range(r)} | {r.get('when', '-')[5:16]} |")
     L.append("")
     lat = next((r for r in results if r.get("latency")), None)
     if lat:
