@@ -329,6 +329,27 @@ impl JobDriver for StreamJob {
                 }
             };
             let limit = self.bottom.backing();
+            if job.speed() == 0 {
+                // Unthrottled: each chunk plans its own copies (block status of the chain)
+                // in its task, so the status round trips of a remote backing overlap the
+                // other chunks' reads and writes instead of running one after another here.
+                let top = Arc::clone(&self.top);
+                let backing = Arc::clone(&backing);
+                let j = Arc::clone(job);
+                inflight.spawn(async move {
+                    let r = match plan_copy(&top, &backing, limit.as_ref(), off, n).await {
+                        Ok(ranges) => {
+                            j.processed_bytes(ranges.iter().map(|r| r.len).sum());
+                            copy_ranges(top, backing, ranges).await
+                        }
+                        Err(e) => Err(e),
+                    };
+                    (off, n, r)
+                });
+                continue;
+            }
+            // Throttled: plan here, so the bytes are accounted before the next chunk is
+            // issued and the limiter sees them.
             match plan_copy(&self.top, &backing, limit.as_ref(), off, n).await {
                 Err(e) => Self::chunk_done(
                     job,

@@ -843,11 +843,22 @@ impl Graph {
         let Some(name) = h.backing_file.clone() else {
             return Ok(None);
         };
-        if name.starts_with("json:") || name.contains("://") {
+        let nbd_file = if name.contains("://") {
+            match nbd_url_options(&name) {
+                Some(f) => Some(f),
+                None => {
+                    return Err(QmpError::generic(format!(
+                        "Could not open backing file: '{name}' uses a protocol diskstream does not support"
+                    )))
+                }
+            }
+        } else if name.starts_with("json:") {
             return Err(QmpError::generic(format!(
                 "Could not open backing file: '{name}' uses a protocol diskstream does not support"
             )));
-        }
+        } else {
+            None
+        };
         let Some(fmt) = h.backing_format.clone() else {
             return Err(QmpError::generic(format!(
                 "Could not open backing file: '{overlay_filename}' does not record the format of its backing file '{name}' and diskstream never probes; pass 'backing' explicitly"
@@ -858,11 +869,17 @@ impl Graph {
                 "Could not open backing file: unsupported backing format '{fmt}'"
             )));
         }
-        let path = resolve_backing(Path::new(overlay_filename), &name);
+        let file = match nbd_file {
+            Some(f) => f,
+            None => {
+                let path = resolve_backing(Path::new(overlay_filename), &name);
+                json!({"driver": "file", "filename": path.display().to_string()})
+            }
+        };
         let opts = json!({
             "driver": fmt,
             "read-only": true,
-            "file": {"driver": "file", "filename": path.display().to_string()},
+            "file": file,
         });
         let Value::Object(o) = opts else {
             return Ok(None);
@@ -1239,8 +1256,12 @@ impl Graph {
         let mut img = Map::new();
         img.insert("filename".into(), json!(self.display_filename(n).await));
         img.insert("format".into(), json!(n.driver.as_str()));
-        // QEMU shows the flag only for drivers with bdrv_get_info (not the nbd client).
-        if n.driver != Driver::Nbd {
+        // QEMU shows the flag only when bdrv_get_info works: not for the nbd client, nor for
+        // raw over it (raw asks its file).
+        let over_nbd = n.driver == Driver::Nbd
+            || (n.driver == Driver::Raw
+                && n.file.and_then(|c| self.get(c)).map(|c| c.driver) == Some(Driver::Nbd));
+        if !over_nbd {
             img.insert("dirty-flag".into(), json!(false));
         }
         if let Some(a) = self.actual_size(n) {
@@ -1435,5 +1456,68 @@ impl Graph {
             out.push(Value::Object(m));
         }
         Value::Array(out)
+    }
+}
+
+/// The `nbd` blockdev options of a backing file name that is an NBD URL, as QEMU's nbd driver
+/// parses it: `nbd://HOST[:PORT][/EXPORT]` (port 10809 by default) or
+/// `nbd+unix:///[EXPORT]?socket=PATH`. `None` for anything else.
+fn nbd_url_options(url: &str) -> Option<Value> {
+    if let Some(rest) = url.strip_prefix("nbd+unix://") {
+        let (path_part, query) = rest.split_once('?')?;
+        let export = path_part.strip_prefix('/').unwrap_or(path_part);
+        let socket = query.split('&').find_map(|kv| kv.strip_prefix("socket="))?;
+        let mut o = json!({"driver": "nbd", "server": {"type": "unix", "path": socket}});
+        if !export.is_empty() {
+            o["export"] = json!(export);
+        }
+        return Some(o);
+    }
+    let rest = url.strip_prefix("nbd://")?;
+    let (hostport, export) = match rest.split_once('/') {
+        Some((h, e)) => (h, e),
+        None => (rest, ""),
+    };
+    let (host, port) = match hostport.rsplit_once(':') {
+        Some((h, p)) if p.parse::<u16>().is_ok() => (h, p),
+        _ => (hostport, "10809"),
+    };
+    if host.is_empty() {
+        return None;
+    }
+    let mut o = json!({"driver": "nbd", "server": {"type": "inet", "host": host, "port": port}});
+    if !export.is_empty() {
+        o["export"] = json!(export);
+    }
+    Some(o)
+}
+
+#[cfg(test)]
+mod nbd_url_tests {
+    use super::nbd_url_options;
+    use serde_json::json;
+
+    #[test]
+    fn nbd_urls_become_nbd_nodes() {
+        assert_eq!(
+            nbd_url_options("nbd://10.0.0.1:10810/disk0"),
+            Some(
+                json!({"driver": "nbd", "server": {"type": "inet", "host": "10.0.0.1", "port": "10810"}, "export": "disk0"})
+            )
+        );
+        assert_eq!(
+            nbd_url_options("nbd://src"),
+            Some(
+                json!({"driver": "nbd", "server": {"type": "inet", "host": "src", "port": "10809"}})
+            )
+        );
+        assert_eq!(
+            nbd_url_options("nbd+unix:///e?socket=/run/s.sock"),
+            Some(
+                json!({"driver": "nbd", "server": {"type": "unix", "path": "/run/s.sock"}, "export": "e"})
+            )
+        );
+        assert_eq!(nbd_url_options("http://x/y"), None);
+        assert_eq!(nbd_url_options("nbd+unix:///e"), None);
     }
 }

@@ -38,6 +38,45 @@ pub struct NbdProtocol {
     read_only: bool,
     /// Plain writes take it shared, read-modify-writes exclusively.
     rmw: RwLock<()>,
+    /// Recently answered block status, so a chain-wide mapping query (which asks the same
+    /// layer about the same offsets more than once, and walks a range extent by extent) costs
+    /// one round trip per [`STATUS_SPAN`] instead of one per extent and per question.
+    status: std::sync::Mutex<StatusCache>,
+}
+
+/// Bytes of block status asked for at once (at least what the caller wants).
+const STATUS_SPAN: u64 = 64 << 20;
+/// Extents kept; the oldest answers are dropped first.
+const STATUS_EXTENTS: usize = 4096;
+/// How long an answer is trusted. Our own writes invalidate it at once; this bounds how long
+/// a change made by another client of the export could go unnoticed.
+const STATUS_TTL: Duration = Duration::from_secs(1);
+
+/// Extents `(start, end, data)` from recent block status replies, oldest first.
+#[derive(Default)]
+struct StatusCache {
+    extents: std::collections::VecDeque<(u64, u64, bool, std::time::Instant)>,
+}
+
+impl StatusCache {
+    fn lookup(&self, offset: u64) -> Option<(u64, bool)> {
+        let now = std::time::Instant::now();
+        self.extents
+            .iter()
+            .rev()
+            .find(|&&(a, b, _, t)| a <= offset && offset < b && now.duration_since(t) < STATUS_TTL)
+            .map(|&(_, b, data, _)| (b, data))
+    }
+
+    fn insert(&mut self, extents: Vec<(u64, u64, bool)>) {
+        let now = std::time::Instant::now();
+        for (a, b, d) in extents {
+            self.extents.push_back((a, b, d, now));
+        }
+        while self.extents.len() > STATUS_EXTENTS {
+            self.extents.pop_front();
+        }
+    }
 }
 
 impl std::fmt::Debug for NbdProtocol {
@@ -74,6 +113,7 @@ impl NbdProtocol {
             name: name.into(),
             read_only,
             rmw: RwLock::new(()),
+            status: std::sync::Mutex::new(StatusCache::default()),
         }
     }
 
@@ -91,7 +131,15 @@ impl NbdProtocol {
         if self.read_only {
             return Err(BlockError::ReadOnly(self.name.clone()));
         }
+        // Every caller is about to change the export: cached block status is stale.
+        self.forget_status();
         Ok(())
+    }
+
+    fn forget_status(&self) {
+        if let Ok(mut c) = self.status.lock() {
+            c.extents.clear();
+        }
     }
 
     fn check_end(&self, offset: u64, len: u64) -> Result<()> {
@@ -312,15 +360,32 @@ impl Protocol for NbdProtocol {
         if !self.client.info().base_allocation {
             return Ok((true, n));
         }
+        if let Some((end, data)) = self.status.lock().ok().and_then(|c| c.lookup(offset)) {
+            return Ok((data, (end - offset).min(n)));
+        }
+        let ask = n.max(STATUS_SPAN).min(size - offset);
         match self
             .client
-            .block_status(offset, n, MetaContext::BaseAllocation, true)
+            .block_status(offset, ask, MetaContext::BaseAllocation, false)
             .await
         {
-            Ok(ext) => match ext.first() {
-                Some(e) => Ok((e.flags & proto::STATE_ZERO as u64 == 0, e.length.min(n))),
-                None => Ok((true, n)),
-            },
+            Ok(ext) => {
+                let mut pos = offset;
+                let mut spans = Vec::with_capacity(ext.len());
+                for e in &ext {
+                    let l = e.length.min(offset + ask - pos);
+                    if l == 0 {
+                        break;
+                    }
+                    spans.push((pos, pos + l, e.flags & proto::STATE_ZERO as u64 == 0));
+                    pos += l;
+                }
+                let first = spans.first().map(|&(_, b, d)| (d, (b - offset).min(n)));
+                if let Ok(mut c) = self.status.lock() {
+                    c.insert(spans);
+                }
+                Ok(first.unwrap_or((true, n)))
+            }
             // A reconnect to a server without the context: everything is data.
             Err(ClientError::NotSupported(_)) => Ok((true, n)),
             Err(e) => {

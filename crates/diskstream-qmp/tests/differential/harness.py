@@ -1006,6 +1006,35 @@ async def sc_export_nbd_node(p):
         srv.wait()
 
 
+async def sc_nbd_header_backing(p):
+    """A qcow2 whose header names an NBD URL as its backing file (explicit raw format): the
+    header chain opens an nbd node (the post-copy migration layout), reads through it, and a
+    stream makes the overlay self-contained."""
+    srv = subprocess.Popen(["qemu-nbd", "-t", "-r", "-e", "8", "-f", "qcow2", "-x", "base",
+                            "-k", f"{p.dir}/q.sock", f"{p.dir}/base.qcow2"])
+    try:
+        deadline = time.time() + 10
+        while not os.path.exists(f"{p.dir}/q.sock") and time.time() < deadline:
+            await asyncio.sleep(0.02)
+        qemu_img("rebase", "-u", "-F", "raw", "-b", f"nbd+unix:///base?socket={p.dir}/q.sock",
+                 f"{p.dir}/ov.qcow2")
+        await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": "ov",
+                                     "file": {"driver": "file", "filename": "ov.qcow2"}})
+        await p.cmd("query-named-block-nodes", {"flat": True}, masked=("actual-size",))
+        await p.cmd(*NBD_START)
+        await p.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "ov"})
+        await p.io("ov", "read -P 0x11 0 4M", "read -P 0x66 4M 1M", "read -P 0x22 32M 8M",
+                   ro=True)
+        await p.cmd("block-stream", {"job-id": "s", "device": "ov"})
+        await p.wait_job_gone("s")
+        await p.cmd("block-export-del", {"id": "e"})
+        await p.wait_event("BLOCK_EXPORT_DELETED", id="e")
+        await p.cmd("blockdev-del", {"node-name": "ov"})
+    finally:
+        srv.terminate()
+        srv.wait()
+
+
 def mk_nbd_node(d):
     imgs = mkchain(d)
     create(f"{d}/ov.qcow2", 64 * MiB)
@@ -1207,6 +1236,7 @@ SCENARIOS = {
     "export_ro_stream": (mkchain, sc_export_ro_stream),
     "export_t7b": (mkchain, sc_export_t7b),
     "export_nbd_node": (mk_nbd_node, sc_export_nbd_node),
+    "nbd_header_backing": (mk_nbd_node, sc_nbd_header_backing),
     "cor_errors": (mk_cor, sc_cor_errors),
     "cor_export": (mkchain, sc_cor_export),
     "cor_bottom": (mkchain, sc_cor_bottom),
