@@ -181,6 +181,77 @@ async fn probe_protocol(f: &dyn Protocol) -> Result<Format> {
     Ok(format_of_head(&head))
 }
 
+/// Where backing files may come from: an optional allow-list set once per process by the
+/// front end (`diskstream --backing-allow`, `DISKSTREAM_BACKING_ALLOW`). An image's header
+/// is data written by whoever made the image: with a policy in place, a backing file name
+/// pointing outside the listed directories (after resolving symlinks) or using an unlisted
+/// URL scheme is refused before anything is opened.
+#[derive(Clone, Debug, Default)]
+pub struct BackingPolicy {
+    /// Directories backing files must lie in, canonicalized.
+    pub dirs: Vec<PathBuf>,
+    /// URL schemes backing files may use (`nbd`, `https`, ...).
+    pub schemes: Vec<String>,
+}
+
+impl BackingPolicy {
+    /// Parse allow-list entries: `scheme://` (a URL scheme) or a directory.
+    pub fn parse(entries: &[String]) -> Result<BackingPolicy> {
+        let mut p = BackingPolicy::default();
+        for e in entries.iter().filter(|e| !e.is_empty()) {
+            if let Some(scheme) = e.strip_suffix("://") {
+                p.schemes.push(scheme.to_ascii_lowercase());
+            } else {
+                let d = std::fs::canonicalize(e).map_err(|err| {
+                    BlockError::io(format!("backing allow-list directory '{e}'"), err)
+                })?;
+                p.dirs.push(d);
+            }
+        }
+        Ok(p)
+    }
+
+    /// Whether the backing file `name`, resolved to `path`, is allowed.
+    pub fn check(&self, name: &str, path: &Path) -> Result<()> {
+        if let Some(scheme) = url_scheme(name) {
+            if self
+                .schemes
+                .iter()
+                .any(|s| s == &scheme.to_ascii_lowercase())
+            {
+                return Ok(());
+            }
+            return Err(BlockError::PermissionDenied(format!(
+                "backing file '{name}': URL scheme '{scheme}' is not in the backing allow-list"
+            )));
+        }
+        let canon = std::fs::canonicalize(path)
+            .map_err(|e| BlockError::io(format!("Could not open '{}'", path.display()), e))?;
+        if self.dirs.iter().any(|d| canon.starts_with(d)) {
+            return Ok(());
+        }
+        Err(BlockError::PermissionDenied(format!(
+            "backing file '{name}' ({}) is outside the directories of the backing allow-list",
+            canon.display()
+        )))
+    }
+}
+
+static BACKING_POLICY: std::sync::OnceLock<BackingPolicy> = std::sync::OnceLock::new();
+
+/// Install the process-wide backing policy (once; later calls are ignored and return false).
+pub fn set_backing_policy(p: BackingPolicy) -> bool {
+    BACKING_POLICY.set(p).is_ok()
+}
+
+/// Check a backing file name against the process-wide policy (allowed when none is set).
+pub fn check_backing_allowed(name: &str, path: &Path) -> Result<()> {
+    match BACKING_POLICY.get() {
+        Some(p) => p.check(name, path),
+        None => Ok(()),
+    }
+}
+
 /// Resolve a backing file name recorded in `overlay` to a path. URL-style names (see
 /// [`url_scheme`]) are returned unchanged: they are never relative to the overlay.
 pub fn resolve_backing(overlay: &Path, name: &str) -> PathBuf {
@@ -286,6 +357,7 @@ fn open_chain<'a>(
                 )));
             }
             let bpath = resolve_backing(path, &name);
+            check_backing_allowed(&name, &bpath)?;
             let user = if depth == 0 {
                 opts.backing_format
             } else {

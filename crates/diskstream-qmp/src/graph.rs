@@ -869,10 +869,13 @@ impl Graph {
                 "Could not open backing file: unsupported backing format '{fmt}'"
             )));
         }
+        let resolved = resolve_backing(Path::new(overlay_filename), &name);
+        diskstream_block::image::check_backing_allowed(&name, &resolved)
+            .map_err(|e| QmpError::generic(format!("Could not open backing file: {e}")))?;
         let file = match nbd_file {
             Some(f) => f,
             None => {
-                let path = resolve_backing(Path::new(overlay_filename), &name);
+                let path = resolved;
                 json!({"driver": "file", "filename": path.display().to_string()})
             }
         };

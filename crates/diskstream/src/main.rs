@@ -16,6 +16,11 @@ use std::process::ExitCode;
 #[derive(Parser)]
 #[command(name = "diskstream", version, about)]
 struct Cli {
+    /// Allow backing files only from this directory or URL scheme (`nbd://`, `https://`, ...);
+    /// repeatable (before the subcommand). Also `DISKSTREAM_BACKING_ALLOW` (colon-separated).
+    /// Without either, any backing file an image names is followed.
+    #[arg(long = "backing-allow", value_name = "DIR|SCHEME://")]
+    backing_allow: Vec<String>,
     #[command(subcommand)]
     cmd: Command,
 }
@@ -68,6 +73,23 @@ fn main() -> ExitCode {
     // `http://`, `https://` and `s3://` objects as read-only images and backing files.
     diskstream_http::register_url_opener(diskstream_http::HttpConfig::from_env());
     let cli = Cli::parse();
+    let mut allow = cli.backing_allow.clone();
+    if let Ok(v) = std::env::var("DISKSTREAM_BACKING_ALLOW") {
+        // Split at ':' except inside "scheme://".
+        let v = v.replace("://", "\u{1}");
+        allow.extend(v.split(':').map(|e| e.replace('\u{1}', "://")));
+    }
+    if !allow.is_empty() {
+        match diskstream_block::image::BackingPolicy::parse(&allow) {
+            Ok(p) => {
+                diskstream_block::image::set_backing_policy(p);
+            }
+            Err(e) => {
+                eprintln!("diskstream: --backing-allow: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
     if let Command::Daemon { args } = cli.cmd {
         // The daemon builds its own runtime: --daemonize must fork before threads exist.
         return ExitCode::from(daemon::main(args));

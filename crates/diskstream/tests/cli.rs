@@ -1073,3 +1073,110 @@ fn errors_name_the_file_and_write_nothing() {
         }
     }
 }
+
+/// `--backing-allow`: with an allow-list, a backing file outside the listed directories (even
+/// reached through `..` or a symlink) or with an unlisted URL scheme is refused before it is
+/// opened; listed ones open as usual.
+#[test]
+fn backing_allow_list() {
+    let root = tempfile::tempdir().expect("tmp");
+    let r = root.path();
+    let (imgs, other) = (subdir(r, "imgs"), subdir(r, "other"));
+    qemu(
+        &other,
+        &["create", "-q", "-f", "qcow2", "secret.qcow2", "1M"],
+    )
+    .ok();
+    qemu(&imgs, &["create", "-q", "-f", "qcow2", "base.qcow2", "1M"]).ok();
+    qemu(
+        &imgs,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "ok.qcow2",
+        ],
+    )
+    .ok();
+    qemu(
+        &imgs,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "../other/secret.qcow2",
+            "-F",
+            "qcow2",
+            "escape.qcow2",
+        ],
+    )
+    .ok();
+    std::os::unix::fs::symlink(other.join("secret.qcow2"), imgs.join("link.qcow2"))
+        .expect("symlink");
+    qemu(
+        &imgs,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "link.qcow2",
+            "-F",
+            "qcow2",
+            "sym.qcow2",
+            "1M",
+        ],
+    )
+    .ok();
+    qemu(
+        &imgs,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "nbd://127.0.0.1:1/x",
+            "-F",
+            "raw",
+            "url.qcow2",
+            "1M",
+        ],
+    )
+    .ok();
+    let allow = imgs.display().to_string();
+    let run = |args: &[&str]| {
+        let mut all = vec!["--backing-allow", allow.as_str(), "img"];
+        all.extend_from_slice(args);
+        run_in(&imgs, DISKSTREAM, &all)
+    };
+    run(&["info", "--backing-chain", "ok.qcow2"]).ok();
+    for (img, what) in [
+        ("escape.qcow2", "outside the directories"),
+        ("sym.qcow2", "outside the directories"),
+        ("url.qcow2", "URL scheme 'nbd'"),
+    ] {
+        let r = run(&["info", "--backing-chain", img]);
+        assert_ne!(r.code, 0, "{}", r.desc);
+        assert!(r.stderr.contains(what), "{img}: {}", r.desc);
+    }
+    // The environment variable works the same way.
+    let out = std::process::Command::new(DISKSTREAM)
+        .args(["img", "info", "--backing-chain", "escape.qcow2"])
+        .env("DISKSTREAM_BACKING_ALLOW", format!("{allow}:https://"))
+        .current_dir(&imgs)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("backing allow-list"));
+}
