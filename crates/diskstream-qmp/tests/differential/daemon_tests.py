@@ -580,6 +580,64 @@ def test_switch_under_io(exe, d):
 
 
 
+def test_copy_helper(exe, d):
+    """`diskstream copy` (live block copy via streaming) while a guest writes and reads over
+    NBD: with --base the destination ends up backed by the base only, without it
+    self-contained; both read what the chain held plus every acknowledged write; the source
+    files pass qemu-img check; refusals (existing destination, unknown node) leave the
+    device where it was."""
+    mkchain(d)
+    ref = open(f"{d}/ref.raw", "rb").read()
+    for with_base in (True, False):
+        for f in ("dst.qcow2",):
+            if os.path.exists(f"{d}/{f}"):
+                os.unlink(f"{d}/{f}")
+        run("cp", f"{d}/ref.raw", f"{d}/ref-keep.raw")
+        blockdevs = [
+            "--blockdev", f"driver=qcow2,node-name=base,file.driver=file,file.filename={d}/base.qcow2",
+            "--blockdev", f"driver=qcow2,node-name=mid,backing=base,file.driver=file,file.filename={d}/mid.qcow2",
+            "--blockdev", f"driver=qcow2,node-name=top,backing=mid,file.driver=file,file.filename={d}/top.qcow2",
+            "--nbd-server", f"addr.type=unix,addr.path={d}/nbd.sock",
+            "--export", "type=nbd,id=e,node-name=top,writable=on"]
+        dm = Daemon(exe, d, blockdevs)
+        try:
+            q = dm.qmp()
+            open(f"{d}/exists.qcow2", "w").close()
+            for extra, text in ((["--node", "top", "--dest", f"{d}/exists.qcow2"], "exists"),
+                                (["--node", "nope", "--dest", f"{d}/x.qcow2"], "no node 'nope'")):
+                r = run(exe, "copy", "--qmp", dm.sock, *extra, check=False)
+                assert r.returncode == 1 and text in r.stderr, r.stderr
+            assert q.cmd("query-block-exports")[0]["node-name"] == "top"
+            w = Writer(f"nbd+unix:///top?socket={d}/nbd.sock", d, 21 if with_base else 22)
+            time.sleep(0.3)
+            args = [exe, "copy", "--qmp", dm.sock, "--node", "top", "--dest", f"{d}/dst.qcow2",
+                    "--speed", str(8 * MiB)]
+            if with_base:
+                args += ["--base", "base"]
+            r = run(*args)
+            print("     " + r.stderr.strip().splitlines()[-1])
+            assert "switched 'top' to 'top-copy'" in r.stderr and "streaming:" in r.stderr, r.stderr
+            assert q.cmd("query-block-exports")[0]["node-name"] == "top-copy"
+            time.sleep(0.3)
+            acked, _, _ = w.finish()
+            assert len(acked) >= 8, f"only {len(acked)} writes"
+            q.cmd("quit")
+            assert dm.wait() == 0
+        finally:
+            if dm.p.poll() is None:
+                dm.kill9()
+        for img in ("base", "mid", "top", "dst"):
+            check_clean(f"{d}/{img}.qcow2")
+        assert backing_of(f"{d}/dst.qcow2") == (f"{d}/base.qcow2" if with_base else None)
+        assert image_bytes(f"{d}/dst.qcow2") == apply_slots(ref, acked), "copy lost or changed data"
+        if not with_base:
+            os.rename(f"{d}/base.qcow2", f"{d}/base.moved")
+            assert image_bytes(f"{d}/dst.qcow2") == apply_slots(ref, acked)
+            os.rename(f"{d}/base.moved", f"{d}/base.qcow2")
+        # Start the next round from the original chain's content.
+        mkchain(d)
+
+
 TESTS = {name[5:]: f for name, f in dict(globals()).items() if name.startswith("test_")}
 
 
