@@ -2,7 +2,7 @@
 """A guest for the device-switch and kill tests: one libnbd connection (python3-libnbd, the
 system python3) that writes random 64 KiB slots with random patterns and reads back slots it
 wrote, until the file STOP exists or the server goes away. Every acknowledged write is printed
-as "ack SLOT PATTERN" (after a flush every 4 writes: "flushed"); a read-back mismatch prints
+as "ack SLOT PATTERN", preceded by "try SLOT PATTERN" when it is sent (after a flush every 4 writes: "flushed"); a read-back mismatch prints
 "bad SLOT" and exits 3; losing the connection prints "lost" and exits 4 (unless the caller
 expects it). Exit 0 after STOP.
 
@@ -29,6 +29,7 @@ try:
     while not os.path.exists(stop):
         i = rng.choice(slots)
         pat = rng.randrange(1, 256)
+        print(f"try {i} {pat}", flush=True)
         h.pwrite(bytes([pat]) * SLOT, i * SLOT)
         mine[i] = pat
         print(f"ack {i} {pat}", flush=True)
