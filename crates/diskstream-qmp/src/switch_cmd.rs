@@ -113,11 +113,10 @@ async fn open_target(
         // Opened by the command: it goes away with its last user, like a snapshot overlay.
         n.monitor_owned = false;
     }
-    let header = match g
-        .effective_block(id)
-        .as_ref()
-        .and_then(|b| b.as_any().downcast_ref::<diskstream_block::format::qcow2::Qcow2>())
-    {
+    let header = match g.effective_block(id).as_ref().and_then(|b| {
+        b.as_any()
+            .downcast_ref::<diskstream_block::format::qcow2::Qcow2>()
+    }) {
         Some(q) => Some(q.header().await),
         None => None,
     };
@@ -176,7 +175,10 @@ pub async fn blockdev_switch(mon: &Arc<Monitor>, a: &Map<String, Value>) -> QmpR
     let target = s(a, "target");
     let filename = s(a, "filename");
     let mut g = mon.graph.lock().await;
-    let old = g.find(device).map(|n| n.id).ok_or_else(|| not_found(device))?;
+    let old = g
+        .find(device)
+        .map(|n| n.id)
+        .ok_or_else(|| not_found(device))?;
     busy(&g, old)?;
     let (new, opened, linked) = match (target, filename) {
         (Some(t), None) => {

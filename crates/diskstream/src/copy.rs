@@ -71,7 +71,10 @@ impl Qmp {
         };
         let greeting = q.line().await?;
         if greeting.get("QMP").is_none() {
-            bail!("{} is not a QMP socket (greeting {greeting})", path.display());
+            bail!(
+                "{} is not a QMP socket (greeting {greeting})",
+                path.display()
+            );
         }
         q.cmd("qmp_capabilities", json!({})).await?;
         Ok(q)
@@ -162,7 +165,10 @@ async fn copy(a: CopyArgs) -> Result<()> {
         .and_then(|v| v.as_u64())
         .ok_or_else(|| anyhow!("node '{}' reports no size", a.node))?;
     if a.dest.exists() {
-        bail!("{} exists: the destination is created here", a.dest.display());
+        bail!(
+            "{} exists: the destination is created here",
+            a.dest.display()
+        );
     }
     let dest = std::path::absolute(&a.dest)
         .with_context(|| format!("cannot resolve {}", a.dest.display()))?;
@@ -178,7 +184,10 @@ async fn copy(a: CopyArgs) -> Result<()> {
             "copy".to_string()
         }
     });
-    let job = a.job_id.clone().unwrap_or_else(|| format!("copy-{}", a.node));
+    let job = a
+        .job_id
+        .clone()
+        .unwrap_or_else(|| format!("copy-{}", a.node));
 
     // 1. The destination, backed by the current image with its format recorded.
     let opts = CreateOptions {
@@ -253,7 +262,9 @@ async fn copy(a: CopyArgs) -> Result<()> {
         // Events that arrived while idle are read by the next command.
     };
     if let Some(err) = done.pointer("/data/error").and_then(|v| v.as_str()) {
-        bail!("the stream failed: {err}; the device runs on {dest_str} (still backed by the source)");
+        bail!(
+            "the stream failed: {err}; the device runs on {dest_str} (still backed by the source)"
+        );
     }
     let len = done.pointer("/data/len").and_then(|v| v.as_u64());
     match &a.base {
@@ -266,7 +277,10 @@ async fn copy(a: CopyArgs) -> Result<()> {
         ),
         None => say(
             &a,
-            &format!("done: {dest_str} is self-contained ({} bytes)", len.unwrap_or(size)),
+            &format!(
+                "done: {dest_str} is self-contained ({} bytes)",
+                len.unwrap_or(size)
+            ),
         ),
     }
     Ok(())
@@ -284,7 +298,9 @@ fn protocol_filename(shown: &str) -> Option<String> {
     if f.get("driver").and_then(|d| d.as_str()) != Some("file") {
         return None;
     }
-    f.get("filename").and_then(|n| n.as_str()).map(str::to_string)
+    f.get("filename")
+        .and_then(|n| n.as_str())
+        .map(str::to_string)
 }
 
 fn say(a: &CopyArgs, msg: &str) {
