@@ -707,6 +707,11 @@ impl JobDriver for MirrorJob {
                         }
                         continue;
                     }
+                    if size == 0 {
+                        // Nothing can ever be dirty: QEMU reports a zero-length mirror
+                        // actively synced from READY on.
+                        sh.actively_synced.store(true, Ordering::Release);
+                    }
                     job.set_ready();
                 }
                 if sh.write_blocking.load(Ordering::Acquire) {

@@ -6,7 +6,7 @@ use crate::export;
 use crate::monitor::{package, Monitor, QEMU_VERSION};
 use crate::schema::{check_blockdev_options, check_object, opt, req, Member, Ty, ON_ERROR};
 use crate::stream_cmd;
-use crate::{mirror_cmd, snapshot_cmd};
+use crate::{mirror_cmd, snapshot_cmd, switch_cmd};
 use diskstream_jobs::job::JobInfo;
 use diskstream_jobs::Job;
 use serde_json::{json, Map, Value};
@@ -85,6 +85,10 @@ const COMMANDS: &[(&str, Args)] = &[
     (
         "blockdev-snapshot",
         Args::Members(&[req("node", Ty::Str), req("overlay", Ty::Str)]),
+    ),
+    (
+        "x-blockdev-switch",
+        Args::Members(switch_cmd::BLOCKDEV_SWITCH),
     ),
     ("block-commit", Args::Members(mirror_cmd::BLOCK_COMMIT)),
     (
@@ -266,6 +270,7 @@ pub async fn dispatch(
         "block-stream" => stream_cmd::block_stream(mon, a).await,
         "blockdev-snapshot-sync" => snapshot_cmd::blockdev_snapshot_sync(mon, a).await,
         "blockdev-snapshot" => snapshot_cmd::blockdev_snapshot(mon, a).await,
+        "x-blockdev-switch" => switch_cmd::blockdev_switch(mon, a).await,
         "block-commit" => mirror_cmd::block_commit(mon, a).await,
         "blockdev-mirror" => mirror_cmd::blockdev_mirror(mon, a).await,
         "drive-mirror" => mirror_cmd::drive_mirror(mon, a).await,

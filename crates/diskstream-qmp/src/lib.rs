@@ -23,6 +23,7 @@ pub mod schema;
 pub mod server;
 pub mod snapshot_cmd;
 pub mod stream_cmd;
+pub mod switch_cmd;
 
 pub use error::{ErrorClass, QmpError};
 pub use monitor::Monitor;

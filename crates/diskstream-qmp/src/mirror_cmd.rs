@@ -576,6 +576,7 @@ async fn start_mirror(
         target_reopened,
         target_owned: m.target_owned,
         job_type: m.job_type,
+        pivoted: std::sync::atomic::AtomicBool::new(false),
     });
     let mj = Arc::new(MirrorJob::new(src_block, tgt_block, cfg, hooks.clone()));
     let filter_block = mj.filter();
@@ -638,6 +639,9 @@ struct MirrorGraphHooks {
     target_reopened: bool,
     target_owned: bool,
     job_type: JobType,
+    /// The users moved to the target (`complete`): the target is now the active layer and
+    /// stays writable even without users (QEMU keeps an active commit's base read-write).
+    pivoted: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait]
@@ -649,6 +653,8 @@ impl MirrorHooks for MirrorGraphHooks {
         let mut g = mon.graph.lock().await;
         let f = self.filter.lock().ok().and_then(|mut f| f.take());
         if pivot {
+            self.pivoted
+                .store(true, std::sync::atomic::Ordering::Release);
             if let Some(b) = self.target_backing {
                 let bb = g.effective_block(b);
                 let shown = match g.get(b) {
@@ -689,7 +695,8 @@ impl MirrorHooks for MirrorGraphHooks {
         held.push(self.target);
         set_blockers(&mut g, &held, None);
         let target_in_use = g.has_users(self.target);
-        if self.target_reopened && !target_in_use {
+        let pivoted = self.pivoted.load(std::sync::atomic::Ordering::Acquire);
+        if self.target_reopened && !target_in_use && !pivoted {
             crate::stream_cmd::reopen_read_only(&mut g, self.target).await;
         }
         if self.target_owned && !target_in_use && !is_child(&g, self.target) {

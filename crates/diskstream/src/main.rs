@@ -4,6 +4,7 @@
 //! `--output=json`) so scripts written for qemu-img work with few changes. The front end only
 //! translates arguments and prints results; all image logic lives in `diskstream-block`.
 
+mod copy;
 mod daemon;
 mod demo;
 mod img;
@@ -46,6 +47,9 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Live block copy of a daemon's device (the seeds' recipe): create DEST backed by the
+    /// node's image, switch the device to it (x-blockdev-switch), stream down to --base.
+    Copy(copy::CopyArgs),
     /// Walk through the engine on built-in defaults: build a 3-layer chain, write, map, flatten, verify, check.
     Demo {
         /// Directory for the demo images (default: a fresh directory under $TMPDIR).
@@ -108,6 +112,7 @@ fn main() -> ExitCode {
         match cli.cmd {
             Command::Img { cmd } => img::run(cmd).await,
             Command::Serve(args) => serve::run(args).await,
+            Command::Copy(args) => copy::run(args).await,
             Command::Daemon { .. } => 0,
             Command::Demo { dir } => match demo::run(dir).await {
                 Ok(()) => 0,

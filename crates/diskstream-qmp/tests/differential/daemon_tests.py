@@ -449,6 +449,437 @@ def test_enospc_through_export(exe, d):
         f"a failed write left an allocation: {data}"
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class Writer:
+    """nbd_writer.py running against URL: a guest writing random 64 KiB slots over one NBD
+    connection (kept across switches and pivots)."""
+
+    def __init__(self, url, d, seed, slots=()):
+        self.stop = os.path.join(d, f"stop-{seed}")
+        self.p = subprocess.Popen(["/usr/bin/python3", os.path.join(HERE, "nbd_writer.py"), url,
+                                   self.stop, str(seed)] + [str(s) for s in slots],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.p.stdout.readline()
+        assert line.strip() == "ready", f"writer: {line}{self.p.stderr.read()}"
+
+    def finish(self, expect_ok=True):
+        """Stop it; returns (acknowledged {slot: pattern}, flushed {slot: pattern}, tail)."""
+        open(self.stop, "w").close()
+        out, err = self.read_all()
+        acked, flushed, pending = {}, {}, {}
+        for line in out.splitlines():
+            w = line.split()
+            if w and w[0] == "ack":
+                acked[int(w[1])] = int(w[2])
+                pending[int(w[1])] = int(w[2])
+            elif w and w[0] == "flushed":
+                flushed.update(pending)
+                pending = {}
+        if expect_ok:
+            assert self.p.returncode == 0, f"writer exit {self.p.returncode}: {out[-300:]}{err}"
+        return acked, flushed, out.splitlines()[-1:] if out else []
+
+
+    def read_all(self):
+        # Through the buffered pipe: readline() in __init__ may have read ahead.
+        out = self.p.stdout.read()
+        err = self.p.stderr.read()
+        self.p.wait(timeout=60)
+        return out, err
+
+    def outcome(self):
+        """After the daemon was killed: {slot: (durable, maybe)}: the pattern a flushed write
+        left (None = the original data) and the patterns written since the last flush that
+        was acknowledged (a slot may hold any of those, or the durable one)."""
+        out, _ = self.read_all()
+        if os.environ.get("DS_DEBUG"):
+            sys.stderr.write(out)
+        state, since = {}, {}
+        for line in out.splitlines():
+            w = line.split()
+            if w and w[0] == "try":
+                since.setdefault(int(w[1]), []).append(int(w[2]))
+            elif w and w[0] == "flushed":
+                for i, pats in since.items():
+                    state[i] = (pats[-1], [])
+                since = {}
+        for i, pats in since.items():
+            state[i] = (state.get(i, (None, []))[0], pats)
+        return state
+
+
+def check_slots(got, ref, state, what):
+    """`got` is `ref` with each slot of `state` (see Writer.outcome) durable or maybe."""
+    assert len(got) == len(ref), what
+    S = 65536
+    for i in range(len(ref) // S):
+        a, old = got[i * S:(i + 1) * S], ref[i * S:(i + 1) * S]
+        if i not in state:
+            assert a == old, f"{what}: slot {i} changed (now {sorted(set(a))[:4]}, was {sorted(set(old))[:4]})"
+            continue
+        durable, maybe = state[i]
+        ok = [old if durable is None else bytes([durable]) * S] + [bytes([p]) * S for p in maybe]
+        assert a in ok, f"{what}: slot {i} lost an acknowledged write or is torn"
+
+
+def image_bytes(path, fmt="qcow2"):
+    out = path + ".got.raw"
+    run("qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", path, out)
+    with open(out, "rb") as f:
+        data = f.read()
+    os.unlink(out)
+    return data
+
+
+def apply_slots(ref, slots):
+    b = bytearray(ref)
+    for i, pat in slots.items():
+        b[i * 65536:(i + 1) * 65536] = bytes([pat]) * 65536
+    return bytes(b)
+
+
+def test_switch_under_io(exe, d):
+    """x-blockdev-switch with an NBD client writing and reading through the export across the
+    switch (one connection, never dropped): the export moves to an image opened on the spot
+    (backed by the old one, which becomes its read-only backing node), every acknowledged
+    write reads back, before and after; the old image holds exactly what was written before
+    the switch; refusals (sizes differ, no format, read-only target, busy node) change
+    nothing."""
+    run("qemu-img", "create", "-q", "-f", "qcow2", f"{d}/src.qcow2", "32M")
+    run("qemu-io", "-c", "write -P 0x11 0 8M", "-c", "write -P 0x22 20M 4M", f"{d}/src.qcow2")
+    ref = image_bytes(f"{d}/src.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "src.qcow2", "-F", "qcow2", f"{d}/dst.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", f"{d}/small.qcow2", "16M")
+    run("qemu-img", "create", "-q", "-f", "raw", f"{d}/ro.raw", "32M")
+    dm = Daemon(exe, d, ["--blockdev", "driver=qcow2,node-name=src,file.driver=file,file.filename=src.qcow2",
+                         "--nbd-server", f"addr.type=unix,addr.path={d}/nbd.sock",
+                         "--export", "type=nbd,id=e,node-name=src,writable=on"])
+    try:
+        q = dm.qmp()
+        q.cmd("blockdev-add", {"driver": "qcow2", "node-name": "small",
+                               "file": {"driver": "file", "filename": f"{d}/small.qcow2"}})
+        q.cmd("blockdev-add", {"driver": "raw", "node-name": "ro", "read-only": True,
+                               "file": {"driver": "file", "filename": f"{d}/ro.raw"}})
+        w = Writer(f"nbd+unix:///src?socket={d}/nbd.sock", d, 5)
+        time.sleep(0.5)
+        errs = [
+            ({"device": "src", "target": "small"},
+             "Cannot switch 'src' to 'small': the sizes differ (33554432 and 16777216 bytes)"),
+            ({"device": "src", "target": "ro"},
+             "Cannot switch writable users of 'src' to read-only node 'ro'"),
+            ({"device": "src", "filename": f"{d}/dst.qcow2", "node-name": "dst"},
+             "Parameter 'format' is missing (formats are never probed)"),
+            ({"device": "src"}, "Exactly one of 'target' and 'filename' must be given"),
+            ({"device": "src", "target": "src"}, "Node 'src' cannot be switched to itself"),
+            ({"device": "nope", "target": "small"}, "Cannot find device='nope' nor node-name='nope'"),
+            ({"device": "src", "filename": f"{d}/small.qcow2", "format": "qcow2", "node-name": "s2"},
+             "Failed to get \"write\" lock"),
+        ]
+        for args, text in errs:
+            r = q.cmd("x-blockdev-switch", args, ok=False)
+            assert r.get("error", {}).get("desc") == text, (args, r)
+        # The refused file open left nothing behind; the export is still on src.
+        names = [n["node-name"] for n in q.cmd("query-named-block-nodes", {"flat": True})]
+        assert "s2" not in names and "dst" not in names, names
+        # Writes acknowledged before this point are in src.qcow2.
+        t0 = time.time()
+        q.cmd("x-blockdev-switch", {"device": "src", "filename": f"{d}/dst.qcow2",
+                                    "format": "qcow2", "node-name": "dst"})
+        print(f"     switch took {1000 * (time.time() - t0):.1f} ms under I/O")
+        exports = q.cmd("query-block-exports")
+        assert exports == [{"id": "e", "type": "nbd", "node-name": "dst", "shutting-down": False}], exports
+        nodes = {n["node-name"]: n for n in q.cmd("query-named-block-nodes", {"flat": True})}
+        assert nodes["src"]["ro"] is True, nodes["src"]
+        assert nodes["dst"]["ro"] is False and nodes["dst"]["backing_file"].endswith("src.qcow2"), nodes["dst"]
+        # The old node is now dst's backing: it cannot be switched or deleted.
+        r = q.cmd("blockdev-del", {"node-name": "src"}, ok=False)
+        assert "error" in r, r
+        time.sleep(0.5)
+        acked, _, tail = w.finish()
+        assert len(acked) >= 8, f"only {len(acked)} writes"
+        q.cmd("quit")
+        assert dm.wait() == 0
+    finally:
+        if dm.p.poll() is None:
+            dm.kill9()
+    check_clean(f"{d}/src.qcow2")
+    check_clean(f"{d}/dst.qcow2")
+    assert backing_of(f"{d}/dst.qcow2") == "src.qcow2"
+    got = image_bytes(f"{d}/dst.qcow2")
+    assert got == apply_slots(ref, acked), "the chain after the switch lost or changed data"
+    # src.qcow2 holds the writes made before the switch, nothing after: every slot reads as
+    # the original or as some pattern the guest wrote there.
+    old = image_bytes(f"{d}/src.qcow2")
+    assert old != ref or not acked, "writes before the switch should be in src.qcow2"
+    for i in range(len(ref) // 65536):
+        a = old[i * 65536:(i + 1) * 65536]
+        assert a == ref[i * 65536:(i + 1) * 65536] or len(set(a)) == 1, f"slot {i} torn in src"
+    # dst.qcow2 allocates only what was written after the switch.
+    m = json.loads(run("qemu-img", "map", "--output=json", f"{d}/dst.qcow2").stdout)
+    assert any(e["depth"] == 0 and e["data"] for e in m), "nothing written after the switch"
+
+
+
+def test_copy_helper(exe, d):
+    """`diskstream copy` (live block copy via streaming) while a guest writes and reads over
+    NBD: with --base the destination ends up backed by the base only, without it
+    self-contained; both read what the chain held plus every acknowledged write; the source
+    files pass qemu-img check; refusals (existing destination, unknown node) leave the
+    device where it was."""
+    mkchain(d)
+    ref = open(f"{d}/ref.raw", "rb").read()
+    for with_base in (True, False):
+        for f in ("dst.qcow2",):
+            if os.path.exists(f"{d}/{f}"):
+                os.unlink(f"{d}/{f}")
+        run("cp", f"{d}/ref.raw", f"{d}/ref-keep.raw")
+        blockdevs = [
+            "--blockdev", f"driver=qcow2,node-name=base,file.driver=file,file.filename={d}/base.qcow2",
+            "--blockdev", f"driver=qcow2,node-name=mid,backing=base,file.driver=file,file.filename={d}/mid.qcow2",
+            "--blockdev", f"driver=qcow2,node-name=top,backing=mid,file.driver=file,file.filename={d}/top.qcow2",
+            "--nbd-server", f"addr.type=unix,addr.path={d}/nbd.sock",
+            "--export", "type=nbd,id=e,node-name=top,writable=on"]
+        dm = Daemon(exe, d, blockdevs)
+        try:
+            q = dm.qmp()
+            open(f"{d}/exists.qcow2", "w").close()
+            for extra, text in ((["--node", "top", "--dest", f"{d}/exists.qcow2"], "exists"),
+                                (["--node", "nope", "--dest", f"{d}/x.qcow2"], "no node 'nope'")):
+                r = run(exe, "copy", "--qmp", dm.sock, *extra, check=False)
+                assert r.returncode == 1 and text in r.stderr, r.stderr
+            assert q.cmd("query-block-exports")[0]["node-name"] == "top"
+            w = Writer(f"nbd+unix:///top?socket={d}/nbd.sock", d, 21 if with_base else 22)
+            time.sleep(0.3)
+            args = [exe, "copy", "--qmp", dm.sock, "--node", "top", "--dest", f"{d}/dst.qcow2",
+                    "--speed", str(8 * MiB)]
+            if with_base:
+                args += ["--base", "base"]
+            r = run(*args)
+            print("     " + r.stderr.strip().splitlines()[-1])
+            assert "switched 'top' to 'top-copy'" in r.stderr and "streaming:" in r.stderr, r.stderr
+            assert q.cmd("query-block-exports")[0]["node-name"] == "top-copy"
+            time.sleep(0.3)
+            acked, _, _ = w.finish()
+            assert len(acked) >= 8, f"only {len(acked)} writes"
+            q.cmd("quit")
+            assert dm.wait() == 0
+        finally:
+            if dm.p.poll() is None:
+                dm.kill9()
+        for img in ("base", "mid", "top", "dst"):
+            check_clean(f"{d}/{img}.qcow2")
+        assert backing_of(f"{d}/dst.qcow2") == (f"{d}/base.qcow2" if with_base else None)
+        assert image_bytes(f"{d}/dst.qcow2") == apply_slots(ref, acked), "copy lost or changed data"
+        if not with_base:
+            os.rename(f"{d}/base.qcow2", f"{d}/base.moved")
+            assert image_bytes(f"{d}/dst.qcow2") == apply_slots(ref, acked)
+            os.rename(f"{d}/base.moved", f"{d}/base.qcow2")
+        # Start the next round from the original chain's content.
+        mkchain(d)
+
+
+EXPORT_TOP = ["--export", "type=nbd,id=e,node-name=top,writable=on"]
+
+
+def nbd_args(d):
+    return ["--nbd-server", f"addr.type=unix,addr.path={d}/nbd.sock"] + EXPORT_TOP
+
+
+def node_by_file(q, suffix):
+    nodes = q.cmd("query-named-block-nodes", {"flat": True})
+    return [n["node-name"] for n in nodes if n["drv"] == "qcow2" and n["file"].endswith(suffix)][0]
+
+
+def test_kill_during_mirror(exe, d):
+    """kill -9 at random points of a mirror (background and write-blocking, before and after
+    READY) while a guest writes over NBD: the source chain holds every flushed write and
+    otherwise old-or-new data per slot, no image is corrupt, and a mirror restarted on the
+    same target reaches READY and pivots to a target equal to the source."""
+    rng = random.Random(31)
+    mkchain(d)
+    ref = open(f"{d}/ref.raw", "rb").read()
+    run("qemu-img", "create", "-q", "-f", "qcow2", f"{d}/tgt.qcow2", "64M")
+    tgt = {"driver": "qcow2", "node-name": "tgt", "file": {"driver": "file", "filename": f"{d}/tgt.qcow2"}}
+    state = {}
+    for attempt in range(4):
+        dm = Daemon(exe, d, ["--blockdev", TOP] + nbd_args(d))
+        q = dm.qmp()
+        q.cmd("blockdev-add", tgt)
+        w = Writer(f"nbd+unix:///top?socket={d}/nbd.sock", d, 100 + attempt)
+        mode = "write-blocking" if attempt % 2 else "background"
+        q.cmd("blockdev-mirror", {"job-id": "m", "device": "top", "target": "tgt", "sync": "full",
+                                  "copy-mode": mode, "speed": 24 * MiB if attempt < 2 else 0})
+        time.sleep(rng.uniform(0.1, 1.5))
+        dm.kill9()
+        got = w.outcome()
+        for i, (durable, maybe) in got.items():
+            prev = state.get(i, (None, []))
+            state[i] = (durable if durable is not None or maybe else prev[0],
+                        maybe + ([prev[0]] if durable is None and prev[0] is not None else []) + prev[1])
+        for img in ("base", "mid", "top", "tgt"):
+            check_no_corruption(f"{d}/{img}.qcow2")
+        check_slots(image_bytes(f"{d}/top.qcow2"), ref, state, f"attempt {attempt} ({mode})")
+        assert backing_of(f"{d}/top.qcow2") == "mid.qcow2"
+    dm = Daemon(exe, d, ["--blockdev", TOP])
+    q = dm.qmp()
+    q.cmd("blockdev-add", tgt)
+    q.cmd("blockdev-mirror", {"job-id": "m", "device": "top", "target": "tgt", "sync": "full"})
+    q.wait_event("BLOCK_JOB_READY", device="m")
+    q.cmd("block-job-complete", {"device": "m"})
+    e = q.wait_event("BLOCK_JOB_COMPLETED", device="m")
+    assert "error" not in e["data"], e
+    q.cmd("quit")
+    assert dm.wait() == 0
+    check_clean(f"{d}/tgt.qcow2")
+    r = run("qemu-img", "compare", f"{d}/top.qcow2", f"{d}/tgt.qcow2", check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_kill_during_commit(exe, d):
+    """kill -9 at random points of an intermediate commit (mid into base) and an active
+    commit (top into mid): the top chain reads exactly as before, every 64 KiB slot of the
+    commit's base reads as before or as the committed data, nothing is corrupt; the commit
+    run again completes with the same contents."""
+    rng = random.Random(41)
+    for active in (False, True):
+        mkchain(d)
+        base_view = image_bytes(f"{d}/base.qcow2")
+        mid_view = image_bytes(f"{d}/mid.qcow2")
+        ref = open(f"{d}/ref.raw", "rb").read()
+        old, new, img = (mid_view, ref, "mid") if active else (base_view, mid_view, "base")
+        for attempt in range(3):
+            dm = Daemon(exe, d, ["--blockdev", TOP])
+            q = dm.qmp()
+            if active:
+                args = {"job-id": "c", "device": "top", "base-node": node_by_file(q, "mid.qcow2")}
+            else:
+                args = {"job-id": "c", "device": "top", "top-node": node_by_file(q, "mid.qcow2"),
+                        "base-node": node_by_file(q, "base.qcow2")}
+            q.cmd("block-commit", dict(args, speed=16 * MiB))
+            time.sleep(rng.uniform(0.05, 1.2))
+            if active and attempt == 2:
+                q.wait_event("BLOCK_JOB_READY", device="c")
+            dm.kill9()
+            for i in ("base", "mid", "top"):
+                check_no_corruption(f"{d}/{i}.qcow2")
+            same_content(d)
+            got = image_bytes(f"{d}/{img}.qcow2")
+            S = 65536
+            for s in range(len(got) // S):
+                a = got[s * S:(s + 1) * S]
+                assert a in (old[s * S:(s + 1) * S], new[s * S:(s + 1) * S]), \
+                    f"{'active' if active else 'intermediate'} commit, attempt {attempt}: {img} slot {s}"
+            assert backing_of(f"{d}/top.qcow2") == "mid.qcow2"
+        dm = Daemon(exe, d, ["--blockdev", TOP])
+        q = dm.qmp()
+        q.cmd("block-commit", dict(args, **({"base-node": node_by_file(q, "mid.qcow2")} if active else
+                                            {"top-node": node_by_file(q, "mid.qcow2"),
+                                             "base-node": node_by_file(q, "base.qcow2")})))
+        if active:
+            q.wait_event("BLOCK_JOB_READY", device="c")
+            q.cmd("block-job-complete", {"device": "c"})
+        e = q.wait_event("BLOCK_JOB_COMPLETED", device="c")
+        assert "error" not in e["data"], e
+        q.cmd("quit")
+        assert dm.wait() == 0
+        for i in ("base", "mid", "top"):
+            check_clean(f"{d}/{i}.qcow2")
+        if active:
+            r = run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", f"{d}/ref.raw", f"{d}/mid.qcow2", check=False)
+            assert r.returncode == 0, r.stdout + r.stderr
+        else:
+            same_content(d)
+            assert backing_of(f"{d}/top.qcow2") == "base.qcow2"
+
+
+def test_kill_during_snapshot(exe, d):
+    """kill -9 at random points around blockdev-snapshot-sync while a guest writes over NBD:
+    the images pass qemu-img check (an overlay cut off while being created is ignored), and
+    the newest valid chain (overlay, else the old image) holds every flushed write and
+    old-or-new data elsewhere."""
+    rng = random.Random(51)
+    for attempt in range(5):
+        for f in ("snap.qcow2",):
+            if os.path.exists(f"{d}/{f}"):
+                os.unlink(f"{d}/{f}")
+        mkchain(d)
+        ref = open(f"{d}/ref.raw", "rb").read()
+        dm = Daemon(exe, d, ["--blockdev", TOP] + nbd_args(d))
+        q = dm.qmp()
+        w = Writer(f"nbd+unix:///top?socket={d}/nbd.sock", d, 200 + attempt)
+        time.sleep(rng.uniform(0.05, 0.3))
+        msg = {"execute": "blockdev-snapshot-sync",
+               "arguments": {"node-name": "top", "snapshot-file": f"{d}/snap.qcow2",
+                             "snapshot-node-name": "snap", "format": "qcow2"}}
+        q.f.write(json.dumps(msg).encode() + b"\n")
+        q.f.flush()
+        time.sleep(rng.choice([0, 0.001, 0.005, 0.02, 0.2]))
+        dm.kill9()
+        state = w.outcome()
+        check_no_corruption(f"{d}/top.qcow2")
+        chain = f"{d}/top.qcow2"
+        if os.path.exists(f"{d}/snap.qcow2"):
+            info = run("qemu-img", "info", "-U", "-f", "qcow2", "--output=json", f"{d}/snap.qcow2",
+                       check=False)
+            v = json.loads(info.stdout) if info.returncode == 0 else {}
+            print(f"     attempt {attempt}: overlay {v.get('virtual-size')} bytes, backing {v.get('backing-filename')}")
+            # Creation cut off before the header was complete: the command had not
+            # returned and no user was switched; the old image is the disk.
+            if v.get("virtual-size") == len(ref) and v.get("backing-filename") in ("top.qcow2", f"{d}/top.qcow2"):
+                check_no_corruption(f"{d}/snap.qcow2")
+                chain = f"{d}/snap.qcow2"
+        check_slots(image_bytes(chain), ref, state, f"attempt {attempt} ({os.path.basename(chain)})")
+
+
+def test_cancel_latency_under_load(exe, d):
+    """Cancel a mirror while a guest writes over NBD (two libnbd writers): force cancel
+    mid-copy, non-force cancel after READY in write-blocking mode (completes without pivot),
+    job-cancel after READY in background mode. Prints each latency (command to final event;
+    the issue's goal is < 1 s). No timing is asserted (the project keeps timed assertions
+    out of tests); the event must arrive and the guest must keep its connection."""
+    mkchain(d)
+    run("qemu-img", "create", "-q", "-f", "qcow2", f"{d}/tgt.qcow2", "64M")
+    dm = Daemon(exe, d, ["--blockdev", TOP] + nbd_args(d))
+    try:
+        q = dm.qmp()
+        q.cmd("blockdev-add", {"driver": "qcow2", "node-name": "tgt",
+                               "file": {"driver": "file", "filename": f"{d}/tgt.qcow2"}})
+        url = f"nbd+unix:///top?socket={d}/nbd.sock"
+        ws = [Writer(url, d, 300, range(0, 512)), Writer(url, d, 301, range(512, 1024))]
+        cases = [("force cancel mid-copy", {"copy-mode": "background", "speed": 16 * MiB}, False,
+                  "block-job-cancel", {"device": "m", "force": True}, "BLOCK_JOB_CANCELLED"),
+                 ("cancel after READY (write-blocking)", {"copy-mode": "write-blocking"}, True,
+                  "block-job-cancel", {"device": "m"}, "BLOCK_JOB_COMPLETED"),
+                 ("job-cancel after READY (background)", {"copy-mode": "background"}, True,
+                  "job-cancel", {"id": "m"}, "BLOCK_JOB_CANCELLED")]
+        for label, mode, ready, cmd, args, ev in cases:
+            q.cmd("blockdev-mirror", dict({"job-id": "m", "device": "top", "target": "tgt",
+                                           "sync": "full"}, **mode))
+            if ready:
+                q.wait_event("BLOCK_JOB_READY", device="m")
+            time.sleep(0.3)
+            t0 = time.time()
+            q.cmd(cmd, args)
+            e = q.wait_event(ev, device="m")
+            ms = 1000 * (time.time() - t0)
+            print(f"     {label}: {ms:.0f} ms")
+            assert "error" not in e["data"], e
+            while any(j["id"] == "m" for j in q.cmd("query-jobs")):
+                time.sleep(0.01)
+        for w in ws:
+            acked, _, _ = w.finish()
+            assert acked, "a writer made no progress"
+        q.cmd("quit")
+        assert dm.wait() == 0
+    finally:
+        if dm.p.poll() is None:
+            dm.kill9()
+    for img in ("top", "tgt"):
+        check_clean(f"{d}/{img}.qcow2")
+
+
 TESTS = {name[5:]: f for name, f in dict(globals()).items() if name.startswith("test_")}
 
 

@@ -211,11 +211,65 @@ def mk_mirror_export(d):
     return H.mkchain(d) + ["dm.qcow2"]
 
 
+ODD = 1025 * 1024  # 041 TestSingleDriveUnalignedLength: not a multiple of any granularity
+
+
+def mk_odd_sizes(d):
+    """Zero-length and unaligned-length images (041 TestSingleDriveZeroLength and
+    TestSingleDriveUnalignedLength; the same sizes for 040-style commits)."""
+    for n, size in (("z", 0), ("u", ODD)):
+        H.create(f"{d}/{n}src.qcow2", size)
+        H.create(f"{d}/{n}tgt.qcow2", size)
+        H.create(f"{d}/{n}base.qcow2", size)
+        H.create(f"{d}/{n}mid.qcow2", size, backing=f"{n}base.qcow2")
+        H.create(f"{d}/{n}top.qcow2", size, backing=f"{n}mid.qcow2")
+    H.qemu_io(f"{d}/usrc.qcow2", "qcow2", "write -P 0x5a 0 1025k")
+    H.qemu_io(f"{d}/ubase.qcow2", "qcow2", "write -P 0x11 0 1025k")
+    H.qemu_io(f"{d}/umid.qcow2", "qcow2", "write -P 0x22 960k 65k")
+    H.qemu_io(f"{d}/utop.qcow2", "qcow2", "write -P 0x33 1024k 1k", "write -P 0x34 0 4k")
+    return [f"{n}{k}.qcow2" for n in "zu" for k in ("src", "tgt", "base", "mid", "top")]
+
+
+async def sc_odd_sizes(p):
+    for n in "zu":
+        for k in ("src", "tgt"):
+            await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": f"{n}{k}", "backing": None,
+                                         "file": {"driver": "file", "filename": f"{n}{k}.qcow2"}})
+        await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": f"{n}top",
+                                     "file": {"driver": "file", "filename": f"{n}top.qcow2"}})
+    for n in "zu":
+        # mirror: READY, complete pivots; the tail of the unaligned image is copied.
+        j = f"{n}m"
+        await p.cmd("blockdev-mirror", {"job-id": j, "device": f"{n}src", "target": f"{n}tgt",
+                                        "sync": "full", "granularity": 65536})
+        await p.wait_event("BLOCK_JOB_READY", device=j)
+        await p.cmd("query-block-jobs")
+        await p.cmd("block-job-complete", {"device": j})
+        await p.wait_job_gone(j)
+        # intermediate commit (mid into base), then active commit (top into base).
+        nodes = await p.cmd("query-named-block-nodes", {"flat": True}, record=False)
+        names = {os.path.basename(x["file"]): x["node-name"] for x in nodes["return"]
+                 if x["drv"] == "qcow2"}
+        j = f"{n}c"
+        await p.cmd("block-commit", {"job-id": j, "device": f"{n}top",
+                                     "top-node": names[f"{n}mid.qcow2"],
+                                     "base-node": names[f"{n}base.qcow2"]})
+        await p.wait_job_gone(j)
+        await p.cmd("block-commit", {"job-id": j, "device": f"{n}top",
+                                     "base-node": names[f"{n}base.qcow2"]})
+        await p.wait_event("BLOCK_JOB_READY", device=j)
+        await p.cmd("query-block-jobs")
+        await p.cmd("block-job-complete", {"device": j})
+        await p.wait_job_gone(j)
+    await p.cmd("query-named-block-nodes", {"flat": True})
+
+
 SCENARIOS = {
     "snapshot": (mk_snap, sc_snapshot),
     "commit": (H.mkchain, sc_commit),
     "mirror": (mk_mirror, sc_mirror),
     "mirror_cancel": (mk_mirror, sc_mirror_cancel),
     "mirror_export": (mk_mirror_export, sc_mirror_export),
+    "odd_sizes": (mk_odd_sizes, sc_odd_sizes),
 }
 NO_MAP_COMPARE = {"mirror", "mirror_cancel", "mirror_export"}

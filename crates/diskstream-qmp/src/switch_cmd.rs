@@ -1,0 +1,294 @@
+//! `x-blockdev-switch`: the seeds' device switch (`change` with `notify: false`, QEMU's old
+//! `block_switch`), a diskstream extension (QSD has no equivalent command).
+//!
+//! Every user of a node (NBD exports) is re-pointed to another node, or to an image file
+//! opened on the spot, without disconnecting clients. The users are drained together first:
+//! requests in flight finish on the old image, new ones wait; the old image is flushed; every
+//! backend gets the new root before any of them resumes. A write acknowledged before the
+//! switch is therefore in the old image, one acknowledged after it in the new one.
+//!
+//! This is step 2 of the seeds' live block copy (create a destination backed by the source,
+//! switch the device to it, stream): when the opened image's recorded backing file is a node
+//! of the old node's chain, that node becomes its backing (it is not opened a second time,
+//! which image locking would refuse) and the old node is reopened read-only, as a snapshot
+//! does. Any other backing file is opened from the header, read-only, never probed.
+//!
+//! The switch is refused when the sizes differ (an NBD client negotiated the old size), when
+//! a job holds either node, and when a writable user would lose write access.
+
+use crate::error::{QmpError, QmpResult};
+use crate::graph::{Driver, Graph, NodeId};
+use crate::monitor::Monitor;
+use crate::schema::{opt, req, Member, Ty};
+use diskstream_block::image::resolve_backing;
+use diskstream_block::node::same_node;
+use serde_json::{json, Map, Value};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// `x-blockdev-switch`'s arguments.
+pub const BLOCKDEV_SWITCH: &[Member] = &[
+    req("device", Ty::Str),
+    opt("target", Ty::Str),
+    opt("filename", Ty::Str),
+    opt("format", Ty::Enum(&["qcow2", "raw"])),
+    opt("node-name", Ty::Str),
+];
+
+fn s<'a>(a: &'a Map<String, Value>, k: &str) -> Option<&'a str> {
+    a.get(k).and_then(|v| v.as_str())
+}
+
+fn not_found(name: &str) -> QmpError {
+    QmpError::generic(format!(
+        "Cannot find device='{name}' nor node-name='{name}'"
+    ))
+}
+
+fn busy(g: &Graph, id: NodeId) -> QmpResult<()> {
+    if let Some(n) = g.get(id) {
+        if let Some(job) = n.blocker {
+            return Err(QmpError::generic(format!(
+                "Node '{}' is busy: block device is in use by block job: {job}",
+                n.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The chain below `from` (inclusive), through filters and backing links.
+fn chain(g: &Graph, from: NodeId) -> Vec<NodeId> {
+    let mut out = Vec::new();
+    let mut cur = Some(from);
+    while let Some(c) = cur {
+        if out.contains(&c) {
+            break;
+        }
+        out.push(c);
+        cur = g.get(c).and_then(|n| n.chain_next());
+    }
+    out
+}
+
+/// The local file under a format node, canonicalized (None for NBD and other protocols).
+fn node_path(g: &Graph, id: NodeId) -> Option<PathBuf> {
+    let mut cur = g.get(id)?;
+    for _ in 0..=g.nodes().len() {
+        if cur.driver == Driver::File {
+            return std::fs::canonicalize(&cur.filename).ok();
+        }
+        if cur.driver == Driver::Nbd {
+            return None;
+        }
+        cur = g.get(cur.file?)?;
+    }
+    None
+}
+
+/// Open `filename` as node `name` for the switch of `old`: a backing file recorded in its
+/// header that is a format node of `old`'s chain is linked to that node; otherwise the chain
+/// recorded in the header is opened. Returns the new node and the node it was linked to.
+async fn open_target(
+    g: &mut Graph,
+    old: NodeId,
+    filename: &str,
+    format: &str,
+    name: &str,
+) -> QmpResult<(NodeId, Option<NodeId>)> {
+    let mut opts = Map::new();
+    opts.insert("driver".into(), json!(format));
+    opts.insert("node-name".into(), json!(name));
+    opts.insert("backing".into(), Value::Null);
+    opts.insert(
+        "file".into(),
+        json!({"driver": "file", "filename": filename}),
+    );
+    g.blockdev_add(&opts).await?;
+    let id = g
+        .find(name)
+        .map(|n| n.id)
+        .ok_or_else(|| QmpError::generic("the opened image vanished"))?;
+    if let Some(n) = g.get_mut(id) {
+        // Opened by the command: it goes away with its last user, like a snapshot overlay.
+        n.monitor_owned = false;
+    }
+    let header = match g.effective_block(id).as_ref().and_then(|b| {
+        b.as_any()
+            .downcast_ref::<diskstream_block::format::qcow2::Qcow2>()
+    }) {
+        Some(q) => Some(q.header().await),
+        None => None,
+    };
+    let Some((bfile, bfmt)) = header.and_then(|h| h.backing_file.map(|f| (f, h.backing_format)))
+    else {
+        return Ok((id, None));
+    };
+    let wanted = std::fs::canonicalize(resolve_backing(Path::new(filename), &bfile)).ok();
+    let linked = chain(g, old).into_iter().find(|c| {
+        g.get(*c).is_some_and(|n| !n.driver.is_filter())
+            && wanted.is_some()
+            && node_path(g, *c) == wanted
+    });
+    match linked {
+        Some(b) => {
+            let drv = g.get(b).map(|n| n.driver.as_str()).unwrap_or("?");
+            if bfmt.as_deref() != Some(drv) {
+                g.remove_tree(id).await;
+                return Err(QmpError::generic(format!(
+                    "'{filename}' records backing format '{}' for '{bfile}', which is open as '{drv}'",
+                    bfmt.as_deref().unwrap_or("(none)")
+                )));
+            }
+            let (Some(nb), Some(bb)) = (g.effective_block(id), g.effective_block(b)) else {
+                g.remove_tree(id).await;
+                return Err(QmpError::generic("the backing node has no image"));
+            };
+            nb.set_backing_node(Some(bb));
+            if let Some(n) = g.get_mut(id) {
+                n.backing = Some(b);
+                n.backing_from_header = true;
+                n.backing_file_str = Some(bfile);
+            }
+            Ok((id, Some(b)))
+        }
+        None => {
+            // Not part of the device's chain: open the chain the header records.
+            g.remove_tree(id).await;
+            opts.remove("backing");
+            g.blockdev_add(&opts).await?;
+            let id = g
+                .find(name)
+                .map(|n| n.id)
+                .ok_or_else(|| QmpError::generic("the opened image vanished"))?;
+            if let Some(n) = g.get_mut(id) {
+                n.monitor_owned = false;
+            }
+            Ok((id, None))
+        }
+    }
+}
+
+/// `x-blockdev-switch`.
+pub async fn blockdev_switch(mon: &Arc<Monitor>, a: &Map<String, Value>) -> QmpResult<Value> {
+    let device = s(a, "device").unwrap_or_default();
+    let target = s(a, "target");
+    let filename = s(a, "filename");
+    let mut g = mon.graph.lock().await;
+    let old = g
+        .find(device)
+        .map(|n| n.id)
+        .ok_or_else(|| not_found(device))?;
+    busy(&g, old)?;
+    let (new, opened, linked) = match (target, filename) {
+        (Some(t), None) => {
+            if s(a, "format").is_some() || s(a, "node-name").is_some() {
+                return Err(QmpError::generic(
+                    "'format' and 'node-name' go with 'filename', not with 'target'",
+                ));
+            }
+            let t = g.find(t).map(|n| n.id).ok_or_else(|| not_found(t))?;
+            (t, false, None)
+        }
+        (None, Some(f)) => {
+            let Some(format) = s(a, "format") else {
+                return Err(QmpError::generic(
+                    "Parameter 'format' is missing (formats are never probed)",
+                ));
+            };
+            let Some(name) = s(a, "node-name") else {
+                return Err(QmpError::generic("Parameter 'node-name' is missing"));
+            };
+            let (id, linked) = open_target(&mut g, old, f, format, name).await?;
+            (id, true, linked)
+        }
+        _ => {
+            return Err(QmpError::generic(
+                "Exactly one of 'target' and 'filename' must be given",
+            ))
+        }
+    };
+    let result = check_and_switch(&mut g, old, new, linked).await;
+    if result.is_err() && opened {
+        if let Some(l) = linked {
+            if let Some(n) = g.get_mut(new) {
+                if n.backing == Some(l) {
+                    n.backing = None;
+                }
+            }
+        }
+        g.remove_tree(new).await;
+    }
+    result?;
+    Ok(json!({}))
+}
+
+async fn check_and_switch(
+    g: &mut Graph,
+    old: NodeId,
+    new: NodeId,
+    linked: Option<NodeId>,
+) -> QmpResult<()> {
+    let name = |g: &Graph, id: NodeId| g.get(id).map(|n| n.name.clone()).unwrap_or_default();
+    if old == new {
+        return Err(QmpError::generic(format!(
+            "Node '{}' cannot be switched to itself",
+            name(g, old)
+        )));
+    }
+    busy(g, new)?;
+    let (Some(old_block), Some(new_block)) = (g.effective_block(old), g.effective_block(new))
+    else {
+        return Err(QmpError::generic(
+            "Only nodes holding an image (format nodes and filters) can be switched",
+        ));
+    };
+    if old_block.size() != new_block.size() {
+        return Err(QmpError::generic(format!(
+            "Cannot switch '{}' to '{}': the sizes differ ({} and {} bytes)",
+            name(g, old),
+            name(g, new),
+            old_block.size(),
+            new_block.size()
+        )));
+    }
+    let writers = g.users().iter().any(|u| u.node == old && u.write);
+    if writers {
+        if g.get(new).is_some_and(|n| n.read_only) {
+            return Err(QmpError::generic(format!(
+                "Cannot switch writable users of '{}' to read-only node '{}'",
+                name(g, old),
+                name(g, new)
+            )));
+        }
+        if let Some(e) = g.write_conflict(new, true) {
+            return Err(QmpError::generic(e));
+        }
+    }
+    let mut drained = crate::snapshot_cmd::drain_users(g, old).await;
+    if g.get(old).is_some_and(|n| !n.read_only) {
+        old_block
+            .flush()
+            .await
+            .map_err(|_| QmpError::generic("An IO error has occurred"))?;
+    }
+    g.move_users(old, new);
+    for d in drained.iter_mut() {
+        d.set_root(Arc::clone(&new_block));
+    }
+    if linked == Some(old) {
+        // Still drained: the old image becomes a read-only backing file (the new image
+        // takes the writes), its reopen swapped in under the new image's backing pointer.
+        crate::stream_cmd::reopen_read_only(g, old).await;
+    }
+    drop(drained);
+    // Keep every backend equal to its node's image (a reopen above may have changed one).
+    g.sync_users().await;
+    debug_assert!(g
+        .users()
+        .iter()
+        .filter(|u| u.node == new)
+        .all(|u| same_node(&u.backend.current(), &new_block)));
+    g.remove_if_unreferenced(old).await;
+    Ok(())
+}
