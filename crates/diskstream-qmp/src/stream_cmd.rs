@@ -228,10 +228,21 @@ pub async fn block_stream(mon: &Arc<Monitor>, a: &Map<String, Value>) -> QmpResu
     // QEMU's stream filter is a real copy-on-read filter with `bottom` = the lowest streamed
     // node: what users read while the job runs is copied into the device at once, and the
     // job, which re-checks the device's allocation before every chunk, then skips it.
+    // The job brings everything in anyway: the filter only copies what a read touches (the
+    // top's allocation unit, no read-ahead), as QEMU's does, so a guest's small random reads
+    // during the job cost one cluster each, not a large fetch unit.
+    let unit = top_block
+        .allocation_unit()
+        .unwrap_or(64 * 1024)
+        .max(diskstream_block::filter::cor::MIN_GRANULARITY);
     let cor: Option<Arc<dyn BlockNode>> = match CopyOnRead::new(
         Arc::clone(&top_block),
         Some(Arc::clone(&bottom_block)),
-        CorConfig::default(),
+        CorConfig {
+            granularity: unit,
+            readahead: 0,
+            ..CorConfig::default()
+        },
     ) {
         Ok(c) => Some(c),
         Err(e) => {
