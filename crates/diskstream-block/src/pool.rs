@@ -23,47 +23,12 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
 struct Queue {
-    /// Foreground work (guest requests, metadata): always served first.
     jobs: VecDeque<Job>,
-    /// Background work (job copies): served when no foreground work waits, by at most
-    /// `bg_limit` threads at once, so a guest request always finds a thread.
-    background: VecDeque<Job>,
-    bg_running: usize,
-    bg_limit: usize,
     /// Threads blocked in the condition variable.
     sleeping: usize,
     /// Wake-ups signalled but not yet consumed by a sleeper (so a burst does not signal the
     /// same sleeper twice while it is still getting up).
     waking: usize,
-}
-
-impl Queue {
-    /// Jobs a woken thread could take now.
-    fn runnable(&self) -> usize {
-        let bg = if self.bg_running < self.bg_limit {
-            self.background.len().min(self.bg_limit - self.bg_running)
-        } else {
-            0
-        };
-        self.jobs.len() + bg
-    }
-}
-
-tokio::task_local! {
-    /// Set for the I/O of background jobs (see [`background`]).
-    static BACKGROUND: bool;
-}
-
-/// Run `f` with its file I/O marked as background work: queued behind foreground requests
-/// and limited to half the pool's threads. Streaming and mirroring copy through this so a
-/// guest's requests through an export keep their latency while a job runs flat out. The mark
-/// belongs to the task: tasks spawned inside `f` must be wrapped again.
-pub async fn background<F: std::future::Future>(f: F) -> F::Output {
-    BACKGROUND.scope(true, f).await
-}
-
-fn in_background() -> bool {
-    BACKGROUND.try_with(|b| *b).unwrap_or(false)
 }
 
 struct Shared {
@@ -83,9 +48,6 @@ impl IoPool {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue {
                 jobs: VecDeque::new(),
-                background: VecDeque::new(),
-                bg_running: 0,
-                bg_limit: (threads / 2).max(1),
                 sleeping: 0,
                 waking: 0,
             }),
@@ -116,19 +78,16 @@ impl IoPool {
     }
 
     /// Queue `job`, waking a sleeping thread only if no thread is awake to take it.
-    fn submit(&self, job: Job, background: bool) -> io::Result<()> {
+    fn submit(&self, job: Job) -> io::Result<()> {
         let wake = {
             let mut q = self
                 .shared
                 .queue
                 .lock()
                 .map_err(|_| io::Error::other("I/O pool poisoned"))?;
-            if background {
-                q.background.push_back(job);
-            } else {
-                q.jobs.push_back(job);
-            }
-            let wake = q.sleeping > q.waking && q.runnable() > q.waking;
+            q.jobs.push_back(job);
+            // Jobs not yet covered by a pending wake-up need a sleeper of their own.
+            let wake = q.sleeping > q.waking && q.jobs.len() > q.waking;
             if wake {
                 q.waking += 1;
             }
@@ -140,11 +99,13 @@ impl IoPool {
         Ok(())
     }
 
+    /// Run `f` on a pool thread without waiting for it (advisory work such as starting
+    /// writeback, whose outcome nobody needs).
     pub fn spawn_detached<F>(&self, f: F)
     where
         F: FnOnce() + Send + 'static,
     {
-        let _ = self.submit(Box::new(f), false);
+        let _ = self.submit(Box::new(f));
     }
 
     /// Run `f` on a pool thread and await its result.
@@ -154,12 +115,9 @@ impl IoPool {
         F: FnOnce() -> io::Result<T> + Send + 'static,
     {
         let (rtx, rrx) = tokio::sync::oneshot::channel();
-        self.submit(
-            Box::new(move || {
-                let _ = rtx.send(f());
-            }),
-            in_background(),
-        )?;
+        self.submit(Box::new(move || {
+            let _ = rtx.send(f());
+        }))?;
         rrx.await
             .map_err(|_| io::Error::other("I/O thread dropped the request"))?
     }
@@ -170,26 +128,13 @@ fn worker(shared: &Shared) {
         return;
     };
     loop {
-        let (job, bg) = if let Some(job) = q.jobs.pop_front() {
-            (Some(job), false)
-        } else if q.bg_running < q.bg_limit {
-            (q.background.pop_front(), true)
-        } else {
-            (None, false)
-        };
-        if let Some(job) = job {
-            if bg {
-                q.bg_running += 1;
-            }
+        if let Some(job) = q.jobs.pop_front() {
             drop(q);
             job();
             q = match shared.queue.lock() {
                 Ok(g) => g,
                 Err(_) => return,
             };
-            if bg {
-                q.bg_running -= 1;
-            }
             continue;
         }
         q.sleeping += 1;
@@ -198,6 +143,7 @@ fn worker(shared: &Shared) {
             Err(_) => return,
         };
         q.sleeping -= 1;
+        // Spurious wake-ups consume nothing.
         q.waking = q.waking.saturating_sub(1);
     }
 }
@@ -205,45 +151,6 @@ fn worker(shared: &Shared) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn foreground_work_overtakes_a_background_backlog() {
-        let pool = IoPool::new(4).unwrap();
-        let (tx, rx) = std::sync::mpsc::channel::<()>();
-        let rx = Arc::new(Mutex::new(rx));
-        // A background backlog: the first two occupy the background share of the threads.
-        let mut bg = tokio::task::JoinSet::new();
-        for _ in 0..20 {
-            let (p, rx) = (pool.clone(), Arc::clone(&rx));
-            bg.spawn(background(async move {
-                p.run(move || {
-                    let _ = rx
-                        .lock()
-                        .unwrap()
-                        .recv_timeout(std::time::Duration::from_secs(10));
-                    Ok(())
-                })
-                .await
-            }));
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        // Foreground requests still run on the other threads (without the split they would
-        // queue behind the blocked backlog for its 10 s).
-        let fg = async {
-            for i in 0..50u64 {
-                assert_eq!(pool.run(move || Ok(i)).await.unwrap(), i);
-            }
-        };
-        tokio::time::timeout(std::time::Duration::from_secs(5), fg)
-            .await
-            .expect("foreground work waited behind the background backlog");
-        for _ in 0..20 {
-            let _ = tx.send(());
-        }
-        while let Some(r) = bg.join_next().await {
-            r.unwrap().unwrap();
-        }
-    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn runs_many_jobs_concurrently_and_returns_results() {

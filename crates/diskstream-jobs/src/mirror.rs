@@ -809,11 +809,11 @@ impl JobDriver for MirrorJob {
                 Arc::clone(&self.target),
                 Arc::clone(&sh),
             );
-            inflight.spawn(diskstream_block::pool::background(async move {
+            inflight.spawn(async move {
                 let r = copy_range(&src, &tgt, off, len).await;
                 sh2.unlock_range(off, len);
                 (off, len, r)
-            }));
+            });
         }
         sh.active.store(false, Ordering::Release);
         match failure {

@@ -336,7 +336,7 @@ impl JobDriver for StreamJob {
                 let top = Arc::clone(&self.top);
                 let backing = Arc::clone(&backing);
                 let j = Arc::clone(job);
-                inflight.spawn(diskstream_block::pool::background(async move {
+                inflight.spawn(async move {
                     let r = match plan_copy(&top, &backing, limit.as_ref(), off, n).await {
                         Ok(ranges) => {
                             j.processed_bytes(ranges.iter().map(|r| r.len).sum());
@@ -345,7 +345,7 @@ impl JobDriver for StreamJob {
                         Err(e) => Err(e),
                     };
                     (off, n, r)
-                }));
+                });
                 continue;
             }
             // Throttled: plan here, so the bytes are accounted before the next chunk is
@@ -365,9 +365,8 @@ impl JobDriver for StreamJob {
                     job.processed_bytes(ranges.iter().map(|r| r.len).sum());
                     let top = Arc::clone(&self.top);
                     let backing = Arc::clone(&backing);
-                    inflight.spawn(diskstream_block::pool::background(async move {
-                        (off, n, copy_ranges(top, backing, ranges).await)
-                    }));
+                    inflight
+                        .spawn(async move { (off, n, copy_ranges(top, backing, ranges).await) });
                 }
             }
         }
