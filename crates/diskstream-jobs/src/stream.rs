@@ -52,6 +52,11 @@ pub struct StreamConfig {
     pub chunk_size: u64,
     /// Chunks in flight at once.
     pub parallel: usize,
+    /// Flush the top (data and metadata) at most this often while copying, so a daemon killed
+    /// mid-stream keeps what it copied up to the last checkpoint and a new stream over the same
+    /// image (migration after a destination restart) does not fetch it again. `None`: only at
+    /// completion, as QEMU.
+    pub checkpoint: Option<std::time::Duration>,
 }
 
 impl Default for StreamConfig {
@@ -59,6 +64,7 @@ impl Default for StreamConfig {
         StreamConfig {
             chunk_size: 1 << 20,
             parallel: 8,
+            checkpoint: Some(std::time::Duration::from_secs(1)),
         }
     }
 }
@@ -262,9 +268,22 @@ impl JobDriver for StreamJob {
         let mut inflight: JoinSet<ChunkResult> = JoinSet::new();
         let mut failure: Option<JobFailure> = None;
         let mut stop_issuing = false;
+        let mut last_checkpoint = tokio::time::Instant::now();
+        let mut copied_at_checkpoint = job.progress().0;
         loop {
             if !inflight.is_empty() {
                 job.settled();
+            }
+            if let Some(every) = self.config.checkpoint {
+                let copied = job.progress().0;
+                if last_checkpoint.elapsed() >= every && copied != copied_at_checkpoint {
+                    // Copies that landed become durable; those in flight wait for the next one.
+                    if let Err(e) = self.top.flush().await {
+                        tracing::warn!(job = job.id(), "stream checkpoint flush failed: {e}");
+                    }
+                    last_checkpoint = tokio::time::Instant::now();
+                    copied_at_checkpoint = copied;
+                }
             }
             if job.is_cancelled() || job.pause_requested() || stop_issuing {
                 // A safe point: let the copies in flight land first.

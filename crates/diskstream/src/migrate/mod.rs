@@ -318,7 +318,10 @@ async fn migrate(a: &MigrateArgs) -> Result<(), Fail> {
         dst.execute("block-stream", stream)
             .await
             .map_err(at("destination block-stream"))?;
-        say(format!("streaming {source_url} into {}", a.dest_image.display()));
+        say(format!(
+            "streaming {source_url} into {}",
+            a.dest_image.display()
+        ));
     } else {
         println!("destination: {dest_url}");
         let _ = std::io::stdout().flush();
@@ -354,16 +357,21 @@ async fn migrate(a: &MigrateArgs) -> Result<(), Fail> {
         .execute("blockdev-del", json!({"node-name": backing_node}))
         .await
     {
-        say(format!("note: destination blockdev-del {backing_node}: {e}"));
+        say(format!(
+            "note: destination blockdev-del {backing_node}: {e}"
+        ));
     }
     if !a.keep_source_export {
-        match src
-            .execute(
-                "block-export-del",
-                json!({"id": source_export_id, "mode": "hard"}),
-            )
-            .await
-        {
+        let del = json!({"id": source_export_id, "mode": "hard"});
+        let mut r = src.execute("block-export-del", del.clone()).await;
+        if let Err(QmpFailure::Io(_)) = r {
+            // The source daemon restarted during the stream: talk to the new one.
+            r = match Qmp::connect("source", &a.source_qmp).await {
+                Ok(mut s2) => s2.execute("block-export-del", del).await,
+                Err(e) => Err(e),
+            };
+        }
+        match r {
             Ok(_) => say(format!("source export '{source_export}' removed")),
             Err(e) => say(format!("note: source block-export-del: {e}")),
         }
@@ -400,9 +408,7 @@ async fn setup(
     let node = nodes
         .as_array()
         .and_then(|n| n.iter().find(|n| n["node-name"] == json!(a.source_node)))
-        .ok_or_else(|| {
-            Fail::setup(format!("source has no node named '{}'", a.source_node))
-        })?;
+        .ok_or_else(|| Fail::setup(format!("source has no node named '{}'", a.source_node)))?;
     let size = node["image"]["virtual-size"]
         .as_u64()
         .ok_or_else(|| Fail::setup("source did not report the node's virtual-size"))?;

@@ -106,9 +106,8 @@ impl Qmp {
             if text.trim().is_empty() {
                 continue;
             }
-            return serde_json::from_str(text.trim()).map_err(|e| {
-                QmpFailure::Io(format!("{} QMP: malformed message: {e}", self.name))
-            });
+            return serde_json::from_str(text.trim())
+                .map_err(|e| QmpFailure::Io(format!("{} QMP: malformed message: {e}", self.name)));
         }
     }
 
