@@ -27,8 +27,8 @@ class Qmp:
         json.loads(self.f.readline())  # greeting
         self.cmd("qmp_capabilities")
 
-    def cmd(self, name, **args):
-        msg = {"execute": name, **({"arguments": args} if args else {})}
+    def cmd(self, execute, **args):
+        msg = {"execute": execute, **({"arguments": args} if args else {})}
         print(f"  -> {json.dumps(msg)}", file=sys.stderr)
         self.f.write(json.dumps(msg).encode() + b"\n")
         self.f.flush()
@@ -38,7 +38,7 @@ class Qmp:
                 self.events.append(r)
                 continue
             if "error" in r:
-                raise SystemExit(f"{name}: {r['error']['desc']}")
+                raise SystemExit(f"{execute}: {r['error']['desc']}")
             return r["return"]
 
 

@@ -391,6 +391,18 @@ def guest_read_missing(url, src_img):
     return res, time.monotonic() - t0
 
 
+class Reader(threading.Thread):
+    """guest_read_missing in the background (it may wait for a reconnect)."""
+
+    def __init__(self, url, src_img):
+        super().__init__(daemon=True)
+        self.url, self.src_img, self.result = url, src_img, None
+        self.start()
+
+    def run(self):
+        self.result = guest_read_missing(self.url, self.src_img)
+
+
 def _pread(path, off, n):
     with open(path, "rb") as f:
         f.seek(off)
@@ -405,13 +417,20 @@ def scenario_source_restart(d):
     dst = Daemon(d, "dst", dp)
     dst_image = os.path.join(d, "dst.qcow2")
     m = Migrate(d, migrate_args(src, dst, dst_image, sp, dp,
-                                ["--reconnect-delay", "30", "--speed", str(16 * MiB)]))
+                                ["--reconnect-delay", "30", "--speed", str(16 * MiB),
+                                 "--dest-export", "guest"]))
     wait_for(lambda: m.percent() >= 20 or m.proc.poll() is not None, "20% streamed")
     src.kill()
     log("source killed")
+    # A guest read of data the destination lacks waits for the reconnect, then is right.
+    reader = Reader(f"nbd://127.0.0.1:{dp}/guest", src_img)
     time.sleep(1.0)
     src.start()
     log("source restarted")
+    reader.join()
+    (kind, val), took = reader.result
+    log(f"guest read of missing data across the restart: {kind} {val} after {took:.1f}s")
+    assert (kind, val) == ("data", True), (kind, val)
     rc = m.wait()
     assert rc == 0, f"migrate exited {rc}"
     dst.stop()
@@ -435,6 +454,12 @@ def scenario_source_dead_stop_resume(d):
     wait_for(lambda: m.percent() >= 20 or m.proc.poll() is not None, "20% streamed")
     src.kill()
     log("source killed for good")
+    # A guest read of missing data fails with EIO once reconnect-delay is over (no hang).
+    reader = Reader(f"nbd://127.0.0.1:{dp}/guest", src_img)
+    reader.join()
+    (kind, val), took = reader.result
+    log(f"guest read of missing data, source down: {kind} {val} after {took:.1f}s")
+    assert (kind, val) == ("errno", 5), (kind, val)
     rc = m.wait()
     assert rc == 3, f"migrate exited {rc}, expected 3 (stopped)"
     assert any("I/O error" in l for l in m.lines), "no BLOCK_JOB_ERROR reported"
@@ -444,7 +469,7 @@ def scenario_source_dead_stop_resume(d):
     # Guest read of data the destination lacks: EIO after reconnect-delay, never wrong data.
     url = f"nbd://127.0.0.1:{dp}/guest"
     (kind, val), took = guest_read_missing(url, src_img)
-    log(f"guest read of missing data with the source down: {kind} {val} after {took:.1f}s")
+    log(f"guest read of missing data, job stopped: {kind} {val} after {took:.1f}s")
     assert kind == "errno" and val == 5, (kind, val)
     # Data already on the destination is still served.
     h = nbd.NBD()
