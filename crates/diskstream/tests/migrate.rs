@@ -70,3 +70,16 @@ fn read_errors_report_then_resume() {
 fn destination_restart_resumes_without_recopying() {
     scenario("dest_restart");
 }
+
+/// `examples/migrate-postcopy.py`, the QMP sequence the README documents, works as written.
+#[test]
+fn example_script_migrates() {
+    scenario("example_script");
+}
+
+/// Wrong node, bad address, unreachable daemon, NBD server that cannot start, existing image:
+/// exit 1 with a clear message, nothing left behind.
+#[test]
+fn setup_errors_are_clear_and_undone() {
+    scenario("setup_errors");
+}

@@ -520,6 +520,30 @@ async fn setup(
         .map_err(at("destination block-export-add"))?;
         undo.dest_export = Some(dest_export_id.to_string());
     }
+    probe_guest_url(&dest_nbd.url(dest_export)).await
+}
+
+/// Connect to the URL the guest will be given, as the guest would: when a server was running
+/// already, `--dest-nbd` is only an assumption about its address, and a wrong URL must not
+/// reach the guest.
+async fn probe_guest_url(url: &str) -> Result<(), Fail> {
+    use diskstream_nbd::client::{ClientOptions, NbdClient};
+    let bad = |e: String| {
+        Fail::setup(format!(
+            "the guest could not use {url}: {e} (is --dest-nbd the address of the destination's NBD server?)"
+        ))
+    };
+    let mut o = ClientOptions::from_url(url).map_err(|e| bad(e.to_string()))?;
+    o.read_only = true;
+    let c = tokio::time::timeout(Duration::from_secs(10), NbdClient::connect(o))
+        .await
+        .map_err(|_| bad("no answer in 10 s".into()))?
+        .map_err(|e| bad(e.to_string()))?;
+    let writable = !c.info().read_only();
+    c.close();
+    if !writable {
+        return Err(bad("the export is read-only".into()));
+    }
     Ok(())
 }
 

@@ -77,11 +77,13 @@ class Qmp:
 
 
 class Daemon:
-    def __init__(self, d, name, nbd_port, args=()):
+    def __init__(self, d, name, nbd_port, args=(), netns=None, host="127.0.0.1"):
         self.qmp_path = os.path.join(d, f"{name}.qmp")
         self.name = name
         self.nbd_port = nbd_port
         self.args = list(args)
+        self.prefix = ["ip", "netns", "exec", netns] if netns else []
+        self.host = host
         self.log = open(os.path.join(d, f"{name}.log"), "ab")
         self.proc = None
         self.start()
@@ -89,8 +91,8 @@ class Daemon:
     def start(self):
         if os.path.exists(self.qmp_path):
             os.unlink(self.qmp_path)
-        cmd = [BIN, "daemon",
-               "--nbd-server", f"addr.type=inet,addr.host=127.0.0.1,addr.port={self.nbd_port}",
+        cmd = self.prefix + [BIN, "daemon",
+               "--nbd-server", f"addr.type=inet,addr.host={self.host},addr.port={self.nbd_port}",
                "--chardev", f"socket,id=m,path={self.qmp_path},server=on,wait=off",
                "--monitor", "chardev=m"] + self.args
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log)
@@ -153,6 +155,51 @@ def check_destination(dst_image, model):
     r = run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", model, dst_image])
     assert r.returncode == 0, f"qemu-img compare: {r.stdout}{r.stderr}"
     log(f"destination checked: {r.stdout.strip()}, no backing file, check clean")
+
+
+class Netns:
+    """The source's own network namespace, joined to ours by a veth pair (10.231.N.1 here,
+    10.231.N.2 there). Only when `ip netns` works (root, a kernel that allows it) and
+    DISKSTREAM_TEST_NETNS is not 0; the scenarios fall back to loopback otherwise."""
+
+    def __init__(self):
+        n = os.getpid() % 250 + 1
+        self.name = f"dsmig{os.getpid()}"
+        self.here, self.peer = f"dsm{os.getpid()}a", f"dsm{os.getpid()}b"
+        self.local, self.remote = f"10.231.{n}.1", f"10.231.{n}.2"
+        steps = [
+            ["ip", "netns", "add", self.name],
+            ["ip", "link", "add", self.here, "type", "veth", "peer", "name", self.peer],
+            ["ip", "link", "set", self.peer, "netns", self.name],
+            ["ip", "addr", "add", f"{self.local}/24", "dev", self.here],
+            ["ip", "link", "set", self.here, "up"],
+            ["ip", "netns", "exec", self.name, "ip", "addr", "add", f"{self.remote}/24",
+             "dev", self.peer],
+            ["ip", "netns", "exec", self.name, "ip", "link", "set", self.peer, "up"],
+            ["ip", "netns", "exec", self.name, "ip", "link", "set", "lo", "up"],
+        ]
+        for c in steps:
+            r = run(c)
+            if r.returncode != 0:
+                self.close()
+                raise OSError(f"{' '.join(c)}: {r.stderr.strip()}")
+
+    def link(self, up):
+        subprocess.run(["ip", "link", "set", self.here, "up" if up else "down"], check=True)
+
+    def close(self):
+        run(["ip", "link", "del", self.here])
+        run(["ip", "netns", "del", self.name])
+
+    @staticmethod
+    def open():
+        if os.environ.get("DISKSTREAM_TEST_NETNS", "1") == "0":
+            return None
+        try:
+            return Netns()
+        except OSError as e:
+            log(f"ip netns unavailable ({e}); using loopback")
+            return None
 
 
 class Migrate:
@@ -263,18 +310,32 @@ SWITCH_CMD = ('echo "$DISKSTREAM_MIGRATE_DEST_URL" > {d}/switch.tmp && mv {d}/sw
 
 
 def scenario_postcopy(d):
-    """The whole migration under a random guest writer: source -> destination."""
+    """The whole migration under a random guest writer: source -> destination. With `ip netns`
+    the source lives in its own network namespace and the link goes down for a moment during
+    the stream (the NBD client rides it out)."""
+    ns = Netns.open()
+    try:
+        postcopy(d, ns)
+    finally:
+        if ns:
+            ns.close()
+
+
+def postcopy(d, ns):
     size = int(os.environ.get("DISKSTREAM_MIGRATE_SIZE", str(1024 * MiB)))
     data = size // 4
     src_img, model = os.path.join(d, "src.raw"), os.path.join(d, "model.raw")
     make_disk(src_img, size, data, seed=7)
     subprocess.run(["cp", "--sparse=always", src_img, model], check=True)
     sp, dp = free_port(), free_port()
+    shost = ns.remote if ns else "127.0.0.1"
     src = Daemon(d, "src", sp, [
         "--blockdev", f"driver=raw,node-name=disk,file.driver=file,file.filename={src_img}",
-        "--export", "type=nbd,id=guest,node-name=disk,writable=on,name=guest"])
+        "--export", "type=nbd,id=guest,node-name=disk,writable=on,name=guest"],
+        netns=ns.name if ns else None, host=shost)
     dst = Daemon(d, "dst", dp)
-    w = Writer(d, model, size, f"nbd://127.0.0.1:{sp}/guest", seed=11)
+    log(f"source at {shost}" + (f" in network namespace {ns.name}" if ns else " (loopback)"))
+    w = Writer(d, model, size, f"nbd://{shost}:{sp}/guest", seed=11)
     w.start()
     try:
         wait_for(lambda: sum(w.ops.values()) >= 200 or w.error, "writer on the source")
@@ -282,10 +343,17 @@ def scenario_postcopy(d):
         t0 = time.monotonic()
         m = Migrate(d, ["--source-qmp", src.qmp_path, "--source-node", "disk",
                         "--dest-qmp", dst.qmp_path, "--dest-image", dst_image,
-                        "--source-nbd", f"127.0.0.1:{sp}", "--dest-nbd", f"127.0.0.1:{dp}",
+                        "--source-nbd", f"{shost}:{sp}", "--dest-nbd", f"127.0.0.1:{dp}",
                         "--dest-export", "guest", "--source-guest-export", "guest",
                         "--switch-command", SWITCH_CMD.format(d=d),
                         "--progress-interval", "250", "--speed", str(128 * MiB)])
+        if ns:
+            wait_for(lambda: m.percent() >= 30 or m.proc.poll() is not None, "30% streamed")
+            ns.link(False)
+            log("link down")
+            time.sleep(1.0)
+            ns.link(True)
+            log("link up")
         rc = m.wait()
         elapsed = time.monotonic() - t0
         assert rc == 0, f"migrate exited {rc}"
@@ -571,7 +639,76 @@ def scenario_dest_restart(d):
     check_destination(dst_image, src_img)
 
 
+def scenario_example_script(d):
+    """examples/migrate-postcopy.py (the documented QMP sequence) between two daemons."""
+    size, data = 64 * MiB, 16 * MiB
+    sp, dp = free_port(), free_port()
+    src_img = os.path.join(d, "src.raw")
+    make_disk(src_img, size, data, seed=8)
+    src = Daemon(d, "src", sp, [
+        "--blockdev", f"driver=raw,node-name=disk,file.driver=file,file.filename={src_img}"])
+    dst = Daemon(d, "dst", dp)
+    dst_image = os.path.join(d, "dst.qcow2")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "..",
+                          "examples", "migrate-postcopy.py")
+    r = subprocess.run([sys.executable, script, src.qmp_path, "disk", f"127.0.0.1:{sp}",
+                        dst.qmp_path, f"127.0.0.1:{dp}", dst_image],
+                       input="\n", capture_output=True, text=True, timeout=120)
+    sys.stderr.write(r.stderr)
+    assert r.returncode == 0, r.stderr
+    assert f"destination: nbd://127.0.0.1:{dp}/mig-dst" in r.stdout, r.stdout
+    assert src.qmp("query-block-exports")["return"] == []
+    dst.stop()
+    src.stop()
+    check_destination(dst_image, src_img)
+
+
+def scenario_setup_errors(d):
+    """Refusals are clear, exit 1, and leave nothing behind."""
+    size = 16 * MiB
+    sp, dp = free_port(), free_port()
+    src_img = os.path.join(d, "src.raw")
+    make_disk(src_img, size, 4 * MiB, seed=9)
+    src = Daemon(d, "src", sp, [
+        "--blockdev", f"driver=raw,node-name=disk,file.driver=file,file.filename={src_img}"])
+    dst = Daemon(d, "dst", dp)
+    dst_image = os.path.join(d, "dst.qcow2")
+    base = {"--source-qmp": src.qmp_path, "--dest-qmp": dst.qmp_path, "--dest-image": dst_image,
+            "--source-nbd": f"127.0.0.1:{sp}", "--dest-nbd": f"127.0.0.1:{dp}",
+            "--source-node": "disk"}
+
+    def argv(**over):
+        o = dict(base)
+        o.update({"--" + k.replace("_", "-"): v for k, v in over.items()})
+        return [BIN, "migrate"] + [x for kv in o.items() for x in kv]
+
+    cases = [
+        ({"source_node": "nope"}, "source has no node named 'nope'"),
+        ({"source_nbd": "localhost"}, "is not HOST:PORT"),
+        ({"dest_qmp": os.path.join(d, "missing.qmp")}, "destination QMP"),
+        # Not where the destination's NBD server listens: the guest URL is probed before it is
+        # printed, and everything set up is undone.
+        ({"dest_nbd": "192.0.2.1:10809"}, "the guest could not use nbd://192.0.2.1:10809/"),
+    ]
+    for over, want in cases:
+        r = run(argv(**over))
+        log(f"{over} -> {r.returncode}: {r.stderr.strip()}")
+        assert r.returncode == 1, (over, r.returncode, r.stderr)
+        assert want in r.stderr, (want, r.stderr)
+        assert not os.path.exists(dst_image), "image left behind"
+        assert src.qmp("query-block-exports")["return"] == [], "source export left behind"
+        nodes = dst.qmp("query-named-block-nodes")["return"]
+        assert nodes == [], f"destination nodes left behind: {nodes}"
+    open(dst_image, "w").close()
+    r = run(argv())
+    assert r.returncode == 1 and "pass --resume" in r.stderr, r.stderr
+    src.stop()
+    dst.stop()
+
+
 SCENARIOS = {
+    "setup_errors": scenario_setup_errors,
+    "example_script": scenario_example_script,
     "postcopy": scenario_postcopy,
     "source_restart": scenario_source_restart,
     "source_dead_stop_resume": scenario_source_dead_stop_resume,
