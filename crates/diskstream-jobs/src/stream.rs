@@ -348,6 +348,26 @@ impl JobDriver for StreamJob {
                 }
             };
             let limit = self.bottom.backing();
+            if job.speed() == 0 {
+                // Unlimited: plan inside the copy task, so the block-status queries of the
+                // chunks in flight overlap too (over a high-latency NBD backing they cost a
+                // round trip each; planned one by one here they were the bottleneck). Under a
+                // speed limit the plan stays here: its byte count feeds the limiter before the
+                // next chunk is issued.
+                let (top, backing, job) =
+                    (Arc::clone(&self.top), Arc::clone(&backing), Arc::clone(job));
+                inflight.spawn(async move {
+                    let r = match plan_copy(&top, &backing, limit.as_ref(), off, n).await {
+                        Ok(ranges) => {
+                            job.processed_bytes(ranges.iter().map(|r| r.len).sum());
+                            copy_ranges(top, backing, ranges).await
+                        }
+                        Err(e) => Err(e),
+                    };
+                    (off, n, r)
+                });
+                continue;
+            }
             match plan_copy(&self.top, &backing, limit.as_ref(), off, n).await {
                 Err(e) => Self::chunk_done(
                     job,
