@@ -908,8 +908,21 @@ def report(h, data, out_md, plot_dir, rel_plot_dir):
     fails = data.get("failures") or []
     if fails:
         L += ["## Scenarios that failed in the last run", ""] + [f"- {f}" for f in fails] + [""]
+    # Sections written by other scripts (bench/cor.py, bench/migrate.py) are kept as they are.
+    ours = {l for l in L if l.startswith("## ")}
+    if os.path.exists(out_md):
+        keep, cur = [], None
+        for line in open(out_md).read().splitlines():
+            if line.startswith("## "):
+                cur = [] if line not in ours else None
+                if cur is not None:
+                    keep.append(cur)
+            if cur is not None:
+                cur.append(line)
+        for sec in keep:
+            L += [""] + sec
     with open(out_md, "w") as f:
-        f.write("\n".join(L))
+        f.write("\n".join(L) + "\n")
 
 
 def main():

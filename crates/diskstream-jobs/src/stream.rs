@@ -52,6 +52,11 @@ pub struct StreamConfig {
     pub chunk_size: u64,
     /// Chunks in flight at once.
     pub parallel: usize,
+    /// Flush the top (data and metadata) at most this often while copying, so a daemon killed
+    /// mid-stream keeps what it copied up to the last checkpoint and a new stream over the same
+    /// image (migration after a destination restart) does not fetch it again. `None`: only at
+    /// completion, as QEMU.
+    pub checkpoint: Option<std::time::Duration>,
 }
 
 impl Default for StreamConfig {
@@ -59,6 +64,7 @@ impl Default for StreamConfig {
         StreamConfig {
             chunk_size: 1 << 20,
             parallel: 8,
+            checkpoint: Some(std::time::Duration::from_secs(1)),
         }
     }
 }
@@ -262,9 +268,22 @@ impl JobDriver for StreamJob {
         let mut inflight: JoinSet<ChunkResult> = JoinSet::new();
         let mut failure: Option<JobFailure> = None;
         let mut stop_issuing = false;
+        let mut last_checkpoint = tokio::time::Instant::now();
+        let mut copied_at_checkpoint = job.progress().0;
         loop {
             if !inflight.is_empty() {
                 job.settled();
+            }
+            if let Some(every) = self.config.checkpoint {
+                let copied = job.progress().0;
+                if last_checkpoint.elapsed() >= every && copied != copied_at_checkpoint {
+                    // Copies that landed become durable; those in flight wait for the next one.
+                    if let Err(e) = self.top.flush().await {
+                        tracing::warn!(job = job.id(), "stream checkpoint flush failed: {e}");
+                    }
+                    last_checkpoint = tokio::time::Instant::now();
+                    copied_at_checkpoint = copied;
+                }
             }
             if job.is_cancelled() || job.pause_requested() || stop_issuing {
                 // A safe point: let the copies in flight land first.
@@ -330,16 +349,17 @@ impl JobDriver for StreamJob {
             };
             let limit = self.bottom.backing();
             if job.speed() == 0 {
-                // Unthrottled: each chunk plans its own copies (block status of the chain)
-                // in its task, so the status round trips of a remote backing overlap the
-                // other chunks' reads and writes instead of running one after another here.
-                let top = Arc::clone(&self.top);
-                let backing = Arc::clone(&backing);
-                let j = Arc::clone(job);
+                // Unlimited: plan inside the copy task, so the block-status queries of the
+                // chunks in flight overlap too (over a high-latency NBD backing they cost a
+                // round trip each; planned one by one here they were the bottleneck). Under a
+                // speed limit the plan stays here: its byte count feeds the limiter before the
+                // next chunk is issued.
+                let (top, backing, job) =
+                    (Arc::clone(&self.top), Arc::clone(&backing), Arc::clone(job));
                 inflight.spawn(async move {
                     let r = match plan_copy(&top, &backing, limit.as_ref(), off, n).await {
                         Ok(ranges) => {
-                            j.processed_bytes(ranges.iter().map(|r| r.len).sum());
+                            job.processed_bytes(ranges.iter().map(|r| r.len).sum());
                             copy_ranges(top, backing, ranges).await
                         }
                         Err(e) => Err(e),
@@ -348,8 +368,6 @@ impl JobDriver for StreamJob {
                 });
                 continue;
             }
-            // Throttled: plan here, so the bytes are accounted before the next chunk is
-            // issued and the limiter sees them.
             match plan_copy(&self.top, &backing, limit.as_ref(), off, n).await {
                 Err(e) => Self::chunk_done(
                     job,

@@ -38,6 +38,7 @@ async fn round(seed: u64, ops: usize, intermediate: bool) -> usize {
     let cfg = StreamConfig {
         chunk_size: [64 * 1024, 256 * 1024, MIB][rng.random_range(0..3usize)],
         parallel: rng.random_range(1..=8),
+        ..Default::default()
     };
     let driver = Arc::new(StreamJob::new(
         Arc::clone(&top),

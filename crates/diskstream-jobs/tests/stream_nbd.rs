@@ -80,6 +80,7 @@ async fn setup(seed: u64, speed: u64) -> Setup {
     let cfg = StreamConfig {
         chunk_size: [64 * 1024, 256 * 1024, MIB][rng.random_range(0..3usize)],
         parallel: rng.random_range(1..=4),
+        ..Default::default()
     };
     let driver = Arc::new(StreamJob::new(
         Arc::clone(&top),

@@ -117,6 +117,7 @@ async fn stream(dir: &Path, mid_fmt: &str, intermediate: bool) {
     let cfg = StreamConfig {
         chunk_size: 256 * 1024,
         parallel: 4,
+        ..Default::default()
     };
     let driver = Arc::new(StreamJob::new(
         Arc::clone(&top),

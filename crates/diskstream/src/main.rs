@@ -8,6 +8,7 @@ mod copy;
 mod daemon;
 mod demo;
 mod img;
+mod migrate;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -50,6 +51,13 @@ enum Command {
     /// Live block copy of a daemon's device (the seeds' recipe): create DEST backed by the
     /// node's image, switch the device to it (x-blockdev-switch), stream down to --base.
     Copy(copy::CopyArgs),
+    /// Post-copy block migration of a disk between two daemons over NBD, driven over QMP.
+    ///
+    /// The destination gets a qcow2 backed by the source's NBD export, exported writable for the
+    /// guest; it then streams the data in (copy-on-read keeps guest reads fast) and drops the
+    /// backing link. Exit codes: 0 done, 1 setup failed, 2 the stream failed or was cancelled,
+    /// 3 stopped on errors (job paused, resumable), 4 a daemon's QMP connection was lost.
+    Migrate(migrate::MigrateArgs),
     /// Walk through the engine on built-in defaults: build a 3-layer chain, write, map, flatten, verify, check.
     Demo {
         /// Directory for the demo images (default: a fresh directory under $TMPDIR).
@@ -113,6 +121,7 @@ fn main() -> ExitCode {
             Command::Img { cmd } => img::run(cmd).await,
             Command::Serve(args) => serve::run(args).await,
             Command::Copy(args) => copy::run(args).await,
+            Command::Migrate(args) => migrate::run(args).await,
             Command::Daemon { .. } => 0,
             Command::Demo { dir } => match demo::run(dir).await {
                 Ok(()) => 0,

@@ -1,0 +1,256 @@
+#!/usr/bin/python3
+"""Post-copy migration benchmark: the same QMP sequence against two `diskstream daemon`
+processes and against two qemu-storage-daemon processes, with latency added on the link from
+the destination to the source (nbdkit's nbd plugin with the delay filter in between).
+
+Measured per run: migration wall time (block-export-add on the source .. backing link dropped,
+source export removed) and the latency of a guest's random 4 KiB reads on the destination export
+during the stream (copy-on-read filter in place). Rounds alternate diskstream / QSD.
+
+Usage: /usr/bin/python3 bench/migrate.py [--size-mib 1024] [--data-mib 256] [--delay-ms 5]
+       [--rounds 3] [--bin target/release/diskstream] [--out docs/BENCHMARKS.md]
+Needs python3-libnbd (/usr/bin/python3), nbdkit, qemu-img, qemu-storage-daemon.
+"""
+
+import argparse
+import json
+import os
+import platform
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import nbd
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MiB = 1 << 20
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def wait_for(pred, what, timeout=60.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(0.02)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+class Qmp:
+    def __init__(self, path):
+        self.s = socket.socket(socket.AF_UNIX)
+        self.s.connect(path)
+        self.f = self.s.makefile("rwb")
+        self.events = []
+        json.loads(self.f.readline())
+        self.cmd("qmp_capabilities")
+
+    def cmd(self, execute, **args):
+        msg = {"execute": execute, **({"arguments": args} if args else {})}
+        self.f.write(json.dumps(msg).encode() + b"\n")
+        self.f.flush()
+        while True:
+            r = json.loads(self.f.readline())
+            if "event" in r:
+                self.events.append(r)
+                continue
+            if "error" in r:
+                raise SystemExit(f"{execute}: {r['error']['desc']}")
+            return r["return"]
+
+    def wait_event(self, name):
+        while True:
+            for i, e in enumerate(self.events):
+                if e["event"] == name:
+                    return self.events.pop(i)
+            self.events.append(json.loads(self.f.readline()))
+
+
+def start_daemon(kind, binary, d, name, nbd_port, blockdevs):
+    qmp = os.path.join(d, f"{name}.qmp")
+    if kind == "diskstream":
+        cmd = [binary, "daemon"]
+    else:
+        cmd = ["qemu-storage-daemon"]
+    for b in blockdevs:
+        cmd += ["--blockdev", b]
+    cmd += ["--nbd-server", f"addr.type=inet,addr.host=127.0.0.1,addr.port={nbd_port}",
+            "--chardev", f"socket,id=m,path={qmp},server=on,wait=off", "--monitor", "chardev=m"]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(os.path.join(d, f"{name}.log"), "ab"))
+    wait_for(lambda: os.path.exists(qmp), f"{name} QMP socket")
+    return p, qmp
+
+
+def make_disk(path, size, data, seed=1):
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        done = 0
+        while done < data:
+            n = rng.choice([64 << 10, 256 << 10, MiB, 4 * MiB])
+            f.seek(rng.randrange(0, size - n) & ~0xFFFF)
+            f.write(rng.randbytes(n))
+            done += n
+
+
+def guest_reads(url, size, stop, lat):
+    h = nbd.NBD()
+    h.connect_uri(url)
+    rng = random.Random(3)
+    while not stop.is_set():
+        off = rng.randrange(0, size - 4096) & ~4095
+        t = time.perf_counter()
+        h.pread(4096, off)
+        lat.append(time.perf_counter() - t)
+        time.sleep(0.005)
+    h.shutdown()
+
+
+def one_run(kind, binary, base, src_img, size, delay_ms):
+    d = tempfile.mkdtemp(dir=base, prefix=f"{kind}-")
+    sp, dp = free_port(), free_port()
+    procs = []
+    try:
+        if kind == "diskstream":
+            src_bd = [f"driver=raw,node-name=disk,file.driver=file,file.filename={src_img}"]
+        else:
+            src_bd = [f"driver=file,node-name=f,filename={src_img}", "driver=raw,node-name=disk,file=f"]
+        p, sq = start_daemon(kind, binary, d, "src", sp, src_bd)
+        procs.append(p)
+        p, dq = start_daemon(kind, binary, d, "dst", dp, [])
+        procs.append(p)
+        src, dst = Qmp(sq), Qmp(dq)
+        t0 = time.perf_counter()
+        src.cmd("block-export-add", type="nbd", id="mig", **{"node-name": "disk"},
+                name="disk", writable=False)
+        # The link: nbdkit with the delay filter in front of the source export.
+        kp = free_port()
+        kit = subprocess.Popen(
+            ["nbdkit", "--exit-with-parent", "-f", "-i", "127.0.0.1", "-p", str(kp),
+             "--filter=delay", "nbd", "hostname=127.0.0.1", f"port={sp}", "export=disk",
+             f"delay-read={delay_ms}ms", f"delay-extents={delay_ms}ms"],
+            stderr=subprocess.DEVNULL)
+        procs.append(kit)
+        wait_for(lambda: _open(kp), "nbdkit")
+        image = os.path.join(d, "dst.qcow2")
+        subprocess.run(["qemu-img", "create", "-q", "-u", "-f", "qcow2", "-b",
+                        f"nbd://127.0.0.1:{kp}/disk", "-F", "raw", image, str(size)], check=True)
+        dst.cmd("blockdev-add", driver="nbd", **{"node-name": "srcnbd", "read-only": True,
+                "reconnect-delay": 10}, server={"type": "inet", "host": "127.0.0.1",
+                                                "port": str(kp)}, export="disk")
+        dst.cmd("blockdev-add", driver="qcow2", **{"node-name": "dst"},
+                file={"driver": "file", "filename": image}, backing="srcnbd")
+        dst.cmd("block-export-add", type="nbd", id="guest", **{"node-name": "dst"},
+                name="guest", writable=True)
+        stop, lat = threading.Event(), []
+        g = threading.Thread(target=guest_reads,
+                             args=(f"nbd://127.0.0.1:{dp}/guest", size, stop, lat))
+        g.start()
+        dst.cmd("block-stream", **{"job-id": "mig", "device": "dst", "filter-node-name": "cor"})
+        ev = dst.wait_event("BLOCK_JOB_COMPLETED")
+        stop.set()
+        g.join()
+        if "error" in ev["data"]:
+            raise SystemExit(f"{kind}: stream failed: {ev['data']['error']}")
+        dst.cmd("blockdev-del", **{"node-name": "srcnbd"})
+        src.cmd("block-export-del", id="mig", mode="hard")
+        wall = time.perf_counter() - t0
+        dst.cmd("block-export-del", id="guest", mode="hard")
+        for q in (src, dst):
+            try:
+                q.cmd("quit")
+            except (SystemExit, OSError, json.JSONDecodeError):
+                pass
+        for p in procs[:2]:
+            p.wait(timeout=30)
+        r = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", src_img, image],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"{kind}: result differs: {r.stdout}")
+        lat.sort()
+        return wall, lat
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+                p.wait()
+        subprocess.run(["rm", "-rf", d])
+
+
+def _open(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+def pct(v, q):
+    return v[min(len(v) - 1, int(q * len(v)))] * 1000 if v else float("nan")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--data-mib", type=int, default=256)
+    ap.add_argument("--delay-ms", type=float, default=5)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--bin", default=os.path.join(ROOT, "target/release/diskstream"))
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    base = tempfile.mkdtemp(prefix="ds-bench-migrate-")
+    src_img = os.path.join(base, "src.raw")
+    size = a.size_mib * MiB
+    make_disk(src_img, size, a.data_mib * MiB)
+    res = {"diskstream": [], "qsd": []}
+    try:
+        for r in range(a.rounds):
+            for kind in ("diskstream", "qsd"):
+                wall, lat = one_run(kind, a.bin, base, src_img, size, a.delay_ms)
+                res[kind].append((wall, lat))
+                print(f"round {r + 1} {kind}: {wall:.2f}s, guest read p50 {pct(lat, 0.5):.1f} ms"
+                      f" p99 {pct(lat, 0.99):.1f} ms ({len(lat)} reads)", file=sys.stderr)
+    finally:
+        subprocess.run(["rm", "-rf", base])
+    rows = []
+    for kind in ("diskstream", "qsd"):
+        walls = [w for w, _ in res[kind]]
+        lats = sorted(x for _, l in res[kind] for x in l)
+        rows.append((kind, statistics.median(walls), min(walls), max(walls),
+                     pct(lats, 0.5), pct(lats, 0.99), len(lats)))
+    qsd_ver = subprocess.run(["qemu-storage-daemon", "--version"], capture_output=True,
+                             text=True).stdout.splitlines()[0]
+    text = (f"\n## Post-copy migration over a {a.delay_ms:g} ms link (bench/migrate.py)\n\n"
+            f"{a.size_mib} MiB disk with {a.data_mib} MiB of data, source and destination "
+            f"daemons on one machine ({os.cpu_count()} CPUs, {platform.release()}), nbdkit's delay "
+            f"filter adding {a.delay_ms:g} ms to every read and block-status request from the "
+            f"destination to the source; the same QMP sequence on both (export, qcow2 over the "
+            f"`nbd` node, writable guest export, `block-stream` with a copy-on-read filter, "
+            f"cleanup) while a guest reads random 4 KiB blocks on the destination. Wall time = "
+            f"source export added .. source export removed. {qsd_ver}. Rounds: {a.rounds}.\n\n"
+            "| daemons | wall median (s) | min | max | guest read p50 (ms) | p99 (ms) | reads |\n"
+            "|---|---|---|---|---|---|---|\n")
+    for kind, med, lo, hi, p50, p99, n in rows:
+        name = "diskstream daemon x2" if kind == "diskstream" else "qemu-storage-daemon x2"
+        text += f"| {name} | {med:.2f} | {lo:.2f} | {hi:.2f} | {p50:.1f} | {p99:.1f} | {n} |\n"
+    print(text)
+    if a.out:
+        with open(a.out, "a") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
