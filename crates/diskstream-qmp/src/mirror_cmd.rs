@@ -241,6 +241,20 @@ async fn start_job(mon: &Arc<Monitor>, job: &Arc<Job>, a: &Map<String, Value>) -
     Ok(())
 }
 
+/// The node named `name` (`top-node`, `base-node`), which must be in `chain`; QEMU's texts.
+fn node_in_chain(g: &Graph, name: &str, chain: &[NodeId]) -> QmpResult<NodeId> {
+    let id = g
+        .find(name)
+        .ok_or_else(|| QmpError::generic(format!("Cannot find device='' nor node-name='{name}'")))?
+        .id;
+    if !chain.contains(&id) {
+        return Err(QmpError::generic(format!(
+            "'{name}' is not in this backing file chain"
+        )));
+    }
+    Ok(id)
+}
+
 /// `block-commit`.
 pub async fn block_commit(mon: &Arc<Monitor>, a: &Map<String, Value>) -> QmpResult<Value> {
     let device = s(a, "device").unwrap_or_default();
@@ -263,20 +277,7 @@ pub async fn block_commit(mon: &Arc<Monitor>, a: &Map<String, Value>) -> QmpResu
                 "'top-node' and 'top' are mutually exclusive",
             ))
         }
-        (Some(t), None) => {
-            let id = g
-                .find(t)
-                .ok_or_else(|| {
-                    QmpError::generic(format!("Cannot find device='' nor node-name='{t}'"))
-                })?
-                .id;
-            if !devchain.contains(&id) {
-                return Err(QmpError::generic(format!(
-                    "'{t}' is not in this backing file chain"
-                )));
-            }
-            id
-        }
+        (Some(t), None) => node_in_chain(&g, t, &devchain)?,
         (None, Some(t)) => find_by_filename(&g, dev, t)
             .await
             .ok_or_else(|| QmpError::generic(format!("Top image file {t} not found")))?,
@@ -289,20 +290,7 @@ pub async fn block_commit(mon: &Arc<Monitor>, a: &Map<String, Value>) -> QmpResu
                 "'base-node' and 'base' are mutually exclusive",
             ))
         }
-        (Some(b), None) => {
-            let id = g
-                .find(b)
-                .ok_or_else(|| {
-                    QmpError::generic(format!("Cannot find device='' nor node-name='{b}'"))
-                })?
-                .id;
-            if !topchain.contains(&id) {
-                return Err(QmpError::generic(format!(
-                    "'{b}' is not in this backing file chain"
-                )));
-            }
-            id
-        }
+        (Some(b), None) => node_in_chain(&g, b, &topchain)?,
         (None, Some(b)) => find_by_filename(&g, top, b)
             .await
             .filter(|id| *id != top)
@@ -471,15 +459,7 @@ impl CommitHooks for CommitGraphHooks {
             if let Some(n) = g.get_mut(id) {
                 n.blocker = None;
             }
-            let orphan = g.get(id).is_some_and(|n| !n.monitor_owned)
-                && !g.has_users(id)
-                && !g
-                    .nodes()
-                    .iter()
-                    .any(|p| p.backing == Some(id) || p.file == Some(id));
-            if orphan {
-                g.remove_tree(id).await;
-            }
+            g.remove_if_unreferenced(id).await;
         }
         Ok(())
     }

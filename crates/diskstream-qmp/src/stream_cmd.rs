@@ -457,15 +457,7 @@ impl StreamHooks for GraphHooks {
                 n.blocker = None;
                 n.intermediate_of = None;
             }
-            let orphan = g.get(id).is_some_and(|n| !n.monitor_owned)
-                && !g.has_users(id)
-                && !g
-                    .nodes()
-                    .iter()
-                    .any(|p| p.backing == Some(id) || p.file == Some(id));
-            if orphan {
-                g.remove_tree(id).await;
-            }
+            g.remove_if_unreferenced(id).await;
         }
     }
 
