@@ -1466,31 +1466,17 @@ impl Graph {
 /// parses it: `nbd://HOST[:PORT][/EXPORT]` (port 10809 by default) or
 /// `nbd+unix:///[EXPORT]?socket=PATH`. `None` for anything else.
 fn nbd_url_options(url: &str) -> Option<Value> {
-    if let Some(rest) = url.strip_prefix("nbd+unix://") {
-        let (path_part, query) = rest.split_once('?')?;
-        let export = path_part.strip_prefix('/').unwrap_or(path_part);
-        let socket = query.split('&').find_map(|kv| kv.strip_prefix("socket="))?;
-        let mut o = json!({"driver": "nbd", "server": {"type": "unix", "path": socket}});
-        if !export.is_empty() {
-            o["export"] = json!(export);
+    use diskstream_nbd::client::url::{Address, NbdUrl};
+    let u = NbdUrl::parse(url).ok()?;
+    let mut o = match u.address {
+        Address::Unix(path) => {
+            json!({"driver": "nbd", "server": {"type": "unix", "path": path.display().to_string()}})
         }
-        return Some(o);
-    }
-    let rest = url.strip_prefix("nbd://")?;
-    let (hostport, export) = match rest.split_once('/') {
-        Some((h, e)) => (h, e),
-        None => (rest, ""),
+        Address::Tcp { host, port } => json!({"driver": "nbd", "server":
+            {"type": "inet", "host": host, "port": port.to_string()}}),
     };
-    let (host, port) = match hostport.rsplit_once(':') {
-        Some((h, p)) if p.parse::<u16>().is_ok() => (h, p),
-        _ => (hostport, "10809"),
-    };
-    if host.is_empty() {
-        return None;
-    }
-    let mut o = json!({"driver": "nbd", "server": {"type": "inet", "host": host, "port": port}});
-    if !export.is_empty() {
-        o["export"] = json!(export);
+    if !u.export.is_empty() {
+        o["export"] = json!(u.export);
     }
     Some(o)
 }
