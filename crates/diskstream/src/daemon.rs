@@ -6,6 +6,7 @@
 //!                   [--monitor [chardev=]ID]... [--nbd-server OPTS|none] [--export OPTS]...
 //!                   [--object tls-creds-x509,id=ID,dir=DIR[,endpoint=server][,verify-peer=on|off]]...
 //!                   [--pidfile PATH] [--daemonize] [--stream-chunk-size BYTES] [--stream-parallel N]
+//!                   [--stream-checkpoint SECS]
 //! ```
 //! `--blockdev` takes QEMU's dotted `key=value` form (`driver=qcow2,node-name=top,
 //! file.driver=file,file.filename=top.qcow2`) or JSON (`{"driver": ...}`); `--nbd-server`
@@ -79,6 +80,7 @@ const USAGE: &str = "usage: diskstream daemon [--blockdev OPTS]... [--chardev so
                          [--export type=nbd,id=ID,node-name=NODE[,name=NAME][,writable=on][,description=TEXT][,allocation-depth=on]]...
                          [--object tls-creds-x509,id=ID,dir=DIR[,endpoint=server][,verify-peer=on|off]]...
                          [--pidfile PATH] [--daemonize] [--stream-chunk-size BYTES] [--stream-parallel N]
+                         [--stream-checkpoint SECS]
 
 Without --monitor, QMP listens on $XDG_RUNTIME_DIR/diskstream/qmp.sock (or /tmp/diskstream-$UID/qmp.sock)
 and, unless --nbd-server is given, an NBD server listens on 127.0.0.1:10809 (--nbd-server none: no server).";
@@ -173,6 +175,17 @@ fn parse_args(args: &[String]) -> Result<Config, String> {
                 c.stream.parallel = value
                     .parse()
                     .map_err(|_| format!("--stream-parallel {value}: not a number"))?;
+            }
+            "--stream-checkpoint" => {
+                let secs: f64 = value
+                    .parse()
+                    .ok()
+                    .filter(|v: &f64| v.is_finite() && *v >= 0.0)
+                    .ok_or_else(|| {
+                        format!("--stream-checkpoint {value}: not a number of seconds")
+                    })?;
+                c.stream.checkpoint =
+                    (secs > 0.0).then(|| std::time::Duration::from_secs_f64(secs));
             }
             "--nbd-server" if value == "none" => c.no_nbd_server = true,
             "--nbd-server" => {

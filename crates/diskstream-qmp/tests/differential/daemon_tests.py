@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 MiB = 1 << 20
@@ -197,7 +198,7 @@ def test_kill_during_stream_with_writer(exe, d):
     for attempt in range(4):
         dm = Daemon(exe, d, ["--blockdev", TOP] + exports)
         q = dm.qmp()
-        q.cmd("block-stream", {"job-id": "s", "device": "top", "speed": 2 * MiB})
+        q.cmd("block-stream", {"job-id": "s", "device": "top", "speed": 1 * MiB})
         deadline = time.time() + rng.uniform(0.3, 1.2)
         url = f"nbd+unix:///top?socket={d}/nbd.sock"
         while time.time() < deadline and len(free) > 8:
@@ -213,9 +214,14 @@ def test_kill_during_stream_with_writer(exe, d):
                 for i, pat in pats.items():
                     done[i] = pat
                     maybe.pop(i, None)
+        # A slow machine (each batch ends in an fsync) may let the stream finish before the
+        # kill; the link must stay only while the job is still running.
+        running = any(j["device"] == "s" and j["offset"] < j["len"]
+                      for j in q.cmd("query-block-jobs"))
         dm.kill9()
         verify()
-        assert backing_of(f"{d}/top.qcow2") == "mid.qcow2", "backing link untouched mid-stream"
+        if running:
+            assert backing_of(f"{d}/top.qcow2") == "mid.qcow2", "backing link untouched mid-stream"
     assert len(done) >= 8, f"only {len(done)} slots written"
     dm = Daemon(exe, d, ["--blockdev", TOP])
     q = dm.qmp()
@@ -455,6 +461,19 @@ class Writer:
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = self.p.stdout.readline()
         assert line.strip() == "ready", f"writer: {line}{self.p.stderr.read()}"
+        # Its output, read as it comes with the time each line arrived (so a test can tell
+        # what was acknowledged after a given moment).
+        self.lines = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for line in self.p.stdout:
+            self.lines.append((time.time(), line))
+
+    def acked_since(self, t):
+        """The writes acknowledged after time t."""
+        return sum(1 for when, line in list(self.lines) if when > t and line.startswith("ack "))
 
     def finish(self, expect_ok=True):
         """Stop it; returns (acknowledged {slot: pattern}, flushed {slot: pattern}, tail)."""
@@ -475,8 +494,8 @@ class Writer:
 
 
     def read_all(self):
-        # Through the buffered pipe: readline() in __init__ may have read ahead.
-        out = self.p.stdout.read()
+        self.reader.join(timeout=60)
+        out = "".join(line for _, line in self.lines)
         err = self.p.stderr.read()
         self.p.wait(timeout=60)
         return out, err
@@ -639,8 +658,11 @@ def test_switch_under_io(exe, d):
         r = q.cmd("blockdev-del", {"node-name": "src"}, ok=False)
         assert "error" in r, r
         # Give the guest time to write after the switch (generous: CI machines are loaded).
+        t_switched = time.time()
         time.sleep(2.0)
+        after = w.acked_since(t_switched)
         acked, _, tail = w.finish()
+        assert after > 0, "the guest made no write in the 2 s after the switch (I/O stalled)"
         assert len(acked) >= 8, f"only {len(acked)} writes"
         q.cmd("quit")
         assert dm.wait() == 0
@@ -661,11 +683,8 @@ def test_switch_under_io(exe, d):
         assert a == ref[i * 65536:(i + 1) * 65536] or len(set(a)) == 1, f"slot {i} torn in src"
     # dst.qcow2 allocates only what was written after the switch.
     m = json.loads(run("qemu-img", "map", "--output=json", f"{d}/dst.qcow2").stdout)
-    if not any(e["depth"] == 0 and e["data"] for e in m):
-        # KNOWN BUG (open, issue 6 notes): in release builds under load the writes made after
-        # the switch sometimes end up in src.qcow2 instead of dst.qcow2 although the export's
-        # root is dst; the chain still reads exactly the acknowledged data (checked above).
-        print("     WARNING: known bug: no write after the switch landed in dst.qcow2")
+    assert any(e["depth"] == 0 and e["data"] for e in m), \
+        f"none of the {after} writes acknowledged after the switch landed in dst.qcow2"
 
 
 
