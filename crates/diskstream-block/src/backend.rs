@@ -36,6 +36,8 @@ impl std::fmt::Debug for BlockBackend {
 /// A request's hold on the backend: the root it runs against, fixed until the guard drops.
 pub struct InFlight {
     guard: OwnedRwLockReadGuard<Arc<dyn BlockNode>>,
+    /// Counts as foreground activity (background jobs step back while a guest is busy).
+    _fg: crate::foreground::Guard,
 }
 
 impl Deref for InFlight {
@@ -58,8 +60,10 @@ impl BlockBackend {
     /// [`BlockBackend::replace_root`] waits for the guard to drop). Waits only while a
     /// replacement is draining.
     pub async fn acquire(&self) -> InFlight {
+        let fg = crate::foreground::begin();
         InFlight {
             guard: Arc::clone(&self.root).read_owned().await,
+            _fg: fg,
         }
     }
 

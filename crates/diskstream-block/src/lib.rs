@@ -10,6 +10,7 @@
 pub mod backend;
 pub mod error;
 pub mod filter;
+pub mod foreground;
 pub mod format;
 pub mod fuzzing;
 pub mod image;

@@ -75,6 +75,11 @@ pub trait BlockNode: Send + Sync + 'static {
     fn read_only(&self) -> bool;
     /// The backing node, if any.
     fn backing(&self) -> Option<Arc<dyn BlockNode>>;
+    /// Whether this layer's own data is reached over a network (see
+    /// [`crate::protocol::Protocol::remote`]); the backing chain is not included.
+    fn remote(&self) -> bool {
+        false
+    }
     /// Allocation granularity of the layer (cluster size), if it has one.
     fn cluster_size(&self) -> Option<u64> {
         None

@@ -291,6 +291,9 @@ impl Protocol for HttpProtocol {
     fn read_only(&self) -> bool {
         true
     }
+    fn remote(&self) -> bool {
+        true
+    }
     async fn read_vec(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
         self.inner.read(offset, len).await
     }

@@ -338,6 +338,9 @@ impl BlockNode for MirrorFilter {
     fn read_only(&self) -> bool {
         self.routed().read_only()
     }
+    fn remote(&self) -> bool {
+        self.routed().remote()
+    }
     fn backing(&self) -> Option<Arc<dyn BlockNode>> {
         self.routed().backing()
     }

@@ -14,6 +14,9 @@
 //! only) and keeps up to [`StreamConfig::parallel`] chunk copies in flight, each
 //! [`StreamConfig::chunk_size`] bytes aligned to the top's clusters, so a high-latency backing
 //! (NBD over a network) streams at bandwidth rather than at one round trip per chunk.
+//! While a guest is doing I/O and the chain being copied is local, only
+//! [`StreamConfig::busy_parallel`] copies are in flight: local copies compete with the guest
+//! for the same CPUs and disks, and the guest's latency comes first.
 //!
 //! # Never clobbering guest data
 //! Copies go through [`BlockNode::write_if_unallocated`] / [`BlockNode::zero_if_unallocated`]:
@@ -40,7 +43,7 @@ use crate::job::{ErrorAction, IoOperation, Job, JobDriver};
 use async_trait::async_trait;
 use diskstream_block::node::{read_backing, same_node, Allocation, BlockNode};
 use diskstream_block::status::{allocated_above, map_extent};
-use diskstream_block::BlockError;
+use diskstream_block::{foreground, BlockError};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use tokio::task::JoinSet;
@@ -52,6 +55,11 @@ pub struct StreamConfig {
     pub chunk_size: u64,
     /// Chunks in flight at once.
     pub parallel: usize,
+    /// Chunks in flight at once while a guest is doing I/O (see
+    /// [`diskstream_block::foreground`]) and the data comes from local storage: the copies
+    /// then compete with the guest for CPUs and disks, and the guest comes first. Copies from
+    /// a remote backing (NBD, HTTP) mostly wait on the network and keep [`Self::parallel`].
+    pub busy_parallel: usize,
     /// Flush the top (data and metadata) at most this often while copying, so a daemon killed
     /// mid-stream keeps what it copied up to the last checkpoint and a new stream over the same
     /// image (migration after a destination restart) does not fetch it again. `None`: only at
@@ -64,6 +72,7 @@ impl Default for StreamConfig {
         StreamConfig {
             chunk_size: 1 << 20,
             parallel: 8,
+            busy_parallel: 1,
             checkpoint: Some(std::time::Duration::from_secs(1)),
         }
     }
@@ -263,6 +272,9 @@ impl JobDriver for StreamJob {
         let cluster = self.top.cluster_size().unwrap_or(65536).max(512);
         let chunk = (self.config.chunk_size / cluster).max(1) * cluster;
         let parallel = self.config.parallel.max(1);
+        let busy_parallel = self.config.busy_parallel.clamp(1, parallel);
+        // Copies from a remote layer wait on the network, not on the guest's resources.
+        let remote = chain_is_remote(&backing, &self.bottom);
         let mut next = 0u64;
         let mut retry: VecDeque<(u64, u64)> = VecDeque::new();
         let mut inflight: JoinSet<ChunkResult> = JoinSet::new();
@@ -307,7 +319,12 @@ impl JobDriver for StreamJob {
                     None => break,
                 }
             }
-            if inflight.len() >= parallel {
+            let in_flight_max = if !remote && foreground::busy(foreground::DEFAULT_WINDOW) {
+                busy_parallel
+            } else {
+                parallel
+            };
+            if inflight.len() >= in_flight_max {
                 tokio::select! {
                     Some(r) = inflight.join_next() => {
                         Self::harvest(job, r, &mut retry, &mut failure, &mut stop_issuing);
@@ -409,6 +426,24 @@ impl JobDriver for StreamJob {
     async fn clean(&self) {
         self.hooks.clean().await;
     }
+}
+
+/// Whether any layer from `from` down to `bottom` (inclusive) keeps its data on a remote
+/// protocol.
+fn chain_is_remote(from: &Arc<dyn BlockNode>, bottom: &Arc<dyn BlockNode>) -> bool {
+    let mut cur = Some(Arc::clone(from));
+    // A chain is never deeper than this; the bound only guards against a cycle.
+    for _ in 0..1024 {
+        let Some(n) = cur else { return false };
+        if n.remote() {
+            return true;
+        }
+        if same_node(&n, bottom) {
+            return false;
+        }
+        cur = n.backing();
+    }
+    false
 }
 
 /// The crash-safe end of a stream: flush `top` (data and metadata), rewrite its backing

@@ -77,9 +77,12 @@ async fn setup(seed: u64, speed: u64) -> Setup {
     let layers = chain_layers(&top);
     let events = Arc::new(Events::default());
     let mgr = JobManager::new(events.clone());
+    let parallel = rng.random_range(1..=4);
     let cfg = StreamConfig {
         chunk_size: [64 * 1024, 256 * 1024, MIB][rng.random_range(0..3usize)],
-        parallel: rng.random_range(1..=4),
+        parallel,
+        // The guest is busy all along here: let several copies race its requests too.
+        busy_parallel: rng.random_range(1..=parallel),
         ..Default::default()
     };
     let driver = Arc::new(StreamJob::new(

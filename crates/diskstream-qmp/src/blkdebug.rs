@@ -75,6 +75,9 @@ impl Protocol for BlkdebugProtocol {
     fn read_only(&self) -> bool {
         self.inner.read_only()
     }
+    fn remote(&self) -> bool {
+        self.inner.remote()
+    }
     fn debug_event(&self, event: DebugEvent) {
         let name = match event {
             DebugEvent::ReadAio => "read_aio",

@@ -879,12 +879,48 @@ pub async fn drive_mirror(mon: &Arc<Monitor>, a: &Map<String, Value>) -> QmpResu
     }
     opts.insert("file".into(), json!({"driver": "file", "filename": target}));
     g.blockdev_add(&opts).await?;
-    let tgt = g
+    let mut tgt = g
         .find(&node_name)
         .map(|n| n.id)
         .ok_or_else(|| QmpError::generic("target vanished"))?;
     if let Some(n) = g.get_mut(tgt) {
         n.monitor_owned = false;
+    }
+    // An existing target keeps the chain its header records (QEMU opens it at
+    // `block-job-complete`): after the pivot the device reads through it. A backing file that
+    // is a node of the source's chain is linked at completion (not opened twice); any other
+    // is opened now, read-only, from the header.
+    let mut existing_backing = None;
+    if existing {
+        if let Some((bfile, bfmt)) = crate::switch_cmd::header_backing(&g, tgt).await {
+            match crate::switch_cmd::chain_node_for(&g, src, target, &bfile) {
+                Some(b) => {
+                    if let Err(e) = crate::switch_cmd::check_backing_format(
+                        &g,
+                        b,
+                        target,
+                        &bfile,
+                        bfmt.as_deref(),
+                    ) {
+                        g.remove_tree(tgt).await;
+                        return Err(e);
+                    }
+                    existing_backing = Some(b);
+                }
+                None => {
+                    g.remove_tree(tgt).await;
+                    opts.remove("backing");
+                    g.blockdev_add(&opts).await?;
+                    tgt = g
+                        .find(&node_name)
+                        .map(|n| n.id)
+                        .ok_or_else(|| QmpError::generic("target vanished"))?;
+                    if let Some(n) = g.get_mut(tgt) {
+                        n.monitor_owned = false;
+                    }
+                }
+            }
+        }
     }
     let gran = if gran == 0 {
         default_granularity(&g, tgt)
@@ -916,7 +952,11 @@ pub async fn drive_mirror(mon: &Arc<Monitor>, a: &Map<String, Value>) -> QmpResu
             on_target_error: static_str(s(a, "on-target-error")),
             filter_name: None,
             held: vec![src],
-            target_backing: if existing { None } else { target_backing },
+            target_backing: if existing {
+                existing_backing
+            } else {
+                target_backing
+            },
             target_owned: true,
         },
     )

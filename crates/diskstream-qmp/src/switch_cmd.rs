@@ -86,6 +86,53 @@ fn node_path(g: &Graph, id: NodeId) -> Option<PathBuf> {
     None
 }
 
+/// The backing file and format recorded in the header of qcow2 node `id` (None for other
+/// formats and for images without a backing file).
+pub(crate) async fn header_backing(g: &Graph, id: NodeId) -> Option<(String, Option<String>)> {
+    let q = g.effective_block(id)?;
+    let q = q
+        .as_any()
+        .downcast_ref::<diskstream_block::format::qcow2::Qcow2>()?;
+    let h = q.header().await;
+    h.backing_file.map(|f| (f, h.backing_format))
+}
+
+/// The format node of `old`'s chain (filters skipped, `old` included) that is the file
+/// `bfile` names when recorded in the header of `filename`, if any: an image created over a
+/// device's chain is linked to the open node instead of opening its file a second time
+/// (which image locking would refuse for a writable node).
+pub(crate) fn chain_node_for(
+    g: &Graph,
+    old: NodeId,
+    filename: &str,
+    bfile: &str,
+) -> Option<NodeId> {
+    let wanted = std::fs::canonicalize(resolve_backing(Path::new(filename), bfile)).ok()?;
+    chain(g, old).into_iter().find(|c| {
+        g.get(*c).is_some_and(|n| !n.driver.is_filter())
+            && node_path(g, *c).as_ref() == Some(&wanted)
+    })
+}
+
+/// Refuse to link node `b` as the backing of `filename` when the header records another
+/// format for it (formats are never guessed).
+pub(crate) fn check_backing_format(
+    g: &Graph,
+    b: NodeId,
+    filename: &str,
+    bfile: &str,
+    bfmt: Option<&str>,
+) -> QmpResult<()> {
+    let drv = g.get(b).map(|n| n.driver.as_str()).unwrap_or("?");
+    if bfmt != Some(drv) {
+        return Err(QmpError::generic(format!(
+            "'{filename}' records backing format '{}' for '{bfile}', which is open as '{drv}'",
+            bfmt.unwrap_or("(none)")
+        )));
+    }
+    Ok(())
+}
+
 /// Open `filename` as node `name` for the switch of `old`: a backing file recorded in its
 /// header that is a format node of `old`'s chain is linked to that node; otherwise the chain
 /// recorded in the header is opened. Returns the new node and the node it was linked to.
@@ -113,32 +160,14 @@ async fn open_target(
         // Opened by the command: it goes away with its last user, like a snapshot overlay.
         n.monitor_owned = false;
     }
-    let header = match g.effective_block(id).as_ref().and_then(|b| {
-        b.as_any()
-            .downcast_ref::<diskstream_block::format::qcow2::Qcow2>()
-    }) {
-        Some(q) => Some(q.header().await),
-        None => None,
-    };
-    let Some((bfile, bfmt)) = header.and_then(|h| h.backing_file.map(|f| (f, h.backing_format)))
-    else {
+    let Some((bfile, bfmt)) = header_backing(g, id).await else {
         return Ok((id, None));
     };
-    let wanted = std::fs::canonicalize(resolve_backing(Path::new(filename), &bfile)).ok();
-    let linked = chain(g, old).into_iter().find(|c| {
-        g.get(*c).is_some_and(|n| !n.driver.is_filter())
-            && wanted.is_some()
-            && node_path(g, *c) == wanted
-    });
-    match linked {
+    match chain_node_for(g, old, filename, &bfile) {
         Some(b) => {
-            let drv = g.get(b).map(|n| n.driver.as_str()).unwrap_or("?");
-            if bfmt.as_deref() != Some(drv) {
+            if let Err(e) = check_backing_format(g, b, filename, &bfile, bfmt.as_deref()) {
                 g.remove_tree(id).await;
-                return Err(QmpError::generic(format!(
-                    "'{filename}' records backing format '{}' for '{bfile}', which is open as '{drv}'",
-                    bfmt.as_deref().unwrap_or("(none)")
-                )));
+                return Err(e);
             }
             let (Some(nb), Some(bb)) = (g.effective_block(id), g.effective_block(b)) else {
                 g.remove_tree(id).await;

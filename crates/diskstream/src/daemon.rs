@@ -6,7 +6,7 @@
 //!                   [--monitor [chardev=]ID]... [--nbd-server OPTS|none] [--export OPTS]...
 //!                   [--object tls-creds-x509,id=ID,dir=DIR[,endpoint=server][,verify-peer=on|off]]...
 //!                   [--pidfile PATH] [--daemonize] [--stream-chunk-size BYTES] [--stream-parallel N]
-//!                   [--stream-checkpoint SECS]
+//!                   [--stream-busy-parallel N] [--stream-checkpoint SECS]
 //! ```
 //! `--blockdev` takes QEMU's dotted `key=value` form (`driver=qcow2,node-name=top,
 //! file.driver=file,file.filename=top.qcow2`) or JSON (`{"driver": ...}`); `--nbd-server`
@@ -80,7 +80,7 @@ const USAGE: &str = "usage: diskstream daemon [--blockdev OPTS]... [--chardev so
                          [--export type=nbd,id=ID,node-name=NODE[,name=NAME][,writable=on][,description=TEXT][,allocation-depth=on]]...
                          [--object tls-creds-x509,id=ID,dir=DIR[,endpoint=server][,verify-peer=on|off]]...
                          [--pidfile PATH] [--daemonize] [--stream-chunk-size BYTES] [--stream-parallel N]
-                         [--stream-checkpoint SECS]
+                         [--stream-busy-parallel N] [--stream-checkpoint SECS]
 
 Without --monitor, QMP listens on $XDG_RUNTIME_DIR/diskstream/qmp.sock (or /tmp/diskstream-$UID/qmp.sock)
 and, unless --nbd-server is given, an NBD server listens on 127.0.0.1:10809 (--nbd-server none: no server).";
@@ -175,6 +175,11 @@ fn parse_args(args: &[String]) -> Result<Config, String> {
                 c.stream.parallel = value
                     .parse()
                     .map_err(|_| format!("--stream-parallel {value}: not a number"))?;
+            }
+            "--stream-busy-parallel" => {
+                c.stream.busy_parallel = value
+                    .parse()
+                    .map_err(|_| format!("--stream-busy-parallel {value}: not a number"))?;
             }
             "--stream-checkpoint" => {
                 let secs: f64 = value

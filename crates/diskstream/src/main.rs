@@ -44,7 +44,7 @@ enum Command {
         /// qemu-storage-daemon style options: --blockdev, --chardev, --monitor, --nbd-server
         /// (addr.type=unix,addr.path=P | addr.type=inet,addr.host=H,addr.port=N | none),
         /// --export type=nbd,id=ID,node-name=NODE[,writable=on][,name=NAME], --object
-        /// tls-creds-x509,..., --pidfile, --daemonize, --stream-chunk-size, --stream-parallel, --stream-checkpoint.
+        /// tls-creds-x509,..., --pidfile, --daemonize, --stream-chunk-size, --stream-parallel, --stream-busy-parallel, --stream-checkpoint.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },

@@ -91,6 +91,9 @@ impl BlockNode for RawNode {
     fn read_only(&self) -> bool {
         self.file.read_only()
     }
+    fn remote(&self) -> bool {
+        self.file.remote()
+    }
     fn backing(&self) -> Option<Arc<dyn BlockNode>> {
         None
     }

@@ -31,6 +31,12 @@ pub trait Protocol: Send + Sync {
     fn name(&self) -> &str;
     /// Whether the storage was opened read-only.
     fn read_only(&self) -> bool;
+    /// Whether the storage is reached over a network (NBD, HTTP): its requests mostly wait,
+    /// so jobs keep many of them in flight even while a guest is busy (local copies compete
+    /// with the guest for CPUs and disks, remote ones mostly do not).
+    fn remote(&self) -> bool {
+        false
+    }
     /// Read `len` bytes at `offset`; bytes past the end read as zero.
     async fn read_vec(&self, offset: u64, len: usize) -> Result<Vec<u8>>;
     /// Write `data` at `offset`, extending the storage if needed.

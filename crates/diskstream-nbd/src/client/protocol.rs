@@ -217,6 +217,9 @@ impl Protocol for NbdProtocol {
     fn read_only(&self) -> bool {
         self.read_only
     }
+    fn remote(&self) -> bool {
+        true
+    }
 
     async fn read_vec(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
         let size = self.client.size();

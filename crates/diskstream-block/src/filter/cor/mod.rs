@@ -393,6 +393,9 @@ impl BlockNode for CopyOnRead {
     fn read_only(&self) -> bool {
         self.inner.file.read_only()
     }
+    fn remote(&self) -> bool {
+        self.inner.file.remote()
+    }
     /// The filtered node's backing: the filter is transparent to chain walks.
     fn backing(&self) -> Option<Arc<dyn BlockNode>> {
         self.inner.file.backing()

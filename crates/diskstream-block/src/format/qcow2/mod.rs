@@ -1141,6 +1141,9 @@ impl BlockNode for Qcow2 {
     fn read_only(&self) -> bool {
         self.file.read_only()
     }
+    fn remote(&self) -> bool {
+        self.file.remote()
+    }
     fn backing(&self) -> Option<Arc<dyn BlockNode>> {
         self.backing_node()
     }

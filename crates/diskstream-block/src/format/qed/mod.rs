@@ -457,6 +457,9 @@ impl BlockNode for Qed {
     fn read_only(&self) -> bool {
         self.file.read_only()
     }
+    fn remote(&self) -> bool {
+        self.file.remote()
+    }
     fn backing(&self) -> Option<Arc<dyn BlockNode>> {
         self.backing_node()
     }
