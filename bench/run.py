@@ -11,7 +11,8 @@ scenario), docs/BENCHMARKS.md and the plots under docs/bench/.
     python3 bench/run.py --quick              # CI smoke run: tiny images, 2 rounds, report in the
                                               # work dir; checks the harness, not the timings
 
-Scenarios (--only names): convert, map, nbd, stream, stream-nbd, latency, cor.
+Scenarios (--only names): convert, map, nbd, stream, stream-nbd, latency, cor, mirror,
+mirror-latency, commit, http (the last four are in bench/jobs.py).
 
 Hook for bench/cor.py (copy-on-read; written separately): if the file exists it is imported
 and `cor.run(h)` is called with the Harness `h` (see the class: `h.quick`, `h.rounds`,
@@ -36,7 +37,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
-SCENARIOS = ["convert", "map", "nbd", "stream", "stream-nbd", "latency", "cor"]
+SCENARIOS = ["convert", "map", "nbd", "stream", "stream-nbd", "latency", "cor", "mirror", "mirror-latency",
+             "commit", "http"]
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -179,8 +181,17 @@ class Harness:
 
     def timed(self, cmd, timeout=900, env=None):
         """Run cmd to completion: (wall seconds, peak RSS KiB of the process tree's largest
-        child, from wait4's rusage)."""
+        child). The RSS comes from GNU time (`%M`) when /usr/bin/time exists: wait4's own
+        ru_maxrss of a child python starts includes the python process's high-water mark
+        (Linux records the pre-exec address space's peak, and subprocess uses vfork), so any
+        command would report at least the harness's own peak. Without GNU time: wait4's
+        rusage, with that floor."""
         os.sync()  # one side's writeback must not land in the other's timing
+        rss_file = None
+        if os.path.exists("/usr/bin/time"):
+            rss_file = tempfile.NamedTemporaryFile(dir=self.work, delete=False)
+            rss_file.close()
+            cmd = ["/usr/bin/time", "-q", "-f", "%M", "-o", rss_file.name] + list(cmd)
         t = time.perf_counter()
         errf = tempfile.TemporaryFile(dir=self.work)
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errf,
@@ -198,7 +209,15 @@ class Harness:
         errf.close()
         if proc.returncode != 0:
             raise BenchError(f"exit {proc.returncode} after {dt:.1f}s: {' '.join(cmd)}\n{err[-2000:]}")
-        return dt, ru.ru_maxrss
+        rss = ru.ru_maxrss
+        if rss_file is not None:
+            try:
+                with open(rss_file.name) as f:
+                    rss = int(f.read().split()[-1])
+            except (OSError, ValueError, IndexError):
+                pass
+            os.unlink(rss_file.name)
+        return dt, rss
 
     def fio(self, name, uri, args, timeout=300):
         """Run fio's nbd engine; returns its JSON job list."""
@@ -725,8 +744,20 @@ def sc_cor(h):
     importlib.import_module("cor").run(h)
 
 
+def job_runner(name):
+    """A scenario of bench/jobs.py (which imports this module as `run`: alias it, so both share
+    one BenchError and the harness's retry catches the jobs' failures)."""
+    def f(h):
+        sys.modules.setdefault("run", sys.modules[__name__])
+        sys.path.insert(0, BENCH)
+        getattr(importlib.import_module("jobs"), name)(h)
+    return f
+
+
 RUNNERS = {"convert": sc_convert, "map": sc_map, "nbd": sc_nbd, "stream": sc_stream,
-           "stream-nbd": sc_stream_nbd, "latency": sc_latency, "cor": sc_cor}
+           "stream-nbd": sc_stream_nbd, "latency": sc_latency, "cor": sc_cor,
+           "mirror": job_runner("sc_mirror"), "mirror-latency": job_runner("sc_mirror_latency"),
+           "commit": job_runner("sc_commit"), "http": job_runner("sc_http")}
 
 
 # ---- report --------------------------------------------------------------------------------
@@ -897,7 +928,26 @@ def report(h, data, out_md, plot_dir, rel_plot_dir):
           "- **latency**: as stream, with the top exported over NBD (`--nbd-server`/`--export",
           "  writable=on`) and the fio probe above.",
           "- **cor**: copy-on-read first read and re-read (bench/cor.py, when present).",
-          "- Not measured yet: mirror and commit jobs (not implemented in diskstream).", ""]
+          "- **mirror**: a fresh daemon per round with the source (a fully allocated qcow2 of",
+          "  random-ish data) and the target as `--blockdev` nodes; `blockdev-mirror sync=full`, time",
+          "  to `BLOCK_JOB_READY` and, after `block-job-complete`, to `BLOCK_JOB_COMPLETED`. Targets: a",
+          "  fresh local qcow2, and an `nbd` node on nbdkit's file plugin with `--filter=delay` (read,",
+          "  write, zero, trim and block status each delayed; smaller image, see the row). Every round's",
+          "  target is compared with the source (`qemu-img compare`; qcow2 targets also `check`).",
+          "- **mirror-latency**: the local mirror while fio (nbd engine, QD1, 4 KiB random writes at a",
+          "  fixed rate) writes through the NBD export of the source, `copy-mode` background and",
+          "  write-blocking; percentiles over the writes between `blockdev-mirror` and READY (median",
+          "  over the rounds). fio stops at READY, the job completes, target compared with the source.",
+          "- **commit**: active `block-commit` of a fully written overlay (its chain from the header)",
+          "  into its half allocated base, READY then `block-job-complete`; the base is then checked and",
+          "  compared with the overlay.",
+          "- **http**: an empty qcow2 overlay over a raw file served by the Range-capable test server",
+          "  (`crates/diskstream-http/tests/servers.py`). diskstream reads the `http://` backing itself;",
+          "  QEMU here has no curl block driver, so qemu-img reads the same URL through `nbdkit curl` as",
+          "  an `nbd://` backing. `img rebase -b ''` (the offline stream) and `img convert -O qcow2`,",
+          "  results compared with the raw file; `curl -o` of the raw file is the line rate. The",
+          "  daemon is not measured: `diskstream daemon` opens no `http://` backing (see the analysis).",
+          ""]
     # Hand-written reading of the numbers (diagnoses of slow cases), kept next to the harness.
     analysis = os.path.join(BENCH, "analysis.md")
     if os.path.exists(analysis) and not h.quick:
@@ -938,6 +988,12 @@ def main():
     # would take about an hour per round for QSD, so the default is smaller.
     ap.add_argument("--stream-nbd-size", type=int, default=256, help="MiB, chain behind the NBD link")
     ap.add_argument("--delay-ms", type=int, default=5)
+    ap.add_argument("--mirror-size", type=int, default=4, help="GiB, local mirror source")
+    ap.add_argument("--mirror-nbd-size", type=int, default=256, help="MiB, mirror into the delayed NBD target")
+    ap.add_argument("--mirror-lat-size", type=int, default=1024, help="MiB, mirror with guest writes")
+    ap.add_argument("--mirror-lat-iops", type=int, default=200, help="guest writes per second during the mirror")
+    ap.add_argument("--commit-size", type=int, default=1024, help="MiB, active commit overlay")
+    ap.add_argument("--http-size", type=int, default=512, help="MiB, raw image served over HTTP")
     ap.add_argument("--daemon-arg", action="append", default=[],
                     help="extra argument for diskstream daemon (experiments, e.g. --daemon-arg=--stream-parallel=2)")
     ap.add_argument("--out", help="report (default docs/BENCHMARKS.md; quick: in the work dir)")
