@@ -259,8 +259,9 @@ fn rng_bit(x: u64) -> bool {
 async fn stream_under_random_guest_io_through_nbd() {
     let mut total = 0;
     for seed in 0..24u64 {
-        // 2-8 MiB/s: the job is still copying while the guest runs its batches.
-        let s = setup(seed, (2 + seed % 4) * 2 * MIB).await;
+        // 0.5-2 MiB/s: the job is still copying while the guest runs its batches, even on a
+        // loaded machine where the batches take seconds (the rest runs unthrottled below).
+        let s = setup(seed, (1 + seed % 4) * MIB / 2).await;
         let mut o = ClientOptions::new(Address::Unix(s.sock.clone()), "");
         o.connections = 2;
         let client = Arc::new(

@@ -779,3 +779,80 @@ fn seeded_mutations_do_not_panic() {
     }
     assert!(runs > 20);
 }
+
+/// The soft limit on open files of this process (from /proc; 1024 if unknown).
+fn open_file_limit() -> usize {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(1024)
+}
+
+/// Resource limits (issue 8): a client that pipelines large reads and never reads a reply,
+/// and a thousand connections that never say a word, do not stall anybody else: another
+/// client still gets its data and a second session on the stuck client's export works; when
+/// they go, every connection is released.
+#[test]
+fn stuck_and_idle_clients_do_not_stall_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "s.raw");
+    let srv = TestServer::start(
+        dir.path(),
+        vec![Spec {
+            max_connections: 4,
+            ..Spec::new("s", &img)
+        }],
+        |cfg| {
+            cfg.max_connections = 4000;
+            cfg.handshake_timeout = Duration::from_secs(120);
+        },
+    );
+    // The stuck client: 2,000 reads of 4 MiB pipelined (8 GiB of replies), none read. The
+    // server answers what fits in the socket buffers, then its writes wait; it stops reading
+    // requests at its per-connection limit (64 requests, 128 MiB of payload).
+    let (mut stuck, _, _) = RawClient::start(&srv.addr(), Mode::Structured, "s", &[]);
+    for cookie in 0..2000u64 {
+        stuck.request(0, CMD_READ, cookie, 0, 4 << 20, &[]);
+    }
+    // Idle connections: each holds two descriptors in this process (client and server side).
+    let n_idle = ((open_file_limit().saturating_sub(256)) / 2).min(1000);
+    let idle: Vec<std::net::TcpStream> = (0..n_idle)
+        .map(|_| std::net::TcpStream::connect(srv.addr()).expect("connect idle"))
+        .collect();
+    let t = Instant::now();
+    while srv.counts().active < n_idle + 1 {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "server did not accept the idle connections: {:?}",
+            srv.counts()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Others are served meanwhile, on the same export and with the full handshake.
+    for _ in 0..3 {
+        let (mut c, size, _) = RawClient::start(&srv.addr(), Mode::Extended, "s", &[]);
+        assert_eq!(size, 4 << 20);
+        let g = c.call(0, CMD_READ, 0, 1 << 20, &[]);
+        assert_eq!(g.error, 0);
+        assert_eq!(g.data, vec![0x61; 1 << 20]);
+        c.request(0, CMD_DISC, 1, 0, 0, &[]);
+        assert!(c.closed());
+    }
+    drop(idle);
+    drop(stuck);
+    wait_no_connections(&srv);
+    still_serving_export(&srv, "s");
+    srv.stop();
+}
+
+/// A full session on `name` reads the known data.
+fn still_serving_export(srv: &TestServer, name: &str) {
+    let (mut c, _, _) = RawClient::start(&srv.addr(), Mode::Structured, name, &[]);
+    let g = c.call(0, CMD_READ, 0, 4096, &[]);
+    assert_eq!(g.error, 0);
+    assert_eq!(g.data, vec![0x61; 4096]);
+}
