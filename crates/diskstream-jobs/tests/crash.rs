@@ -772,18 +772,27 @@ fn commit_active() {
 #[test]
 fn mirror_pivot() {
     run_all(&[
-        scenario("mirror background", Kind::Mirror(CopyMode::Background)),
-        scenario(
-            "mirror write-blocking",
-            Kind::Mirror(CopyMode::WriteBlocking),
-        ),
+        Scenario {
+            seeds: 4,
+            ..scenario("mirror background", Kind::Mirror(CopyMode::Background))
+        },
+        Scenario {
+            seeds: 4,
+            ..scenario(
+                "mirror write-blocking",
+                Kind::Mirror(CopyMode::WriteBlocking),
+            )
+        },
     ]);
 }
 
 #[test]
 fn external_snapshot() {
     run_all(&[
-        scenario("snapshot 4K clusters", Kind::Snapshot),
+        Scenario {
+            seeds: 4,
+            ..scenario("snapshot 4K clusters", Kind::Snapshot)
+        },
         big(scenario("snapshot 64K clusters", Kind::Snapshot)),
     ]);
 }
