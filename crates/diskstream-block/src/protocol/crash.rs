@@ -17,6 +17,11 @@
 //! The file length survives as either its durable or its latest value. Nothing here is
 //! random by itself: the caller passes the random source, so a failing case replays from its
 //! seed.
+//!
+//! Several files can share one [`Power`] supply ([`CrashProtocol::on_power`]): the mutating
+//! operations of all of them are counted together and the power goes for all of them at the
+//! same point, as for the files of one backing chain (or a mirror's source and target) on one
+//! machine. Each file keeps its own volatile cache: what survives is chosen per file.
 
 use super::Protocol;
 use crate::error::{BlockError, Result};
@@ -51,16 +56,101 @@ struct State {
     durable: Vec<u8>,
     current: Vec<u8>,
     pending: Vec<Change>,
-    ops: u64,
-    crash_at: Option<u64>,
     flushes: u64,
     /// Every mutating operation performed: (kind, offset, length).
     log: Vec<(&'static str, u64, u64)>,
 }
 
+/// The power supply of one or more [`CrashProtocol`] files: it counts their mutating
+/// operations together and fails every one from the crash point on.
+pub struct Power {
+    /// (operations performed, crash point).
+    inner: Mutex<(u64, Option<u64>)>,
+    /// With [`Power::interleaved`]: the choices of where operations yield to other tasks.
+    yields: Option<Mutex<Choices>>,
+}
+
+impl Power {
+    /// A supply that goes before mutating operation number `crash_at` (0-based, counted over
+    /// every file on it; `None`: never).
+    pub fn new(crash_at: Option<u64>) -> Arc<Power> {
+        Arc::new(Power {
+            inner: Mutex::new((0, crash_at)),
+            yields: None,
+        })
+    }
+
+    /// Like [`Power::new`], but every operation (reads too) of a file on this supply first
+    /// yields to the other tasks of the runtime or not, as the seeded `seed` chooses: on a
+    /// single-threaded runtime, tasks racing on these files (a job and a guest) then interleave
+    /// at storage operations, reproducibly for a seed.
+    pub fn interleaved(crash_at: Option<u64>, seed: u64) -> Arc<Power> {
+        Arc::new(Power {
+            inner: Mutex::new((0, crash_at)),
+            yields: Some(Mutex::new(Choices::new(seed))),
+        })
+    }
+
+    async fn maybe_yield(&self) {
+        let y = self
+            .yields
+            .as_ref()
+            .is_some_and(|c| c.lock().unwrap_or_else(|p| p.into_inner()).below(2) == 0);
+        if y {
+            YieldOnce(false).await;
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, Option<u64>)> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Count one operation; false if the power is gone (then it is not counted).
+    fn tick(&self) -> bool {
+        let mut g = self.lock();
+        if g.1.is_some_and(|c| g.0 >= c) {
+            return false;
+        }
+        g.0 += 1;
+        true
+    }
+
+    /// Mutating operations performed so far on every file of this supply.
+    pub fn ops(&self) -> u64 {
+        self.lock().0
+    }
+
+    /// Whether the power is gone.
+    pub fn crashed(&self) -> bool {
+        let g = self.lock();
+        g.1.is_some_and(|c| g.0 >= c)
+    }
+}
+
+/// Gives the other ready tasks a turn: pending once, with the task woken at once. (Unlike
+/// `tokio::task::yield_now`, it does not poll the runtime's drivers each time, which would
+/// cost a system call per storage operation.)
+struct YieldOnce(bool);
+
+impl std::future::Future for YieldOnce {
+    type Output = ();
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.0 {
+            return std::task::Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    }
+}
+
 /// Crash-simulating in-memory storage (see the module documentation).
 pub struct CrashProtocol {
     name: String,
+    power: Arc<Power>,
     state: Mutex<State>,
 }
 
@@ -86,14 +176,18 @@ impl CrashProtocol {
     /// Storage holding `data` (all durable), that crashes before mutating operation number
     /// `crash_at` (0-based; `None`: never).
     pub fn new(name: &str, data: Vec<u8>, crash_at: Option<u64>) -> Self {
+        Self::on_power(name, data, Power::new(crash_at))
+    }
+
+    /// Storage holding `data` (all durable) on the shared supply `power`.
+    pub fn on_power(name: &str, data: Vec<u8>, power: Arc<Power>) -> Self {
         CrashProtocol {
             name: name.to_string(),
+            power,
             state: Mutex::new(State {
                 durable: data.clone(),
                 current: data,
                 pending: Vec::new(),
-                ops: 0,
-                crash_at,
                 flushes: 0,
                 log: Vec::new(),
             }),
@@ -108,13 +202,12 @@ impl CrashProtocol {
 
     /// Count a mutating operation; fail it if the power is gone.
     fn tick(&self, s: &mut State, kind: &'static str, offset: u64, len: u64) -> Result<()> {
-        if s.crash_at.is_some_and(|c| s.ops >= c) {
+        if !self.power.tick() {
             return Err(BlockError::io(
                 self.name.clone(),
                 std::io::Error::from_raw_os_error(5),
             ));
         }
-        s.ops += 1;
         s.log.push((kind, offset, len));
         Ok(())
     }
@@ -125,9 +218,10 @@ impl CrashProtocol {
         self.lock().map(|s| s.log.clone()).unwrap_or_default()
     }
 
-    /// Mutating operations performed so far (the crash points a run offers).
+    /// Mutating operations performed so far (the crash points a run offers), counted over
+    /// every file on this file's supply.
     pub fn ops(&self) -> u64 {
-        self.lock().map(|s| s.ops).unwrap_or(0)
+        self.power.ops()
     }
 
     /// Flushes completed so far.
@@ -137,9 +231,7 @@ impl CrashProtocol {
 
     /// Whether the power is gone.
     pub fn crashed(&self) -> bool {
-        self.lock()
-            .map(|s| s.crash_at.is_some_and(|c| s.ops >= c))
-            .unwrap_or(true)
+        self.power.crashed()
     }
 
     /// The bytes as the running system sees them (durable and volatile).
@@ -277,6 +369,7 @@ impl Protocol for CrashProtocol {
         false
     }
     async fn read_vec(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        self.power.maybe_yield().await;
         let s = self.lock()?;
         let mut out = vec![0u8; len];
         let start = (offset as usize).min(s.current.len());
@@ -287,18 +380,21 @@ impl Protocol for CrashProtocol {
         Ok(out)
     }
     async fn write_vec(&self, offset: u64, data: Vec<u8>) -> Result<()> {
+        self.power.maybe_yield().await;
         let mut s = self.lock()?;
         self.tick(&mut s, "write", offset, data.len() as u64)?;
         s.record(Change::Write(offset, Arc::new(data)));
         Ok(())
     }
     async fn write_zeroes(&self, offset: u64, len: u64, _unmap: bool) -> Result<()> {
+        self.power.maybe_yield().await;
         let mut s = self.lock()?;
         self.tick(&mut s, "zero", offset, len)?;
         s.record(Change::Zero(offset, len));
         Ok(())
     }
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.power.maybe_yield().await;
         // A file system punches the hole: the range reads as zero once it lands.
         let mut s = self.lock()?;
         self.tick(&mut s, "discard", offset, len)?;
@@ -309,10 +405,15 @@ impl Protocol for CrashProtocol {
         Ok(())
     }
     async fn flush(&self) -> Result<()> {
+        self.power.maybe_yield().await;
         let mut s = self.lock()?;
         self.tick(&mut s, "flush", 0, 0)?;
-        s.durable = s.current.clone();
-        s.pending.clear();
+        // The cache reaches the disk: replay it onto the durable bytes (cheaper than copying
+        // the whole current image for the usual few changes).
+        let pending = std::mem::take(&mut s.pending);
+        for c in &pending {
+            apply(&mut s.durable, c);
+        }
         s.flushes += 1;
         Ok(())
     }
@@ -320,12 +421,14 @@ impl Protocol for CrashProtocol {
         Ok(self.lock()?.current.len() as u64)
     }
     async fn set_len(&self, len: u64) -> Result<()> {
+        self.power.maybe_yield().await;
         let mut s = self.lock()?;
         self.tick(&mut s, "set_len", len, 0)?;
         s.record(Change::SetLen(len));
         Ok(())
     }
     async fn allocate(&self, offset: u64, len: u64) -> Result<()> {
+        self.power.maybe_yield().await;
         let mut s = self.lock()?;
         self.tick(&mut s, "allocate", offset, len)?;
         let end = offset + len;
@@ -359,5 +462,18 @@ mod tests {
                 assert!(img[512..1024].iter().all(|&b| b == 0) || img[512..1024] == [2; 512]);
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_shared_supply_fails_every_file_at_once() {
+        let power = Power::new(Some(2));
+        let a = CrashProtocol::on_power("a", vec![0; 512], Arc::clone(&power));
+        let b = CrashProtocol::on_power("b", vec![0; 512], Arc::clone(&power));
+        a.write_vec(0, vec![1; 512]).await.expect("op 0");
+        b.write_vec(0, vec![2; 512]).await.expect("op 1");
+        assert!(a.flush().await.is_err(), "op 2 crashes");
+        assert!(b.flush().await.is_err(), "and every later one, on any file");
+        assert!(a.crashed() && b.crashed());
+        assert_eq!((a.ops(), b.ops(), power.ops()), (2, 2, 2));
     }
 }

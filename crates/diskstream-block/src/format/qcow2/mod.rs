@@ -152,10 +152,22 @@ impl Qcow2 {
     /// Rewrite the backing file name and format recorded in the header (`None` drops the
     /// link). Flushes before and after, so a crash never leaves a header that references less
     /// (or other) data than the clusters on disk assume.
+    ///
+    /// The rewrite is also safe against torn writes: storage may persist any subset of the
+    /// 512-byte sectors of a write. A header longer than a sector (with 64 KiB clusters the
+    /// feature-name table alone pushes the backing name past the first sector) rewritten in one
+    /// write could survive as the new sector 0 (name offset and length) with the old name
+    /// sector, or the reverse, naming a file that does not exist. When the change spans
+    /// sectors, the new name is first written to a scratch place in the header cluster that
+    /// the old header does not reference, then sector 0 is switched to it (one sector: whole
+    /// or not at all), then the name is written to its usual place and sector 0 switched back,
+    /// with a flush after each step: every state a crash can leave names the old or the new
+    /// file.
     pub async fn set_backing_file(&self, file: Option<(String, Option<String>)>) -> Result<()> {
         let mut m = self.lock_writable().await?;
         m.flush().await?;
-        let old_len = m.header.serialize()?.len();
+        let old_bytes = m.header.serialize()?;
+        let old_name_len = m.header.backing_file.as_ref().map_or(0, |n| n.len());
         match file {
             Some((name, fmt)) => {
                 if name.len() > 1023 {
@@ -171,10 +183,20 @@ impl Qcow2 {
                 m.header.backing_format = None;
             }
         }
+        let new_bytes = m.header.serialize()?;
+        if let Some(steps) = torn_safe_steps(&old_bytes, old_name_len, &new_bytes, self.cs()) {
+            for (off, data) in steps {
+                self.file.write_vec(off, data).await?;
+                self.file.flush().await?;
+            }
+            m.header_dirty = false;
+            return m.flush().await;
+        }
         m.write_header().await?;
         // Like QEMU (which rewrites the whole header cluster), leave no stale extension or
         // backing name bytes behind a header that got shorter.
-        let new_len = m.header.serialize()?.len();
+        let new_len = new_bytes.len();
+        let old_len = old_bytes.len();
         if new_len < old_len {
             self.file
                 .write_vec(new_len as u64, vec![0u8; old_len - new_len])
@@ -1478,4 +1500,70 @@ impl Qcow2 {
             .await
             .map(|_| ())
     }
+}
+
+/// Bytes per sector that storage writes whole or not at all (the torn-write model of
+/// [`Qcow2::set_backing_file`]).
+const HEADER_SECTOR: usize = 512;
+
+/// The writes (each followed by a flush) that turn the on-disk header `old` (whose backing
+/// name is `old_name_len` bytes long) into `new` so that a crash after any of them, with any
+/// sectors of the write in flight persisted or not, leaves a header naming the old or the new
+/// backing file. `None` when one plain write is already safe (every changed byte lies in one
+/// sector) or when the change is not a rename between two names behind the same extension
+/// area (then the plain rewrite is used).
+fn torn_safe_steps(
+    old: &[u8],
+    old_name_len: usize,
+    new: &[u8],
+    cluster_size: u64,
+) -> Option<Vec<(u64, Vec<u8>)>> {
+    let len = old.len().max(new.len());
+    let byte = |b: &[u8], i: usize| b.get(i).copied().unwrap_or(0);
+    let diff: Vec<usize> = (0..len).filter(|&i| byte(old, i) != byte(new, i)).collect();
+    let (first, last) = (*diff.first()?, *diff.last()?);
+    if first / HEADER_SECTOR == last / HEADER_SECTOR || new.len() < HEADER_SECTOR {
+        return None;
+    }
+    let be64 = |b: &[u8], o: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&b[o..o + 8]);
+        u64::from_be_bytes(w) as usize
+    };
+    let (old_off, new_off) = (be64(old, 8), be64(new, 8));
+    if old_off == 0 || new_off == 0 || old_off != new_off {
+        return None;
+    }
+    let name_off = new_off;
+    // Outside the name, only sector 0 may change (its fields: name length; format extension
+    // contents of the same length).
+    if diff.iter().any(|&i| i >= HEADER_SECTOR && i < name_off) {
+        return None;
+    }
+    let new_name = new[name_off..].to_vec();
+    let name_area = old_name_len.max(new_name.len());
+    // Scratch: past anything either header (or the name area) covers, sector-aligned.
+    let scratch = (name_off + 1024).div_ceil(HEADER_SECTOR) * HEADER_SECTOR;
+    if (scratch + new_name.len()) as u64 > cluster_size {
+        return None;
+    }
+    let sector0_at = |off: usize| {
+        let mut s = new[..HEADER_SECTOR].to_vec();
+        s[8..16].copy_from_slice(&(off as u64).to_be_bytes());
+        s
+    };
+    let mut at_name = new_name.clone();
+    at_name.resize(name_area, 0);
+    Some(vec![
+        // 1. The new name where the old header does not look.
+        (scratch as u64, new_name.clone()),
+        // 2. Sector 0 (one sector) switches to it, and to the new length and format.
+        (0, sector0_at(scratch)),
+        // 3. The usual place, unreferenced now, gets the new name (old bytes zeroed).
+        (name_off as u64, at_name),
+        // 4. Sector 0 switches back: the header is the canonical new one.
+        (0, sector0_at(name_off)),
+        // 5. The scratch copy goes.
+        (scratch as u64, vec![0u8; new_name.len()]),
+    ])
 }
