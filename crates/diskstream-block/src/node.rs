@@ -98,6 +98,17 @@ pub trait BlockNode: Send + Sync + 'static {
     }
     /// Read `buf.len()` bytes at `offset` (through the backing chain as needed).
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// Read `len` bytes at `offset` and append them to `buf`, handing the buffer back: the
+    /// copy-free read for callers that send the buffer as it is (an NBD reply, header first).
+    /// Drivers whose request maps to one protocol range override it to have the protocol read
+    /// straight into the buffer ([`crate::protocol::Protocol::read_append`]); the default
+    /// zero-fills the new bytes and calls [`BlockNode::read`].
+    async fn read_append(&self, offset: u64, mut buf: Vec<u8>, len: usize) -> Result<Vec<u8>> {
+        let at = buf.len();
+        buf.resize(at + len, 0);
+        self.read(offset, &mut buf[at..]).await?;
+        Ok(buf)
+    }
     /// Write `data` at `offset`.
     async fn write(&self, offset: u64, data: &[u8]) -> Result<()>;
     /// Make a range read as zeroes; `unmap` allows deallocating it.

@@ -21,12 +21,42 @@ async fn verify_against_qemu(path: &Path, what: &str) {
     // Odd chunk size so requests start and end mid-cluster.
     let ours = read_all(&node, MIB + 3 * 512 + 1).await;
     assert_bytes_eq(&ours, &expected, &format!("{what}: contents"));
+    // The copy-free read (an NBD server's: appended to a reply header) reads the same.
+    let appended = read_all_append(&node, MIB / 4 + 512).await;
+    assert_bytes_eq(
+        &appended,
+        &expected,
+        &format!("{what}: contents (read_append)"),
+    );
     let omap = our_map(&node).await;
     assert_maps_equal(&omap, &qmap, what);
     node.close().await.expect("close");
     drop(node);
     let after = std::fs::read(path).expect("read image");
     assert!(before == after, "{what}: read-only open changed the file");
+}
+
+/// Read the whole node in `chunk`-byte requests with [`BlockNode::read_append`], each appended
+/// to a header that must come back untouched.
+async fn read_all_append(
+    node: &std::sync::Arc<dyn diskstream_block::node::BlockNode>,
+    chunk: u64,
+) -> Vec<u8> {
+    let size = node.size();
+    let mut out = Vec::with_capacity(size as usize);
+    let mut pos = 0;
+    while pos < size {
+        let n = chunk.min(size - pos) as usize;
+        let b = node
+            .read_append(pos, b"header".to_vec(), n)
+            .await
+            .expect("read_append");
+        assert_eq!(b.len(), 6 + n, "read_append length at {pos}");
+        assert_eq!(&b[..6], b"header", "read_append kept the prefix at {pos}");
+        out.extend_from_slice(&b[6..]);
+        pos += n as u64;
+    }
+    out
 }
 
 /// qemu-io commands exercising every kind of L2 entry in an image of `size` bytes with cluster

@@ -104,6 +104,12 @@ impl BlockNode for RawNode {
         self.file.read_at(offset, buf).await
     }
 
+    async fn read_append(&self, offset: u64, buf: Vec<u8>, len: usize) -> Result<Vec<u8>> {
+        check_bounds(offset, len as u64, self.size())?;
+        self.file.debug_event(DebugEvent::ReadAio);
+        self.file.read_append(offset, buf, len).await
+    }
+
     async fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
         check_bounds(offset, data.len() as u64, self.size())?;
         self.guard_first_sector(offset, data.len() as u64, Some(data))

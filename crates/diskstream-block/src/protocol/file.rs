@@ -1,6 +1,9 @@
 //! The local file protocol: positional I/O on a regular file or block device.
 //!
-//! Every syscall runs on the [`IoPool`](crate::pool::IoPool), never on a tokio worker. Zeroing and
+//! Every syscall that may block runs on the [`IoPool`](crate::pool::IoPool), never on a tokio
+//! worker. The one exception is a small read whose data the page cache already holds: it is
+//! tried first on the calling thread with `preadv2(RWF_NOWAIT)`, which copies cached pages and
+//! fails with EAGAIN instead of waiting for the device (see [`INLINE_READ_MAX`]). Zeroing and
 //! discarding use `fallocate` (ZERO_RANGE, PUNCH_HOLE) with a plain zero-write fallback, and the
 //! data/hole query uses `SEEK_DATA`/`SEEK_HOLE`, which is what makes raw images sparse-aware.
 
@@ -13,7 +16,15 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+/// Largest read tried on the calling thread first ([`pread_nowait`]). For a small cached read
+/// the hand-off to an I/O thread (two wake-ups and context switches) costs more than the copy
+/// itself: fio 4 KiB random reads over NBD gained 30-40 % IOPS inline. Larger reads are better
+/// off on the pool, where their copies run in parallel with the runtime workers sending replies:
+/// inline 256 KiB reads (nbdcopy) lost half their throughput on a 2-CPU machine.
+pub const INLINE_READ_MAX: usize = 64 * 1024;
 
 /// A file opened for positional I/O.
 pub struct FileProtocol {
@@ -21,6 +32,9 @@ pub struct FileProtocol {
     name: String,
     read_only: bool,
     pool: IoPool,
+    /// Whether `RWF_NOWAIT` reads are worth trying (cleared when the kernel or the file system
+    /// refuses the flag).
+    nowait: AtomicBool,
 }
 
 impl FileProtocol {
@@ -36,6 +50,7 @@ impl FileProtocol {
             name: path.display().to_string(),
             read_only,
             pool: IoPool::global().clone(),
+            nowait: AtomicBool::new(true),
         })
     }
 
@@ -53,6 +68,7 @@ impl FileProtocol {
             name: path.display().to_string(),
             read_only: false,
             pool: IoPool::global().clone(),
+            nowait: AtomicBool::new(true),
         })
     }
 
@@ -76,22 +92,51 @@ impl FileProtocol {
     }
 }
 
-/// Read `len` bytes at `off` into a fresh buffer, zero past the end of the file. The buffer is
-/// filled by the kernel straight from its spare capacity: zero-initialising it first would cost
-/// a pass over the memory for nothing.
-fn pread_vec(file: &File, off: u64, len: usize) -> io::Result<Vec<u8>> {
-    let mut buf = Vec::with_capacity(len);
-    while buf.len() < len {
-        let at = off + buf.len() as u64;
-        match rustix::io::pread(file, rustix::buffer::spare_capacity(&mut buf), at) {
-            Ok(0) => break,
-            Ok(_) => {}
+/// Append to `buf` what the page cache holds of `[off, off+len)` without blocking: one
+/// `preadv2(RWF_NOWAIT)`. Returns the bytes appended (fewer than `len` when only a prefix is
+/// cached or at the end of the file); EAGAIN means nothing is cached.
+fn pread_nowait(file: &File, off: u64, buf: &mut Vec<u8>, len: usize) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let off = i64::try_from(off).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    buf.reserve(len);
+    let spare = &mut buf.spare_capacity_mut()[..len];
+    let iov = libc::iovec {
+        iov_base: spare.as_mut_ptr().cast(),
+        iov_len: len,
+    };
+    // SAFETY: the iovec describes `len` bytes of the vector's spare capacity, which nothing
+    // else accesses during the call.
+    let r = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
+    let n = usize::try_from(r).map_err(|_| io::Error::last_os_error())?;
+    // SAFETY: the kernel initialised the first `n <= len` bytes of the spare capacity.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
+}
+
+/// Read `len` bytes at `off` and append them to `buf`, zero past the end of the file. The bytes
+/// are filled by the kernel straight into the buffer's spare capacity: zero-initialising it
+/// first would cost a pass over the memory for nothing.
+fn pread_append(file: &File, off: u64, mut buf: Vec<u8>, len: usize) -> io::Result<Vec<u8>> {
+    let start = buf.len();
+    let end = start + len;
+    buf.reserve(len);
+    while buf.len() < end {
+        let at = off + (buf.len() - start) as u64;
+        // Never read past `end`: the spare capacity may be larger than asked.
+        let want = end - buf.len();
+        let spare = &mut buf.spare_capacity_mut()[..want];
+        match rustix::io::pread(file, spare, at) {
+            Ok(([], _)) => break,
+            Ok((filled, _)) => {
+                let n = filled.len();
+                // SAFETY: `pread` initialised the first `n` bytes of the spare capacity.
+                unsafe { buf.set_len(buf.len() + n) };
+            }
             Err(rustix::io::Errno::INTR) => {}
             Err(e) => return Err(e.into()),
         }
     }
-    // The allocation may be larger than asked; a read can then return more than `len`.
-    buf.resize(len, 0);
+    buf.resize(end, 0);
     Ok(buf)
 }
 
@@ -157,9 +202,28 @@ impl Protocol for FileProtocol {
     }
 
     async fn read_vec(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        self.read_append(offset, Vec::with_capacity(len), len).await
+    }
+
+    async fn read_append(&self, offset: u64, mut buf: Vec<u8>, len: usize) -> Result<Vec<u8>> {
+        let mut done = 0;
+        if len > 0 && len <= INLINE_READ_MAX && self.nowait.load(Ordering::Relaxed) {
+            match pread_nowait(&self.file, offset, &mut buf, len) {
+                Ok(n) if n == len => return Ok(buf),
+                Ok(n) => done = n,
+                Err(e) => match rustix::io::Errno::from_io_error(&e) {
+                    Some(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::INVAL)
+                    | Some(rustix::io::Errno::NOSYS) => self.nowait.store(false, Ordering::Relaxed),
+                    // EAGAIN (not cached) and anything else: the pool reads (and reports).
+                    _ => {}
+                },
+            }
+        }
+        // Not cached (or only a prefix was): the rest blocks on an I/O thread.
+        let at = offset + done as u64;
         self.run(
-            || format!("read of '{}' at {offset}", self.name),
-            move |f| pread_vec(f, offset, len),
+            || format!("read of '{}' at {at}", self.name),
+            move |f| pread_append(f, at, buf, len - done),
         )
         .await
     }
@@ -347,5 +411,40 @@ fn seek_status(f: &File, offset: u64, len: u64) -> (bool, u64) {
         // ENXIO: no data at or after offset (it is a hole up to EOF).
         Err(rustix::io::Errno::NXIO) => (false, len),
         Err(_) => (true, len),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn read_append_keeps_the_prefix_and_zero_fills_past_eof() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let f = FileProtocol::open(&path, true).unwrap();
+        // Cached (the file was just written): the inline RWF_NOWAIT read.
+        let b = f.read_append(100, b"hdr".to_vec(), 5000).await.unwrap();
+        assert_eq!(&b[..3], b"hdr");
+        assert_eq!(&b[3..], &data[100..5100]);
+        // Crossing the end of the file: the tail reads as zeroes.
+        let b = f.read_append(8000, vec![7], 5000).await.unwrap();
+        assert_eq!(b.len(), 5001);
+        assert_eq!(b[0], 7);
+        assert_eq!(&b[1..2001], &data[8000..]);
+        assert!(b[2001..].iter().all(|&x| x == 0));
+        // Wholly past the end, and larger than the inline limit.
+        let b = f.read_append(20_000, Vec::new(), 100).await.unwrap();
+        assert_eq!(b, vec![0; 100]);
+        let b = f.read_vec(0, INLINE_READ_MAX + 1).await.unwrap();
+        assert_eq!(&b[..10_000], &data[..]);
+        assert!(b[10_000..].iter().all(|&x| x == 0));
+        // Through the pool only.
+        let b = pread_append(&std::fs::File::open(&path).unwrap(), 9990, vec![1, 2], 20).unwrap();
+        assert_eq!(&b[..2], &[1, 2]);
+        assert_eq!(&b[2..12], &data[9990..]);
+        assert_eq!(&b[12..], &[0; 10]);
     }
 }

@@ -69,6 +69,17 @@ pub trait Protocol: Send + Sync {
     /// Announce a driver event (see [`DebugEvent`]); ordinary storage ignores it.
     fn debug_event(&self, _event: DebugEvent) {}
 
+    /// Read `len` bytes at `offset` and append them to `buf`, handing the buffer back. This is
+    /// the copy-free read: a driver that owns its I/O (the file protocol) reads straight into
+    /// the buffer's spare capacity, so a caller that sends the buffer as it is (an NBD reply:
+    /// header, then data) neither copies nor zero-fills the data. The default copies from
+    /// [`Protocol::read_vec`].
+    async fn read_append(&self, offset: u64, mut buf: Vec<u8>, len: usize) -> Result<Vec<u8>> {
+        let v = self.read_vec(offset, len).await?;
+        buf.extend_from_slice(&v);
+        Ok(buf)
+    }
+
     /// Read into a borrowed buffer (copies from the owned read).
     async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let v = self.read_vec(offset, buf.len()).await?;

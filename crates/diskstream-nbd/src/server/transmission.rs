@@ -60,6 +60,56 @@ const BYTE_UNIT: usize = 4096;
 const BLOCK_STATUS_COST: usize = 2 * MAX_EXTENTS * 16;
 /// Scratch buffer used by CACHE.
 const CACHE_CHUNK: usize = 1 << 20;
+/// Reply buffers at least this large are recycled (smaller ones are cheap to allocate).
+const RECYCLE_MIN: usize = 64 * 1024;
+/// Largest reply buffer kept for reuse.
+const RECYCLE_MAX: usize = 4 << 20;
+/// Bytes of idle reply buffers a connection keeps.
+const RECYCLE_IDLE: usize = 16 << 20;
+
+/// Reply buffers of one connection, recycled once written.
+///
+/// A read reply is allocated, filled by the protocol and written: at nbdcopy's 256 KiB per
+/// request, a fresh allocation is a fresh mapping whose pages fault in on first touch and are
+/// unmapped again on free, which costs as much CPU as the copy out of the page cache. Taking
+/// the buffers of replies already written keeps a connection's working set mapped. Only the
+/// idle buffers are bounded here; those in flight are bounded by the connection's byte
+/// semaphore.
+#[derive(Default)]
+struct BufPool {
+    free: std::sync::Mutex<(Vec<Vec<u8>>, usize)>,
+}
+
+impl BufPool {
+    /// An empty buffer with room for `cap` bytes, reused when one is idle.
+    fn take(&self, cap: usize) -> Vec<u8> {
+        if (RECYCLE_MIN..=RECYCLE_MAX).contains(&cap) {
+            let mut g = self.free.lock().unwrap_or_else(|p| p.into_inner());
+            let (free, idle) = &mut *g;
+            if let Some(i) = free.iter().rposition(|b| b.capacity() >= cap) {
+                let b = free.swap_remove(i);
+                *idle -= b.capacity();
+                return b;
+            }
+        }
+        Vec::with_capacity(cap)
+    }
+
+    /// Return a written buffer for reuse (dropped if too small, too large or over the bound).
+    fn put(&self, mut b: Vec<u8>) {
+        let cap = b.capacity();
+        if !(RECYCLE_MIN..=RECYCLE_MAX).contains(&cap) {
+            return;
+        }
+        b.clear();
+        let mut g = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        let (free, idle) = &mut *g;
+        if *idle + cap <= RECYCLE_IDLE {
+            *idle += cap;
+            free.push(b);
+        }
+    }
+}
 
 /// Permits a request holds from the moment it is read until its reply is written.
 struct Permits {
@@ -111,6 +161,7 @@ struct Conn {
     read_only: bool,
     writethrough: bool,
     contexts: Vec<Context>,
+    bufs: BufPool,
 }
 
 /// Run the transmission phase until the connection ends.
@@ -130,6 +181,7 @@ pub(crate) async fn run(
         read_only: e.read_only,
         writethrough: e.writethrough,
         contexts: session.contexts.clone(),
+        bufs: BufPool::default(),
     });
     tracing::debug!(
         "NBD client on export '{}': {} headers, flags {:#x}, contexts {:?}",
@@ -142,7 +194,7 @@ pub(crate) async fn run(
     let mut rd = BufReader::with_capacity(64 * 1024, rd);
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
     let (dead_tx, mut dead) = watch::channel(false);
-    let writer = tokio::spawn(writer(wr, rx, dead_tx));
+    let writer = tokio::spawn(writer(wr, rx, dead_tx, Arc::clone(&conn)));
     let max_requests = shared.max_requests.min(Semaphore::MAX_PERMITS) as u32;
     let requests = Arc::new(Semaphore::new(max_requests as usize));
     let byte_units = (shared.max_buffered / BYTE_UNIT).min(Semaphore::MAX_PERMITS);
@@ -254,14 +306,15 @@ async fn writer(
     wr: WriteHalf<BoxStream>,
     mut rx: mpsc::UnboundedReceiver<Reply>,
     dead: watch::Sender<bool>,
+    conn: Arc<Conn>,
 ) {
     let mut w = BufWriter::with_capacity(256 * 1024, wr);
     let r: io::Result<()> = async {
         while let Some(first) = rx.recv().await {
-            write_reply(&mut w, first).await?;
+            write_reply(&mut w, first, &conn.bufs).await?;
             // Everything already queued goes out with a single flush.
             while let Ok(next) = rx.try_recv() {
-                write_reply(&mut w, next).await?;
+                write_reply(&mut w, next, &conn.bufs).await?;
             }
             w.flush().await?;
         }
@@ -275,9 +328,15 @@ async fn writer(
     }
 }
 
-async fn write_reply(w: &mut BufWriter<WriteHalf<BoxStream>>, r: Reply) -> io::Result<()> {
-    for b in &r.bufs {
-        w.write_all(b).await?;
+async fn write_reply(
+    w: &mut BufWriter<WriteHalf<BoxStream>>,
+    r: Reply,
+    pool: &BufPool,
+) -> io::Result<()> {
+    for b in r.bufs {
+        w.write_all(&b).await?;
+        // Once in the writer (or the socket), the bytes are no longer needed.
+        pool.put(b);
     }
     Ok(())
 }
@@ -497,16 +556,13 @@ impl Req<'_> {
         }
         let n = len as usize;
         if self.mode == Mode::Simple {
-            let mut b = Vec::with_capacity(SimpleReply::LEN + n);
+            let mut b = self.bufs.take(SimpleReply::LEN + n);
             SimpleReply {
                 error: 0,
                 cookie: req.cookie,
             }
             .encode(&mut b);
-            b.resize(SimpleReply::LEN + n, 0);
-            self.node
-                .read(req.offset, &mut b[SimpleReply::LEN..])
-                .await?;
+            let b = self.node.read_append(req.offset, b, n).await?;
             return Ok(vec![b]);
         }
         if n == 0 {
@@ -556,7 +612,7 @@ impl Req<'_> {
         runs
     }
 
-    /// One `OFFSET_DATA` chunk, read straight into the reply buffer.
+    /// One `OFFSET_DATA` chunk, read straight into the reply buffer (no copy, no zero-fill).
     async fn data_chunk(
         &self,
         req: &Request,
@@ -570,7 +626,7 @@ impl Req<'_> {
         } else {
             ChunkHeader::STRUCTURED_LEN
         };
-        let mut b = Vec::with_capacity(hl + 8 + n);
+        let mut b = self.bufs.take(hl + 8 + n);
         ChunkHeader {
             flags: if done { REPLY_FLAG_DONE } else { 0 },
             kind: REPLY_TYPE_OFFSET_DATA,
@@ -580,9 +636,7 @@ impl Req<'_> {
         }
         .encode(ext, &mut b)?;
         b.extend_from_slice(&offset.to_be_bytes());
-        b.resize(hl + 8 + n, 0);
-        self.node.read(offset, &mut b[hl + 8..]).await?;
-        Ok(b)
+        Ok(self.node.read_append(offset, b, n).await?)
     }
 
     /// Prefetch: read the data extents (not the zero ones) of at most 32 MiB of the range, so
@@ -771,6 +825,33 @@ impl Req<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn buffer_pool_recycles_within_its_bounds() {
+        let pool = BufPool::default();
+        let mut b = pool.take(256 * 1024);
+        b.extend_from_slice(b"reply");
+        let cap = b.capacity();
+        let ptr = b.as_ptr();
+        pool.put(b);
+        // Reused, empty, for any request that fits.
+        let b = pool.take(100 * 1024);
+        assert!(b.is_empty());
+        assert_eq!((b.as_ptr(), b.capacity()), (ptr, cap));
+        pool.put(b);
+        // Too large for the idle buffer: a fresh one.
+        assert!(pool.take(512 * 1024).capacity() >= 512 * 1024);
+        // Small and huge buffers are not kept; the idle bytes are bounded.
+        pool.put(Vec::with_capacity(4096));
+        pool.put(Vec::with_capacity(RECYCLE_MAX + 1));
+        for _ in 0..2 * RECYCLE_IDLE / RECYCLE_MAX {
+            pool.put(Vec::with_capacity(RECYCLE_MAX));
+        }
+        let g = pool.free.lock().unwrap();
+        assert!(g.1 <= RECYCLE_IDLE);
+        assert!(g.0.iter().all(|b| b.capacity() >= RECYCLE_MIN));
+        assert_eq!(g.1, g.0.iter().map(|b| b.capacity()).sum::<usize>());
+    }
 
     #[test]
     fn einval_has_errno_22() {

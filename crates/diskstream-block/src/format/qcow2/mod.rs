@@ -498,25 +498,34 @@ impl Qcow2 {
     /// sequentially stores guest clusters 0, 2, 4, ... back to back, and a request over such an
     /// area costs one system call and one I/O-thread hand-off instead of one per cluster.
     async fn read_current(&self, off: u64, buf: &mut [u8]) -> Result<()> {
-        let size = self.size();
-        let avail = size.saturating_sub(off).min(buf.len() as u64) as usize;
+        let avail = self.size().saturating_sub(off).min(buf.len() as u64) as usize;
         buf[avail..].fill(0);
+        let runs = self.map_read(off, avail).await?;
+        self.read_mapped(off, &runs, buf).await
+    }
+
+    /// The runs of `[off, off+len)` (positions relative to `off`), mapped under one
+    /// acquisition of the metadata lock.
+    async fn map_read(&self, off: u64, len: usize) -> Result<Vec<(usize, Run)>> {
         let mut runs: Vec<(usize, Run)> = Vec::new();
-        {
-            let mut m = self.meta.lock().await;
-            let mut pos = 0usize;
-            while pos < avail {
-                let run = self
-                    .map_run(&mut m, off + pos as u64, (avail - pos) as u64)
-                    .await?;
-                runs.push((pos, run));
-                pos += run.len as usize;
-            }
+        let mut m = self.meta.lock().await;
+        let mut pos = 0usize;
+        while pos < len {
+            let run = self
+                .map_run(&mut m, off + pos as u64, (len - pos) as u64)
+                .await?;
+            runs.push((pos, run));
+            pos += run.len as usize;
         }
+        Ok(runs)
+    }
+
+    /// Read the mapped `runs` of a request at `off` into `buf`.
+    async fn read_mapped(&self, off: u64, runs: &[(usize, Run)], buf: &mut [u8]) -> Result<()> {
         let mut group: Vec<(usize, usize)> = Vec::new(); // (buffer position, length)
         let mut group_host = 0u64;
         let mut group_len = 0u64;
-        for &(pos, run) in &runs {
+        for &(pos, run) in runs {
             let n = run.len as usize;
             match (run.kind, run.host) {
                 (Kind::Data, Some(host)) => {
@@ -1182,6 +1191,26 @@ impl BlockNode for Qcow2 {
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         check_bounds(offset, buf.len() as u64, self.size())?;
         self.read_current(offset, buf).await
+    }
+
+    /// A request that maps to one data run (the usual case for an allocated image: contiguous
+    /// clusters form one run) is read by the protocol straight into `buf`; anything else takes
+    /// the general path.
+    async fn read_append(&self, offset: u64, mut buf: Vec<u8>, len: usize) -> Result<Vec<u8>> {
+        check_bounds(offset, len as u64, self.size())?;
+        let runs = self.map_read(offset, len).await?;
+        if let [(0, run)] = runs[..] {
+            if let (Kind::Data, Some(host)) = (run.kind, run.host) {
+                if run.len == len as u64 {
+                    self.file.debug_event(DebugEvent::ReadAio);
+                    return self.file.read_append(host, buf, len).await;
+                }
+            }
+        }
+        let at = buf.len();
+        buf.resize(at + len, 0);
+        self.read_mapped(offset, &runs, &mut buf[at..]).await?;
+        Ok(buf)
     }
 
     async fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
