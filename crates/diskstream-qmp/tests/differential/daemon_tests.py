@@ -798,7 +798,9 @@ def test_kill_during_mirror(exe, d):
     assert "error" not in e["data"], e
     q.cmd("quit")
     assert dm.wait() == 0
-    check_clean(f"{d}/tgt.qcow2")
+    # Clusters a killed daemon had allocated but not yet linked stay leaked (as with QEMU,
+    # until `check -r leaks`); nothing may be corrupt.
+    check_no_corruption(f"{d}/tgt.qcow2")
     r = run("qemu-img", "compare", f"{d}/top.qcow2", f"{d}/tgt.qcow2", check=False)
     assert r.returncode == 0, r.stdout + r.stderr
 

@@ -892,9 +892,13 @@ async def sc_export_users(p):
     await p.cmd("block-export-add", {"type": "nbd", "id": "m2", "node-name": "mid"})
     await p.cmd("block-export-add", {"type": "nbd", "id": "c", "node-name": "cor0"})
     await p.cmd("query-block-exports")
+    # Paused while the guest reads: its copy-on-read reads populate the top, and a running
+    # job would then find nothing left and end at a moment that depends on its chunking.
+    await p.cmd("block-job-pause", {"device": "s"})
     await p.io("top", "read -P 0x11 0 8M", "read -P 0x33 8M 8M", "write -P 0x99 60M 64k",
                "read -P 0x44 48M 1M")
     await p.cmd("block-job-set-speed", {"device": "s", "speed": 0})
+    await p.cmd("block-job-resume", {"device": "s"})
     await p.wait_job_gone("s")
     await p.cmd("query-block-exports")
     await p.io("top", "read -P 0x33 8M 8M", "read -P 0x99 60M 64k", "read -P 0x22 32M 8M")
