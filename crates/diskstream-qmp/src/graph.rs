@@ -1618,7 +1618,7 @@ fn nbd_url_options(url: &str) -> Option<Value> {
 
 #[cfg(test)]
 mod nbd_url_tests {
-    use super::nbd_url_options;
+    use super::{nbd_url_options, remote_object_options};
     use serde_json::json;
 
     #[test]
@@ -1643,5 +1643,24 @@ mod nbd_url_tests {
         );
         assert_eq!(nbd_url_options("http://x/y"), None);
         assert_eq!(nbd_url_options("nbd+unix:///e"), None);
+    }
+
+    #[test]
+    fn remote_object_urls_become_curl_or_s3_nodes() {
+        assert_eq!(
+            remote_object_options("http://h:8080/img/base.raw"),
+            Some(json!({"driver": "http", "url": "http://h:8080/img/base.raw"}))
+        );
+        assert_eq!(
+            remote_object_options("HTTPS://h/b.qcow2"),
+            Some(json!({"driver": "https", "url": "HTTPS://h/b.qcow2"}))
+        );
+        assert_eq!(
+            remote_object_options("s3://bucket/key"),
+            Some(json!({"driver": "s3", "url": "s3://bucket/key"}))
+        );
+        assert_eq!(remote_object_options("nbd://h/e"), None);
+        assert_eq!(remote_object_options("ftp://h/f"), None);
+        assert_eq!(remote_object_options("base.qcow2"), None);
     }
 }
