@@ -27,6 +27,10 @@ pub struct HttpConfig {
     pub connect_timeout: Duration,
     /// Limit on waiting for the next bytes of a response (a stalled server counts as failed).
     pub read_timeout: Duration,
+    /// Verify the server's TLS certificate against the platform's trust store (https). Off
+    /// only on request (QEMU's `sslverify: false`): the connection is then encrypted but the
+    /// server unauthenticated.
+    pub tls_verify: bool,
 }
 
 impl Default for HttpConfig {
@@ -41,6 +45,7 @@ impl Default for HttpConfig {
             retry_delay: Duration::from_millis(200),
             connect_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(30),
+            tls_verify: true,
         }
     }
 }

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Local servers for the HTTP/S3 protocol tests (loopback only; they stop when stdin closes).
 
-  servers.py range DIR [--fail-every N] [--truncate-every N]
+  servers.py range DIR [--fail-every N] [--truncate-every N] [--tls CERT KEY]
       A static file server with HTTP Range support (206 with Content-Range, 416, HEAD, ETag
       from size+mtime, Last-Modified). /forbidden/* answers 403. With --fail-every N every
       Nth GET answers 503; with --truncate-every N every Nth ranged GET sends half its body
-      and drops the connection (a reset mid-transfer).
+      and drops the connection (a reset mid-transfer). With --tls it serves HTTPS with the
+      PEM certificate CERT and key KEY.
   servers.py s3 DIR BUCKET
       moto's S3 server with BUCKET holding every file of DIR (key = file name).
 
@@ -111,6 +112,13 @@ def main():
         trunc = int(args[args.index("--truncate-every") + 1]) if "--truncate-every" in args else 0
         srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), range_handler(root, fail, trunc))
         srv.daemon_threads = True
+        if "--tls" in args:
+            import ssl
+
+            i = args.index("--tls")
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(args[i + 1], args[i + 2])
+            srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
         threading.Thread(target=srv.serve_forever, daemon=True).start()
         port = srv.server_address[1]
     elif mode == "s3":

@@ -62,6 +62,13 @@ pub enum Driver {
     /// Filter inserted above the source of a mirror or active commit job (QEMU's
     /// `mirror_top`); its image is the job's write-tracking filter.
     MirrorTop,
+    /// Protocol: a remote object over `http://` (QEMU's curl `http` driver); read-only.
+    Http,
+    /// Protocol: a remote object over `https://` (QEMU's curl `https` driver); read-only.
+    Https,
+    /// Protocol: an S3 object (`s3://bucket/key`); diskstream's own, only opened for backing
+    /// files recorded in an image header (QEMU has no such driver).
+    S3,
 }
 
 impl Driver {
@@ -75,7 +82,15 @@ impl Driver {
             Driver::CopyOnRead => "copy-on-read",
             Driver::Nbd => "nbd",
             Driver::MirrorTop => "mirror_top",
+            Driver::Http => "http",
+            Driver::Https => "https",
+            Driver::S3 => "s3",
         }
+    }
+
+    /// Whether the node is a remote object read through diskstream-http.
+    pub fn is_remote_object(self) -> bool {
+        matches!(self, Driver::Http | Driver::Https | Driver::S3)
     }
 
     /// Whether the node is a filter (transparent for chain walks).
@@ -245,6 +260,94 @@ async fn open_nbd(
     }
     let proto: Arc<dyn Protocol> = Arc::new(NbdProtocol::from_client(client, filename.clone()));
     Ok((proto, filename))
+}
+
+/// The HTTP settings every remote object starts from: the defaults with the process's
+/// `DISKSTREAM_HTTP_*` overrides (read once), as `diskstream img` uses them.
+fn http_base_config() -> diskstream_http::HttpConfig {
+    static BASE: std::sync::OnceLock<diskstream_http::HttpConfig> = std::sync::OnceLock::new();
+    BASE.get_or_init(diskstream_http::HttpConfig::from_env)
+        .clone()
+}
+
+/// Longest `timeout` QEMU's curl driver accepts, in seconds.
+const HTTP_TIMEOUT_MAX: i64 = 10000;
+
+/// Open an `http`/`https` node (QEMU's `BlockdevOptionsCurlHttp(s)`, already validated) or
+/// diskstream's `s3` node (a header backing file `s3://bucket/key`): returns the protocol and
+/// the URL QEMU shows. The checks and their texts follow QEMU's curl driver, in its order: the
+/// object is read-only (`auto-read-only` makes a writable request read-only), `readahead` is a
+/// multiple of 512 bytes, `timeout` is 0..=10000 s, the URL starts with the driver's scheme.
+/// `readahead` (bytes) becomes read-ahead in fetch blocks, `timeout` the connect and read
+/// limits, `sslverify: false` accepts any server certificate. Credentials and cookies are
+/// refused: diskstream takes S3 credentials from the environment and has no secret objects.
+async fn open_http(
+    driver: &str,
+    opts: &Map<String, Value>,
+    read_only: bool,
+) -> QmpResult<(Arc<dyn Protocol>, String)> {
+    let auto_ro = opts
+        .get("auto-read-only")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
+    if !read_only && !auto_ro {
+        return Err(QmpError::generic("curl driver does not support writes"));
+    }
+    let mut cfg = http_base_config();
+    if let Some(r) = opts.get("readahead").and_then(|v| v.as_i64()) {
+        if r < 0 || r % 512 != 0 {
+            return Err(QmpError::generic(format!(
+                "HTTP_READAHEAD_SIZE {r} is not a multiple of 512"
+            )));
+        }
+        cfg.readahead = (r as u64).div_ceil(cfg.block_size);
+    }
+    if let Some(t) = opts.get("timeout").and_then(|v| v.as_i64()) {
+        if !(0..=HTTP_TIMEOUT_MAX).contains(&t) {
+            return Err(QmpError::generic(
+                "timeout parameter is too large or negative",
+            ));
+        }
+        if t > 0 {
+            cfg.connect_timeout = std::time::Duration::from_secs(t as u64);
+            cfg.read_timeout = cfg.connect_timeout;
+        }
+    }
+    if let Some(v) = opts.get("sslverify").and_then(|v| v.as_bool()) {
+        cfg.tls_verify = v;
+    }
+    if opts.contains_key("cookie") && opts.contains_key("cookie-secret") {
+        return Err(QmpError::generic(
+            "curl driver cannot handle both cookie and cookie secret",
+        ));
+    }
+    let url = opts.get("url").and_then(|v| v.as_str()).unwrap_or_default();
+    let scheme_ok = url
+        .get(..driver.len() + 3)
+        .is_some_and(|p| p.eq_ignore_ascii_case(&format!("{driver}://")));
+    if !scheme_ok {
+        return Err(QmpError::generic(format!(
+            "{driver} curl driver cannot handle the URL '{url}' (does not start with '{driver}://')"
+        )));
+    }
+    for key in [
+        "cookie",
+        "cookie-secret",
+        "username",
+        "password-secret",
+        "proxy-username",
+        "proxy-password-secret",
+    ] {
+        if opts.contains_key(key) {
+            return Err(QmpError::generic(format!(
+                "diskstream's {driver} driver does not support '{key}'"
+            )));
+        }
+    }
+    let proto = diskstream_http::HttpProtocol::open(url, &cfg)
+        .await
+        .map_err(|e| QmpError::generic(format!("Could not open {e}")))?;
+    Ok((Arc::new(proto), url.to_string()))
 }
 
 /// Nodes opened by one `blockdev-add`, committed to the graph only if all of it succeeds.
@@ -658,6 +761,17 @@ impl Graph {
                     node.proto = Some(proto);
                     node.block = Some(Arc::new(raw));
                 }
+                "http" | "https" | "s3" => {
+                    let (proto, filename) = open_http(driver, opts, read_only).await?;
+                    node.driver = match driver {
+                        "http" => Driver::Http,
+                        "https" => Driver::Https,
+                        _ => Driver::S3,
+                    };
+                    node.read_only = true;
+                    node.filename = filename;
+                    node.proto = Some(proto);
+                }
                 "raw" | "qcow2" => {
                     let file = opts.get("file").cloned().unwrap_or(Value::Null);
                     let child = self.open_ref(st, &file, read_only).await?;
@@ -843,8 +957,8 @@ impl Graph {
         let Some(name) = h.backing_file.clone() else {
             return Ok(None);
         };
-        let nbd_file = if name.contains("://") {
-            match nbd_url_options(&name) {
+        let remote_file = if name.contains("://") {
+            match remote_object_options(&name).or_else(|| nbd_url_options(&name)) {
                 Some(f) => Some(f),
                 None => {
                     return Err(QmpError::generic(format!(
@@ -872,7 +986,7 @@ impl Graph {
         let resolved = resolve_backing(Path::new(overlay_filename), &name);
         diskstream_block::image::check_backing_allowed(&name, &resolved)
             .map_err(|e| QmpError::generic(format!("Could not open backing file: {e}")))?;
-        let file = match nbd_file {
+        let file = match remote_file {
             Some(f) => f,
             None => {
                 let path = resolved;
@@ -1197,6 +1311,9 @@ impl Graph {
             match n.driver {
                 Driver::File => json!({"driver": "file", "filename": n.filename}),
                 Driver::Nbd => json!({"driver": "nbd", "filename": n.filename}),
+                Driver::Http | Driver::Https | Driver::S3 => {
+                    json!({"driver": n.driver.as_str(), "url": n.filename})
+                }
                 Driver::Blkdebug | Driver::Raw | Driver::CopyOnRead | Driver::MirrorTop => {
                     let key = if n.driver == Driver::Blkdebug {
                         "image"
@@ -1241,6 +1358,7 @@ impl Graph {
                 Driver::CopyOnRead | Driver::MirrorTop => !n.name.starts_with('#'),
                 Driver::Qcow2 => self.backing_overridden(n).await,
                 Driver::Raw | Driver::Blkdebug | Driver::Nbd => false,
+                Driver::Http | Driver::Https | Driver::S3 => false,
             };
             if json_name {
                 return format!(
@@ -1259,11 +1377,14 @@ impl Graph {
         let mut img = Map::new();
         img.insert("filename".into(), json!(self.display_filename(n).await));
         img.insert("format".into(), json!(n.driver.as_str()));
-        // QEMU shows the flag only when bdrv_get_info works: not for the nbd client, nor for
-        // raw over it (raw asks its file).
-        let over_nbd = n.driver == Driver::Nbd
+        // QEMU shows the flag only when bdrv_get_info works: not for the nbd client or the
+        // curl drivers, nor for raw over them (raw asks its file).
+        let no_info = |d: Driver| d == Driver::Nbd || d.is_remote_object();
+        let over_nbd = no_info(n.driver)
             || (n.driver == Driver::Raw
-                && n.file.and_then(|c| self.get(c)).map(|c| c.driver) == Some(Driver::Nbd));
+                && n.file
+                    .and_then(|c| self.get(c))
+                    .is_some_and(|c| no_info(c.driver)));
         if !over_nbd {
             img.insert("dirty-flag".into(), json!(false));
         }
@@ -1271,7 +1392,12 @@ impl Graph {
             img.insert("actual-size".into(), json!(a));
         }
         match n.driver {
-            Driver::File | Driver::Blkdebug | Driver::Nbd => {
+            Driver::File
+            | Driver::Blkdebug
+            | Driver::Nbd
+            | Driver::Http
+            | Driver::Https
+            | Driver::S3 => {
                 let len = match &n.proto {
                     Some(p) => p.len().await.unwrap_or(0),
                     None => 0,
@@ -1462,6 +1588,15 @@ impl Graph {
     }
 }
 
+/// The `file` child for a backing file that names a remote object: `http://`, `https://`
+/// (QEMU's curl drivers, as QEMU opens such names) or `s3://` (diskstream's `s3` node).
+fn remote_object_options(url: &str) -> Option<Value> {
+    let scheme = diskstream_block::image::url_scheme(url)?.to_ascii_lowercase();
+    diskstream_http::SCHEMES
+        .contains(&scheme.as_str())
+        .then(|| json!({"driver": scheme, "url": url}))
+}
+
 /// The `nbd` blockdev options of a backing file name that is an NBD URL, as QEMU's nbd driver
 /// parses it: `nbd://HOST[:PORT][/EXPORT]` (port 10809 by default) or
 /// `nbd+unix:///[EXPORT]?socket=PATH`. `None` for anything else.
@@ -1483,7 +1618,7 @@ fn nbd_url_options(url: &str) -> Option<Value> {
 
 #[cfg(test)]
 mod nbd_url_tests {
-    use super::nbd_url_options;
+    use super::{nbd_url_options, remote_object_options};
     use serde_json::json;
 
     #[test]
@@ -1508,5 +1643,24 @@ mod nbd_url_tests {
         );
         assert_eq!(nbd_url_options("http://x/y"), None);
         assert_eq!(nbd_url_options("nbd+unix:///e"), None);
+    }
+
+    #[test]
+    fn remote_object_urls_become_curl_or_s3_nodes() {
+        assert_eq!(
+            remote_object_options("http://h:8080/img/base.raw"),
+            Some(json!({"driver": "http", "url": "http://h:8080/img/base.raw"}))
+        );
+        assert_eq!(
+            remote_object_options("HTTPS://h/b.qcow2"),
+            Some(json!({"driver": "https", "url": "HTTPS://h/b.qcow2"}))
+        );
+        assert_eq!(
+            remote_object_options("s3://bucket/key"),
+            Some(json!({"driver": "s3", "url": "s3://bucket/key"}))
+        );
+        assert_eq!(remote_object_options("nbd://h/e"), None);
+        assert_eq!(remote_object_options("ftp://h/f"), None);
+        assert_eq!(remote_object_options("base.qcow2"), None);
     }
 }

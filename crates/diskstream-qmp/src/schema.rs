@@ -263,6 +263,33 @@ const NBD: &[Member] = &[
     opt("open-timeout", Ty::U32),
 ];
 
+/// `BlockdevOptionsCurlBase`: QEMU's curl drivers.
+const CURL_HTTP: &[Member] = &[
+    req("url", Ty::Str),
+    opt("readahead", Ty::Int),
+    opt("timeout", Ty::Int),
+    opt("username", Ty::Str),
+    opt("password-secret", Ty::Str),
+    opt("proxy-username", Ty::Str),
+    opt("proxy-password-secret", Ty::Str),
+    opt("cookie", Ty::Str),
+    opt("cookie-secret", Ty::Str),
+];
+
+/// `BlockdevOptionsCurlHttps`: the http members and `sslverify`.
+const CURL_HTTPS: &[Member] = &[
+    req("url", Ty::Str),
+    opt("readahead", Ty::Int),
+    opt("timeout", Ty::Int),
+    opt("username", Ty::Str),
+    opt("password-secret", Ty::Str),
+    opt("proxy-username", Ty::Str),
+    opt("proxy-password-secret", Ty::Str),
+    opt("cookie", Ty::Str),
+    opt("sslverify", Ty::Bool),
+    opt("cookie-secret", Ty::Str),
+];
+
 const COPY_ON_READ: &[Member] = &[req("file", Ty::BlockdevRef), opt("bottom", Ty::Str)];
 
 /// The driver-specific members diskstream knows, if any.
@@ -274,6 +301,8 @@ pub fn driver_members(driver: &str) -> Option<&'static [Member]> {
         "blkdebug" => BLKDEBUG,
         "copy-on-read" => COPY_ON_READ,
         "nbd" => NBD,
+        "http" => CURL_HTTP,
+        "https" => CURL_HTTPS,
         _ => return None,
     })
 }
@@ -518,7 +547,7 @@ pub fn check_blockdev_options(
             check_unexpected(obj, &[BLOCKDEV_BASE, ms], prefix)
         }
         None => Err(QmpError::generic(format!(
-            "Driver '{driver}' is not supported by diskstream (supported: file, raw, qcow2, nbd, blkdebug)"
+            "Driver '{driver}' is not supported by diskstream (supported: file, raw, qcow2, nbd, http, https, blkdebug, copy-on-read)"
         ))),
     }
 }

@@ -115,14 +115,15 @@ def backing_of(path):
 
 
 class Daemon:
-    def __init__(self, exe, d, extra=(), sock=True):
+    def __init__(self, exe, d, extra=(), sock=True, env=None):
         self.d = d
         self.sock = os.path.join(d, "qmp.sock")
         args = [exe, "daemon"]
         if sock:
             args += ["--chardev", f"socket,id=m,path={self.sock},server=on,wait=off", "--monitor", "chardev=m"]
         self.p = subprocess.Popen(args + list(extra), cwd=d, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE)
+                                  stderr=subprocess.PIPE,
+                                  env=None if env is None else {**os.environ, **env})
 
     def qmp(self):
         return Qmp(self.sock)
@@ -946,6 +947,223 @@ def test_cancel_latency_under_load(exe, d):
             dm.kill9()
     for img in ("top", "tgt"):
         check_clean(f"{d}/{img}.qcow2")
+
+
+SERVERS = os.path.join(HERE, "..", "..", "..", "diskstream-http", "tests", "servers.py")
+
+
+class ObjectServer:
+    """crates/diskstream-http/tests/servers.py: `range DIR` (a static HTTP server with Range
+    support) or `s3 DIR BUCKET` (moto's S3 server); it stops when its stdin closes."""
+
+    def __init__(self, *args):
+        self.p = subprocess.Popen([sys.executable, SERVERS] + list(args), stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+        line = self.p.stdout.readline()
+        assert line.startswith("PORT "), f"servers.py {args}: {line!r}"
+        self.port = int(line.split()[1])
+
+    def stop(self):
+        self.p.stdin.close()
+        self.p.wait(timeout=30)
+
+
+def http_base(d, size=32 * MiB):
+    """objects/base.raw with data, a hole and zeroes; returns its bytes."""
+    os.makedirs(f"{d}/objects")
+    run("qemu-img", "create", "-q", "-f", "raw", f"{d}/objects/base.raw", str(size))
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x11 0 6M", "-c", "write -P 0x22 10M 5M",
+        "-c", "write -P 0x33 24M 3M", f"{d}/objects/base.raw")
+    with open(f"{d}/objects/base.raw", "rb") as f:
+        return f.read()
+
+
+def test_http_backing_stream(exe, d):
+    """A qcow2 overlay whose backing file is http:// (qemu-img create -u: QEMU here has no
+    curl driver): the daemon opens the header's URL as an implicit read-only `http` node
+    (refused when the backing allow-list lacks http://), a guest writes through the NBD export
+    while block-stream copies the remote data in; afterwards the overlay has no backing,
+    equals the source plus the guest's writes (qemu-img compare) and passes qemu-img check."""
+    base = http_base(d)
+    srv = ObjectServer("range", f"{d}/objects")
+    url = f"http://127.0.0.1:{srv.port}/base.raw"
+    try:
+        run("qemu-img", "create", "-q", "-u", "-f", "qcow2", "-b", url, "-F", "raw",
+            f"{d}/top.qcow2", str(len(base)))
+        # The allow-list applies to URL backing files as to local ones.
+        dm = Daemon(exe, d, ["--nbd-server", "none", "--blockdev", TOP],
+                    env={"DISKSTREAM_BACKING_ALLOW": f"{d}:nbd://"})
+        assert dm.wait() != 0
+        err = dm.p.stderr.read().decode()
+        assert "URL scheme 'http' is not in the backing allow-list" in err, err
+        env = {"DISKSTREAM_BACKING_ALLOW": f"{d}:http://", "DISKSTREAM_HTTP_BLOCK_SIZE": "65536"}
+        dm = Daemon(exe, d, ["--blockdev", TOP] + nbd_args(d), env=env)
+        try:
+            q = dm.qmp()
+            nodes = q.cmd("query-named-block-nodes", {"flat": True})
+            remote = [n for n in nodes if n["drv"] == "http"]
+            assert len(remote) == 1 and remote[0]["file"] == url and remote[0]["ro"], nodes
+            top = [n for n in nodes if n["node-name"] == "top"][0]
+            assert top["backing_file"] == url, top
+            w = Writer(f"nbd+unix:///top?socket={d}/nbd.sock", d, 31)
+            q.cmd("block-stream", {"job-id": "s", "device": "top", "speed": 8 * MiB})
+            time.sleep(0.5)
+            jobs = q.cmd("query-block-jobs")
+            e = q.wait_event("BLOCK_JOB_COMPLETED", device="s", timeout=120)
+            assert "error" not in e["data"] and e["data"]["offset"] == e["data"]["len"], e
+            t_done = time.time()
+            time.sleep(0.3)
+            acked, _, _ = w.finish()
+            assert len(acked) >= 8, f"only {len(acked)} guest writes"
+            assert jobs and jobs[0]["offset"] < jobs[0]["len"], f"stream already done: {jobs}"
+            assert w.acked_since(t_done) > 0, "no guest write after the stream"
+            nodes = q.cmd("query-named-block-nodes", {"flat": True})
+            assert not [n for n in nodes if n["drv"] in ("http", "raw")], nodes
+            q.cmd("quit")
+            assert dm.wait() == 0
+        finally:
+            if dm.p.poll() is None:
+                dm.kill9()
+    finally:
+        srv.stop()
+    assert backing_of(f"{d}/top.qcow2") is None
+    check_clean(f"{d}/top.qcow2")
+    with open(f"{d}/expect.raw", "wb") as f:
+        f.write(apply_slots(base, acked))
+    r = run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", f"{d}/expect.raw",
+            f"{d}/top.qcow2", check=False)
+    assert r.returncode == 0, f"overlay differs from source + guest writes: {r.stdout}{r.stderr}"
+    # Regions the guest never wrote equal the raw source itself.
+    got = image_bytes(f"{d}/top.qcow2")
+    untouched = [i for i in range(len(base) // 65536) if i not in acked]
+    assert all(got[i * 65536:(i + 1) * 65536] == base[i * 65536:(i + 1) * 65536]
+               for i in untouched)
+
+
+def test_http_blockdev_and_cor(exe, d):
+    """QEMU's curl driver names through blockdev-add: `http` nodes with url, readahead and
+    timeout (read-only; QEMU's texts for a writable request, a bad readahead or timeout, a URL
+    of another scheme; `sslverify` only for https), a 404 refused with one clear error; then a
+    copy-on-read filter over an overlay whose header names an http:// backing: reading the
+    whole device through the filter's export equals the source and populates the overlay
+    (with the backing removed it still reads the same). An s3:// header backing (moto) opens
+    too."""
+    base = http_base(d)
+    srv = ObjectServer("range", f"{d}/objects")
+    url = f"http://127.0.0.1:{srv.port}/base.raw"
+    dm = Daemon(exe, d, ["--nbd-server", f"addr.type=unix,addr.path={d}/nbd.sock"])
+    try:
+        q = dm.qmp()
+
+        def err(opts):
+            r = q.cmd("blockdev-add", opts, ok=False)
+            assert "error" in r, f"{opts}: {r}"
+            return r["error"]["desc"]
+
+        assert err({"driver": "http", "node-name": "h"}) == "Parameter 'url' is missing"
+        assert err({"driver": "http", "node-name": "h", "url": url, "read-only": True,
+                    "sslverify": False}) == "Parameter 'sslverify' is unexpected"
+        assert err({"driver": "http", "node-name": "h", "url": url}) == \
+            "curl driver does not support writes"
+        assert err({"driver": "http", "node-name": "h", "url": url, "read-only": True,
+                    "readahead": 1000}) == "HTTP_READAHEAD_SIZE 1000 is not a multiple of 512"
+        assert err({"driver": "http", "node-name": "h", "url": url, "read-only": True,
+                    "timeout": 20000}) == "timeout parameter is too large or negative"
+        assert err({"driver": "https", "node-name": "h", "url": url, "read-only": True}) == \
+            f"https curl driver cannot handle the URL '{url}' (does not start with 'https://')"
+        e = err({"driver": "http", "node-name": "h", "read-only": True,
+                 "url": f"http://127.0.0.1:{srv.port}/missing.raw"})
+        assert "not found (HTTP 404)" in e, e
+        q.cmd("blockdev-add", {"driver": "raw", "node-name": "r", "read-only": True,
+                               "file": {"driver": "http", "node-name": "h", "url": url,
+                                        "readahead": 1 * MiB, "timeout": 10}})
+        q.cmd("block-export-add", {"type": "nbd", "id": "r", "node-name": "r"})
+        run("qemu-img", "convert", "-f", "raw", "-O", "raw",
+            f"nbd+unix:///r?socket={d}/nbd.sock", f"{d}/r.raw")
+        assert open(f"{d}/r.raw", "rb").read() == base, "http node reads differ from the source"
+        q.cmd("block-export-del", {"id": "r"})
+        q.cmd("blockdev-del", {"node-name": "r"})
+
+        run("qemu-img", "create", "-q", "-u", "-f", "qcow2", "-b", url, "-F", "raw",
+            f"{d}/top.qcow2", str(len(base)))
+        q.cmd("blockdev-add", {"driver": "qcow2", "node-name": "top",
+                               "file": {"driver": "file", "filename": f"{d}/top.qcow2"}})
+        q.cmd("blockdev-add", {"driver": "copy-on-read", "node-name": "cor", "file": "top"})
+        q.cmd("block-export-add", {"type": "nbd", "id": "c", "node-name": "cor", "name": "c"})
+        run("qemu-img", "convert", "-f", "raw", "-O", "raw",
+            f"nbd+unix:///c?socket={d}/nbd.sock", f"{d}/c.raw")
+        assert open(f"{d}/c.raw", "rb").read() == base, "copy-on-read reads differ"
+        q.cmd("block-export-del", {"id": "c"})
+        q.cmd("blockdev-del", {"node-name": "cor"})
+        q.cmd("blockdev-del", {"node-name": "top"})
+
+        # s3:// backing file named by the header (diskstream's s3 node).
+        s3 = ObjectServer("s3", f"{d}/objects", "images")
+        try:
+            run("qemu-img", "create", "-q", "-u", "-f", "qcow2", "-b", "s3://images/base.raw",
+                "-F", "raw", f"{d}/s3top.qcow2", str(len(base)))
+            q.cmd("quit")
+            assert dm.wait() == 0
+            env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3.port}",
+                   "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                   "AWS_REGION": "us-east-1"}
+            dm = Daemon(exe, d, ["--blockdev", "driver=qcow2,node-name=s3top,file.driver=file,"
+                                               f"file.filename={d}/s3top.qcow2",
+                                 "--nbd-server", f"addr.type=unix,addr.path={d}/nbd.sock",
+                                 "--export", "type=nbd,id=s,node-name=s3top"], env=env)
+            q = dm.qmp()
+            nodes = q.cmd("query-named-block-nodes", {"flat": True})
+            assert [n["file"] for n in nodes if n["drv"] == "s3"] == ["s3://images/base.raw"], \
+                nodes
+            run("qemu-img", "convert", "-f", "raw", "-O", "raw",
+                f"nbd+unix:///s3top?socket={d}/nbd.sock", f"{d}/s.raw")
+            assert open(f"{d}/s.raw", "rb").read() == base, "s3 backing reads differ"
+            q.cmd("quit")
+            assert dm.wait() == 0
+        finally:
+            s3.stop()
+    finally:
+        if dm.p.poll() is None:
+            dm.kill9()
+        srv.stop()
+    # Populated: without its backing file the overlay still reads as the source.
+    run("qemu-img", "rebase", "-u", "-b", "", f"{d}/top.qcow2")
+    check_clean(f"{d}/top.qcow2")
+    r = run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", f"{d}/objects/base.raw",
+            f"{d}/top.qcow2", check=False)
+    assert r.returncode == 0, f"copy-on-read left holes: {r.stdout}{r.stderr}"
+
+
+def test_https_sslverify(exe, d):
+    """`driver: https` against a local HTTPS server with a self-signed certificate: refused
+    while `sslverify` is on (the default), read correctly with `sslverify: false`."""
+    base = http_base(d)
+    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+        "-keyout", f"{d}/key.pem", "-out", f"{d}/cert.pem")
+    srv = ObjectServer("range", f"{d}/objects", "--tls", f"{d}/cert.pem", f"{d}/key.pem")
+    url = f"https://127.0.0.1:{srv.port}/base.raw"
+    env = {"DISKSTREAM_HTTP_RETRIES": "0"}
+    dm = Daemon(exe, d, ["--nbd-server", f"addr.type=unix,addr.path={d}/nbd.sock"], env=env)
+    try:
+        q = dm.qmp()
+        r = q.cmd("blockdev-add", {"driver": "https", "node-name": "h", "url": url,
+                                   "read-only": True}, ok=False)
+        assert "error" in r and "certificate" in r["error"]["desc"].lower(), r
+        q.cmd("blockdev-add", {"driver": "raw", "node-name": "r", "read-only": True,
+                               "file": {"driver": "https", "url": url, "sslverify": False}})
+        nodes = q.cmd("query-named-block-nodes", {"flat": True})
+        assert [n["file"] for n in nodes if n["drv"] == "https"] == [url], nodes
+        q.cmd("block-export-add", {"type": "nbd", "id": "r", "node-name": "r"})
+        run("qemu-img", "convert", "-f", "raw", "-O", "raw",
+            f"nbd+unix:///r?socket={d}/nbd.sock", f"{d}/r.raw")
+        assert open(f"{d}/r.raw", "rb").read() == base, "https reads differ from the source"
+        q.cmd("quit")
+        assert dm.wait() == 0
+    finally:
+        if dm.p.poll() is None:
+            dm.kill9()
+        srv.stop()
 
 
 TESTS = {name[5:]: f for name, f in dict(globals()).items() if name.startswith("test_")}
