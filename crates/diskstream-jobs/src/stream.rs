@@ -72,7 +72,7 @@ impl Default for StreamConfig {
         StreamConfig {
             chunk_size: 1 << 20,
             parallel: 8,
-            busy_parallel: 2,
+            busy_parallel: 1,
             checkpoint: Some(std::time::Duration::from_secs(1)),
         }
     }
