@@ -9,7 +9,7 @@ budget=${1:-15}
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(qcow2_open nbd_handshake nbd_transmission qmp_input keyval)
+    targets=(qcow2_open qed_open nbd_handshake nbd_transmission qmp_input keyval)
 fi
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 bash seed.sh >/dev/null
