@@ -302,25 +302,6 @@ def http_server(h, root):
     return proc, int(line.split()[1])
 
 
-def alternate_n(h, fns, rounds=None):
-    """A B C ... per round (h.alternate for more than two sides, with its one retry)."""
-    out = [[] for _ in fns]
-    for i in range(rounds or h.rounds):
-        for f, acc in zip(fns, out):
-            h.sample_load()
-            try:
-                acc.append(f(i))
-            except BenchError as e:
-                h.notes.append(f"round {i} retried after: {str(e).splitlines()[0][:300]}")
-                print(f"  retrying round {i}: {str(e).splitlines()[0][:300]}", flush=True)
-                for proc in list(h.procs):
-                    if proc not in h.keep_procs:
-                        h.stop(proc, timeout=5)
-                acc.append(f(i))
-    h.sample_load()
-    return out
-
-
 def sc_http(h):
     size = 16 * MiB if h.quick else h.args.http_size * MiB
     root = h.p("http")
@@ -380,8 +361,8 @@ def sc_http(h):
             h.sh("cmp", out, raw)
             os.unlink(out)
             return dt
-        rb_ds, rb_q, cv_ds, cv_q, dl = alternate_n(
-            h, [rebase("diskstream"), rebase("qemu-img"), convert("diskstream"), convert("qemu-img"), download])
+        rb_ds, rb_q, cv_ds, cv_q, dl = h.alternate_n(
+            [rebase("diskstream"), rebase("qemu-img"), convert("diskstream"), convert("qemu-img"), download])
         lab = f"{gib_label(size)} raw over HTTP under an empty qcow2 overlay"
         peer = "qemu-img (nbd:// via nbdkit curl)"
         h.add_result("http", f"img rebase -b '' (offline stream), {lab}", "s", rb_ds, rb_q, peer,

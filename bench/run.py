@@ -16,7 +16,7 @@ mirror-latency, commit, http (the last four are in bench/jobs.py).
 
 Hook for bench/cor.py (copy-on-read; written separately): if the file exists it is imported
 and `cor.run(h)` is called with the Harness `h` (see the class: `h.quick`, `h.rounds`,
-`h.work`, `h.ds`, `h.spawn`/`h.stop`, `h.timed`, `h.alternate`, `h.add_result`, `h.fio`).
+`h.work`, `h.ds`, `h.spawn`/`h.stop`, `h.timed`, `h.alternate`/`h.alternate_n`, `h.add_result`, `h.fio`).
 """
 import argparse
 import atexit
@@ -235,9 +235,14 @@ class Harness:
     def alternate(self, ours, theirs, rounds=None):
         """A B A B: call ours(i) then theirs(i) for each round; each returns a value (seconds
         or a throughput). Returns the two lists."""
-        a, b = [], []
+        a, b = self.alternate_n([ours, theirs], rounds)
+        return a, b
+
+    def alternate_n(self, fns, rounds=None):
+        """A B C ... per round: call each of fns(i) in turn; returns one list per function."""
+        out = [[] for _ in fns]
         for i in range(rounds or self.rounds):
-            for f, acc in ((ours, a), (theirs, b)):
+            for f, acc in zip(fns, out):
                 self.sample_load()
                 try:
                     acc.append(f(i))
@@ -251,7 +256,7 @@ class Harness:
                             self.stop(proc, timeout=5)
                     acc.append(f(i))
         self.sample_load()
-        return a, b
+        return out
 
     def add_result(self, scenario, name, unit, ours, theirs, peer, rss_ours=None, rss_theirs=None,
                    higher_better=False, extra=None):
