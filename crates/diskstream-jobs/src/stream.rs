@@ -41,6 +41,7 @@
 use crate::error::JobFailure;
 use crate::job::{ErrorAction, IoOperation, Job, JobDriver};
 use async_trait::async_trait;
+use diskstream_block::image::chain_layers;
 use diskstream_block::node::{read_backing, same_node, Allocation, BlockNode};
 use diskstream_block::status::{allocated_above, map_extent};
 use diskstream_block::{foreground, BlockError};
@@ -431,17 +432,13 @@ impl JobDriver for StreamJob {
 /// Whether any layer from `from` down to `bottom` (inclusive) keeps its data on a remote
 /// protocol.
 fn chain_is_remote(from: &Arc<dyn BlockNode>, bottom: &Arc<dyn BlockNode>) -> bool {
-    let mut cur = Some(Arc::clone(from));
-    // A chain is never deeper than this; the bound only guards against a cycle.
-    for _ in 0..1024 {
-        let Some(n) = cur else { return false };
+    for n in chain_layers(from) {
         if n.remote() {
             return true;
         }
         if same_node(&n, bottom) {
             return false;
         }
-        cur = n.backing();
     }
     false
 }

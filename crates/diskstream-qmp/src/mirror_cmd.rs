@@ -908,16 +908,10 @@ pub async fn drive_mirror(mon: &Arc<Monitor>, a: &Map<String, Value>) -> QmpResu
                     existing_backing = Some(b);
                 }
                 None => {
-                    g.remove_tree(tgt).await;
-                    opts.remove("backing");
-                    g.blockdev_add(&opts).await?;
-                    tgt = g
-                        .find(&node_name)
-                        .map(|n| n.id)
-                        .ok_or_else(|| QmpError::generic("target vanished"))?;
-                    if let Some(n) = g.get_mut(tgt) {
-                        n.monitor_owned = false;
-                    }
+                    tgt = crate::switch_cmd::reopen_with_header_chain(
+                        &mut g, tgt, &mut opts, &node_name,
+                    )
+                    .await?;
                 }
             }
         }

@@ -133,6 +133,28 @@ pub(crate) fn check_backing_format(
     Ok(())
 }
 
+/// Close node `id` (opened from `opts` with `backing: null`) and open it again as `name` with
+/// the backing chain its header records (read-only, never probed); like `id`, the new node
+/// goes away with its last user. Returns the new node.
+pub(crate) async fn reopen_with_header_chain(
+    g: &mut Graph,
+    id: NodeId,
+    opts: &mut Map<String, Value>,
+    name: &str,
+) -> QmpResult<NodeId> {
+    g.remove_tree(id).await;
+    opts.remove("backing");
+    g.blockdev_add(opts).await?;
+    let id = g
+        .find(name)
+        .map(|n| n.id)
+        .ok_or_else(|| QmpError::generic("the opened image vanished"))?;
+    if let Some(n) = g.get_mut(id) {
+        n.monitor_owned = false;
+    }
+    Ok(id)
+}
+
 /// Open `filename` as node `name` for the switch of `old`: a backing file recorded in its
 /// header that is a format node of `old`'s chain is linked to that node; otherwise the chain
 /// recorded in the header is opened. Returns the new node and the node it was linked to.
@@ -183,16 +205,7 @@ async fn open_target(
         }
         None => {
             // Not part of the device's chain: open the chain the header records.
-            g.remove_tree(id).await;
-            opts.remove("backing");
-            g.blockdev_add(&opts).await?;
-            let id = g
-                .find(name)
-                .map(|n| n.id)
-                .ok_or_else(|| QmpError::generic("the opened image vanished"))?;
-            if let Some(n) = g.get_mut(id) {
-                n.monitor_owned = false;
-            }
+            let id = reopen_with_header_chain(g, id, &mut opts, name).await?;
             Ok((id, None))
         }
     }
