@@ -86,7 +86,7 @@ def nbd_node(name, port):
 def job_once(h, side, name, blockdevs, command, args, timeout, export=None, probe=None):
     """Start a fresh daemon with `blockdevs`, run `command` (a job that reaches READY: mirror
     or active commit), then `block-job-complete`. Returns (seconds to READY, seconds to
-    COMPLETED, peak RSS KiB). probe(phase, daemon) is called with 'before' (daemon up),
+    COMPLETED, peak RSS KiB, CPU seconds of the daemon). probe(phase, daemon) is called with 'before' (daemon up),
     'start' (just before the command) and 'ready' (READY received, before the completion)."""
     d = Daemon(h, side, name, blockdevs, export=export)
     try:
@@ -108,10 +108,10 @@ def job_once(h, side, name, blockdevs, command, args, timeout, export=None, prob
         t_done = time.perf_counter() - t0
         if ev["event"] != "BLOCK_JOB_COMPLETED" or "error" in ev["data"]:
             raise BenchError(f"{side} {command} failed: {ev}")
-        rss = d.rss()
+        rss, cpu = d.rss(), d.cpu()
     finally:
         d.close()
-    return t_ready, t_done, rss
+    return t_ready, t_done, rss, cpu
 
 
 def job_scenario(h, scenario, title, size, setup, verify, timeout):
@@ -119,20 +119,27 @@ def job_scenario(h, scenario, title, size, setup, verify, timeout):
     verify(side, i) after each round. Two results: time to READY and to COMPLETED."""
     rss = {s: 0 for s in SIDES}
     ready = {s: [] for s in SIDES}
+    cpu = {s: [] for s in SIDES}
 
     def run(side):
         def f(i):
             blockdevs, command, args = setup(side, i)
-            tr, td, r = job_once(h, side, f"{scenario}-{side}", blockdevs, command, args, timeout)
+            tr, td, r, c = job_once(h, side, f"{scenario}-{side}", blockdevs, command, args, timeout)
             rss[side] = max(rss[side], r or 0)
+            if c is not None:
+                cpu[side].append(c)
             verify(side, i)
             ready[side].append(tr)
             return td
         return f
     a, b = h.alternate(run("diskstream"), run(QSD))
     mo, mt = statistics.median(a), statistics.median(b)
+    extra = {"mib_per_s_ours": size / MiB / mo, "mib_per_s_theirs": size / MiB / mt}
+    if cpu["diskstream"] and cpu[QSD]:
+        extra.update(cpu_s_ours=statistics.median(cpu["diskstream"]),
+                     cpu_s_theirs=statistics.median(cpu[QSD]))
     h.add_result(scenario, f"{title}: command to COMPLETED", "s", a, b, QSD, rss["diskstream"], rss[QSD],
-                 extra={"mib_per_s_ours": size / MiB / mo, "mib_per_s_theirs": size / MiB / mt})
+                 extra=extra)
     # The rounds that reached READY are those measured above (a retried round only counts once).
     h.add_result(scenario, f"{title}: command to READY", "s", ready["diskstream"][-len(a):],
                  ready[QSD][-len(b):], QSD, rss["diskstream"], rss[QSD])
@@ -225,7 +232,7 @@ def sc_mirror_latency(h):
                         # fio stops on SIGINT and still writes its logs; the writes it made
                         # are then all in the source, and the completion syncs the target.
                         h.stop(st["fio"], sig=signal.SIGINT, timeout=30)
-                tr, td, r = job_once(h, side, f"mlat-{side}", [node("src", src), node("tgt", tgt)],
+                tr, td, r, _ = job_once(h, side, f"mlat-{side}", [node("src", src), node("tgt", tgt)],
                                      "blockdev-mirror", {"job-id": "m", "device": "src", "target": "tgt",
                                                          "sync": "full", "copy-mode": mode},
                                      1800, export="src", probe=probe)

@@ -70,6 +70,17 @@ def vm_hwm_kib(pid):
     return None
 
 
+def cpu_seconds(pid):
+    """User + system CPU time a running process has used so far (seconds), or None. Less
+    sensitive to a loaded machine than wall time: what the work itself costs."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def tool_version(cmd):
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
@@ -335,6 +346,9 @@ class Daemon:
 
     def rss(self):
         return vm_hwm_kib(self.proc.pid)
+
+    def cpu(self):
+        return cpu_seconds(self.proc.pid)
 
     def close(self):
         try:
@@ -800,6 +814,12 @@ def mib(kib):
     return "-" if not kib else f"{kib / 1024:.0f}"
 
 
+def cpu_pair(r):
+    """Median CPU seconds per round of each side's measured process, where recorded."""
+    a, b = r.get("cpu_s_ours"), r.get("cpu_s_theirs")
+    return "-" if a is None or b is None else f"{a:.2f} / {b:.2f}"
+
+
 def plots(results, series, outdir):
     """Ratio bars per scenario and guest latency over time during the stream."""
     import matplotlib
@@ -889,15 +909,15 @@ def report(h, data, out_md, plot_dir, rel_plot_dir):
     if "ratios.png" in made:
         L += [f"![ratios]({rel_plot_dir}/ratios.png)", ""]
     L += ["| scenario | unit | diskstream median | min | max | peer | peer median | min | max | ratio | "
-          "RSS MiB ds / peer | load | measured |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "RSS MiB ds / peer | CPU s ds / peer | load | measured |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         o, t, u = r["ours"], r["theirs"], r["unit"]
         L.append(f"| {r['name']} | {u}{' (more is better)' if r['higher_better'] else ''} | "
                  f"{fmt(statistics.median(o), u)} | {fmt(min(o), u)} | {fmt(max(o), u)} | {r['peer']} | "
                  f"{fmt(statistics.median(t), u)} | {fmt(min(t), u)} | {fmt(max(t), u)} | **{r['ratio']:.2f}x** | "
                  f"{mib(r.get('rss_ours_kib'))} / {mib(r.get('rss_theirs_kib'))} | "
-                 f"{load_range(r)} | {r.get('when', '-')[5:16]} |")
+                 f"{cpu_pair(r)} | {load_range(r)} | {r.get('when', '-')[5:16]} |")
     L.append("")
     lat = next((r for r in results if r.get("latency")), None)
     if lat:

@@ -111,6 +111,13 @@ pub trait BlockNode: Send + Sync + 'static {
     }
     /// Write `data` at `offset`.
     async fn write(&self, offset: u64, data: &[u8]) -> Result<()>;
+    /// Write an owned buffer and hand it back for reuse. Bulk copies (mirror, commit) use it
+    /// so that a driver which can write from the buffer as it is (qcow2 and raw over a file)
+    /// neither copies nor reallocates the data; the default borrows it for [`BlockNode::write`].
+    async fn write_owned(&self, offset: u64, data: Vec<u8>) -> Result<Vec<u8>> {
+        self.write(offset, &data).await?;
+        Ok(data)
+    }
     /// Make a range read as zeroes; `unmap` allows deallocating it.
     async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()>;
     /// Discard a range (guest contents afterwards: zero or unchanged, per the format's rules).

@@ -78,13 +78,15 @@ impl CommitJob {
                             .await
                             .map_err(|e| (IoOperation::Write, e))?;
                     } else {
-                        let mut buf = vec![0u8; m as usize];
-                        self.top
-                            .read(p, &mut buf)
+                        // Read into spare capacity and write from the same buffer: no
+                        // zero-fill, no copy (see BlockNode::write_owned).
+                        let buf = self
+                            .top
+                            .read_append(p, Vec::new(), m as usize)
                             .await
                             .map_err(|e| (IoOperation::Read, e))?;
                         self.base
-                            .write(p, &buf)
+                            .write_owned(p, buf)
                             .await
                             .map_err(|e| (IoOperation::Write, e))?;
                     }

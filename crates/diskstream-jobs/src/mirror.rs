@@ -202,6 +202,9 @@ struct Shared {
     /// Ranges being copied or written to both sides.
     busy: Mutex<Vec<(u64, u64)>>,
     released: Notify,
+    /// Data buffers of finished copies, reused by the next ones (at most one per copy in
+    /// flight: a mirror's memory stays at about `buf-size`).
+    spare_bufs: Mutex<Vec<Vec<u8>>>,
 }
 
 impl Shared {
@@ -478,6 +481,7 @@ impl MirrorJob {
             dirtied: Notify::new(),
             busy: Mutex::new(Vec::new()),
             released: Notify::new(),
+            spare_bufs: Mutex::new(Vec::new()),
         });
         let filter = Arc::new(MirrorFilter {
             source: Arc::clone(&source),
@@ -577,9 +581,10 @@ impl MirrorJob {
     /// Copy everything dirty now, one run at a time (used with guest writes held).
     async fn copy_all_dirty(&self, job: &Job) -> Result<(), JobFailure> {
         let max = self.cfg.buf_size.max(self.cfg.granularity);
+        let mut buf = Vec::new();
         while let Some((off, len)) = self.shared().bitmap.next_run(0, max, |_, _| false) {
             self.shared().bitmap.clear(off, len);
-            if let Err((op, e)) = copy_range(&self.source, &self.target, off, len).await {
+            if let Err((op, e)) = copy_range(&self.source, &self.target, off, len, &mut buf).await {
                 let mut failure = None;
                 self.handle_error(job, off, len, op, &e, &mut failure);
                 return Err(failure.unwrap_or_else(|| JobFailure::from_block(&e)));
@@ -608,12 +613,14 @@ impl MirrorJob {
 type CopyResult = (u64, u64, Result<(), (IoOperation, BlockError)>);
 
 /// Copy `[off, off+len)` of what the source shows to the target: data is read and written,
-/// ranges that read as zeroes become zero writes.
+/// ranges that read as zeroes become zero writes. `spare` is the data buffer, read into and
+/// written from without copies (see `BlockNode::write_owned`) and left for the next copy.
 async fn copy_range(
     source: &Arc<dyn BlockNode>,
     target: &Arc<dyn BlockNode>,
     off: u64,
     len: u64,
+    spare: &mut Vec<u8>,
 ) -> Result<(), (IoOperation, BlockError)> {
     let end = off + len;
     let mut pos = off;
@@ -628,13 +635,14 @@ async fn copy_range(
                 .await
                 .map_err(|e| (IoOperation::Write, e))?;
         } else {
-            let mut buf = vec![0u8; n as usize];
-            source
-                .read(pos, &mut buf)
+            let mut buf = std::mem::take(spare);
+            buf.clear();
+            let buf = source
+                .read_append(pos, buf, n as usize)
                 .await
                 .map_err(|e| (IoOperation::Read, e))?;
-            target
-                .write(pos, &buf)
+            *spare = target
+                .write_owned(pos, buf)
                 .await
                 .map_err(|e| (IoOperation::Write, e))?;
         }
@@ -813,8 +821,12 @@ impl JobDriver for MirrorJob {
                 Arc::clone(&sh),
             );
             inflight.spawn(async move {
-                let r = copy_range(&src, &tgt, off, len).await;
+                let mut buf = lock(&sh2.spare_bufs).pop().unwrap_or_default();
+                let r = copy_range(&src, &tgt, off, len, &mut buf).await;
                 sh2.unlock_range(off, len);
+                if buf.capacity() > 0 {
+                    lock(&sh2.spare_bufs).push(buf);
+                }
                 (off, len, r)
             });
         }

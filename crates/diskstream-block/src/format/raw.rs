@@ -118,6 +118,16 @@ impl BlockNode for RawNode {
         self.file.write_at(offset, data).await
     }
 
+    async fn write_owned(&self, offset: u64, data: Vec<u8>) -> Result<Vec<u8>> {
+        check_bounds(offset, data.len() as u64, self.size())?;
+        self.guard_first_sector(offset, data.len() as u64, Some(&data))
+            .await?;
+        self.file.debug_event(DebugEvent::WriteAio);
+        let n = data.len();
+        let whole = std::iter::once(0..n).collect();
+        self.file.write_gather(offset, data, whole, 0).await
+    }
+
     async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         check_bounds(offset, len, self.size())?;
         self.guard_first_sector(offset, len, None).await?;

@@ -515,7 +515,8 @@ impl Req<'_> {
             CMD_READ => self.read(req, len).await.map(Some),
             CMD_WRITE => {
                 if let Some(p) = payload {
-                    self.node.write(req.offset, &p).await?;
+                    // Owned: qcow2 and raw over a file write the payload without copying it.
+                    self.node.write_owned(req.offset, p).await?;
                 }
                 if fua {
                     self.node.flush().await?;

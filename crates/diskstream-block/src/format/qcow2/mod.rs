@@ -82,6 +82,47 @@ struct Run {
     copied: bool,
 }
 
+/// The bytes of one guest write as [`Qcow2::write_step`] sees them: borrowed from the caller
+/// (the protocol copies what it writes into an owned buffer for its I/O thread) or owned (the
+/// protocol writes straight from the buffer and hands it back; bulk copies reuse it).
+enum WriteSrc<'a> {
+    Borrowed(&'a [u8]),
+    Owned(Vec<u8>),
+}
+
+impl WriteSrc<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            WriteSrc::Borrowed(d) => d,
+            WriteSrc::Owned(v) => v,
+        }
+    }
+
+    /// Write `range` of the bytes at `host` in `file`.
+    async fn write_to(
+        &mut self,
+        file: &dyn Protocol,
+        host: u64,
+        range: std::ops::Range<usize>,
+    ) -> Result<()> {
+        match self {
+            WriteSrc::Borrowed(d) => file.write_at(host, &d[range]).await,
+            WriteSrc::Owned(v) => {
+                let buf = std::mem::take(v);
+                *v = file.write_gather(host, buf, vec![range], 0).await?;
+                Ok(())
+            }
+        }
+    }
+
+    fn into_owned(self) -> Vec<u8> {
+        match self {
+            WriteSrc::Borrowed(d) => d.to_vec(),
+            WriteSrc::Owned(v) => v,
+        }
+    }
+}
+
 /// An open qcow2 image.
 pub struct Qcow2 {
     file: Arc<dyn Protocol>,
@@ -599,9 +640,11 @@ impl Qcow2 {
     async fn write_step(
         &self,
         off: u64,
-        data: &[u8],
+        src: &mut WriteSrc<'_>,
+        pos: usize,
         only_unallocated: bool,
     ) -> Result<(usize, bool)> {
+        let data = &src.bytes()[pos..];
         let cs = self.cs();
         let unit = self.unit();
         let mut m = self.lock_writable().await?;
@@ -620,7 +663,7 @@ impl Qcow2 {
             let n = run.len as usize;
             let host = run.host.unwrap_or_default();
             self.file.debug_event(DebugEvent::WriteAio);
-            self.file.write_at(host, &data[..n]).await?;
+            src.write_to(&*self.file, host, pos..pos + n).await?;
             return Ok((n, true));
         }
         // Allocation. With extended L2, an allocated cluster gains subclusters in place.
@@ -732,6 +775,16 @@ impl Qcow2 {
             (start, stop, vec![0; n as usize])
         };
         let res = async {
+            if wstart == off && wstop == end {
+                // Nothing to copy on write around the data: it goes out as it is.
+                return src
+                    .write_to(
+                        &*self.file,
+                        host + (wstart - start),
+                        pos..pos + (end - off) as usize,
+                    )
+                    .await;
+            }
             let first = olds[0];
             let last = olds[olds.len() - 1];
             if self
@@ -743,7 +796,10 @@ impl Qcow2 {
                     .await?;
                 return self
                     .file
-                    .write_vec(host + (off - start), data[..(end - off) as usize].to_vec())
+                    .write_vec(
+                        host + (off - start),
+                        src.bytes()[pos..pos + (end - off) as usize].to_vec(),
+                    )
                     .await;
             }
             let mut buf = vec![0u8; (wstop - wstart) as usize];
@@ -753,7 +809,8 @@ impl Qcow2 {
             if end < wstop && end < self.size() {
                 self.read_current(end, &mut buf[tail..]).await?;
             }
-            buf[(off - wstart) as usize..tail].copy_from_slice(&data[..(end - off) as usize]);
+            buf[(off - wstart) as usize..tail]
+                .copy_from_slice(&src.bytes()[pos..pos + (end - off) as usize]);
             self.file.write_vec(host + (wstart - start), buf).await
         }
         .await;
@@ -1215,14 +1272,31 @@ impl BlockNode for Qcow2 {
 
     async fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
         check_bounds(offset, data.len() as u64, self.size())?;
+        let mut src = WriteSrc::Borrowed(data);
         let mut pos = 0;
         while pos < data.len() {
             pos += self
-                .write_step(offset + pos as u64, &data[pos..], false)
+                .write_step(offset + pos as u64, &mut src, pos, false)
                 .await?
                 .0;
         }
         Ok(())
+    }
+
+    /// Whole clusters of the buffer go to the file without being copied (bulk copies: mirror,
+    /// commit); partial clusters take the usual copy-on-write path.
+    async fn write_owned(&self, offset: u64, data: Vec<u8>) -> Result<Vec<u8>> {
+        check_bounds(offset, data.len() as u64, self.size())?;
+        let len = data.len();
+        let mut src = WriteSrc::Owned(data);
+        let mut pos = 0;
+        while pos < len {
+            pos += self
+                .write_step(offset + pos as u64, &mut src, pos, false)
+                .await?
+                .0;
+        }
+        Ok(src.into_owned())
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
@@ -1280,11 +1354,12 @@ impl BlockNode for Qcow2 {
 
     async fn write_if_unallocated(&self, offset: u64, data: &[u8]) -> Result<u64> {
         check_bounds(offset, data.len() as u64, self.size())?;
+        let mut src = WriteSrc::Borrowed(data);
         let mut pos = 0;
         let mut written = 0u64;
         while pos < data.len() {
             let (n, wrote) = self
-                .write_step(offset + pos as u64, &data[pos..], true)
+                .write_step(offset + pos as u64, &mut src, pos, true)
                 .await?;
             if wrote {
                 written += n as u64;
