@@ -353,6 +353,9 @@ async fn open_http(
 /// Nodes opened by one `blockdev-add`, committed to the graph only if all of it succeeds.
 struct Staging {
     nodes: Vec<GraphNode>,
+    /// Backing files opened from image headers above the one being opened (a chain's depth
+    /// below the user-named node).
+    header_depth: usize,
 }
 
 impl Graph {
@@ -600,7 +603,10 @@ impl Graph {
                 "'node-name' must be specified for the root node",
             ));
         }
-        let mut staging = Staging { nodes: Vec::new() };
+        let mut staging = Staging {
+            nodes: Vec::new(),
+            header_depth: 0,
+        };
         let id = self.open_options(&mut staging, opts, false).await?;
         for n in staging.nodes.iter_mut() {
             if n.id == id {
@@ -1001,12 +1007,20 @@ impl Graph {
         let Value::Object(o) = opts else {
             return Ok(None);
         };
-        if st.nodes.len() > 256 {
-            return Err(QmpError::generic("Backing chain is too deep"));
+        // The user-named node is layer 1; this backing file is layer header_depth + 2. The
+        // limit is the process-wide one (`diskstream --max-chain-depth`), which also ends
+        // a chain that loops back on itself.
+        let max = diskstream_block::image::max_depth();
+        if st.header_depth + 2 > max {
+            return Err(QmpError::generic(format!(
+                "{overlay_filename}: backing chain deeper than {max} images (at '{}')",
+                resolve_backing(Path::new(overlay_filename), &name).display()
+            )));
         }
-        let id = self
-            .open_options(st, &o, true)
-            .await
+        st.header_depth += 1;
+        let opened = self.open_options(st, &o, true).await;
+        st.header_depth -= 1;
+        let id = opened
             .map_err(|e| QmpError::generic(format!("Could not open backing file: {}", e.desc)))?;
         Ok(Some(id))
     }
