@@ -1388,6 +1388,50 @@ fn chain_depth_limit() {
         "{}",
         r.desc
     );
+    // `serve` and `daemon` apply the same limit (they exit before serving anything).
+    let r = run_in(
+        d,
+        "timeout",
+        &[
+            "60",
+            DISKSTREAM,
+            "--max-chain-depth",
+            "10",
+            "serve",
+            "l10.qcow2",
+        ],
+    )
+    .code_is(1);
+    assert!(
+        r.stderr
+            .contains("l10.qcow2: backing chain deeper than 10 images (at 'l0.qcow2')"),
+        "{}",
+        r.desc
+    );
+    let r = run_in(
+        d,
+        "timeout",
+        &[
+            "60",
+            DISKSTREAM,
+            "--max-chain-depth",
+            "10",
+            "daemon",
+            "--blockdev",
+            "driver=qcow2,node-name=top,file.driver=file,file.filename=l10.qcow2",
+            "--nbd-server",
+            "none",
+            "--monitor",
+            "none",
+        ],
+    );
+    assert!(
+        r.code != 0
+            && r.stderr
+                .contains("l10.qcow2: backing chain deeper than 10 images (at 'l0.qcow2')"),
+        "{}",
+        r.desc
+    );
     let out = std::process::Command::new(DISKSTREAM)
         .args(["img", "info", "l64.qcow2"])
         .env("DISKSTREAM_MAX_CHAIN_DEPTH", "65")
