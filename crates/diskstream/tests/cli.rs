@@ -1234,6 +1234,7 @@ fn amend_matches_qemu() {
         ("compat=1.1", false, "refcount_bits=16,compat=1.1"),
         ("compat=0.10", false, "compat=1.1"),
         ("compat=0.10", true, "compat=1.1,lazy_refcounts=on"),
+        ("compat=0.10,cluster_size=512", false, "compat=1.1"),
         ("compat=1.1,compression_type=zstd", false, "compat=0.10"),
         ("compat=1.1,cluster_size=4k", true, "compat=0.10"),
     ];
