@@ -1205,19 +1205,29 @@ fn amend_source(dir: &Path, create_opts: &str, backed: bool) {
 
 /// `img amend` and `qemu-img amend` with the same options on copies of one image write
 /// byte-identical files (compat upgrade and downgrade, with zero clusters expanded as QEMU
-/// expands them, lazy refcounts, size); a backing change equals `qemu-img rebase -u` (qemu-img
-/// refuses it in amend); refusals print one line and leave the file untouched, as qemu-img's.
+/// expands them, lazy refcounts, size); a new refcount width gives the same counts, `info`
+/// and contents; a backing change equals `qemu-img rebase -u` (qemu-img refuses it in amend);
+/// refusals print one line and leave the file untouched, as qemu-img's.
 #[test]
 fn amend_matches_qemu() {
     let dir = tmpdir();
     let d = dir.path();
+    // Fresh copies q.qcow2 and d.qcow2 of a source made with these options (made again only
+    // when they change: process starts are most of this test's time).
+    let last = std::cell::RefCell::new(None::<(String, bool)>);
     let pair = |create: &str, backed: bool| {
-        for f in ["src.qcow2", "q.qcow2", "d.qcow2", "backing.qcow2"] {
-            let _ = std::fs::remove_file(d.join(f));
+        let key = Some((create.to_string(), backed));
+        if *last.borrow() != key {
+            for f in ["src.qcow2", "backing.qcow2"] {
+                let _ = std::fs::remove_file(d.join(f));
+            }
+            amend_source(d, create, backed);
+            *last.borrow_mut() = key;
         }
-        amend_source(d, create, backed);
-        copy(&d.join("src.qcow2"), &d.join("q.qcow2"));
-        copy(&d.join("src.qcow2"), &d.join("d.qcow2"));
+        for f in ["q.qcow2", "d.qcow2"] {
+            let _ = std::fs::remove_file(d.join(f));
+            copy(&d.join("src.qcow2"), &d.join(f));
+        }
     };
     // (create options, backed, amend options)
     let same: &[(&str, bool, &str)] = &[
@@ -1247,6 +1257,66 @@ fn amend_matches_qemu() {
         qemu(d, &["check", "-q", "d.qcow2"]).ok();
         qemu(d, &["compare", "-q", "src.qcow2", "d.qcow2"]).ok();
     }
+    // A new refcount width: the same counts in a structure laid out differently from QEMU's
+    // (as a `check -r all` rebuild lays it out), so a clean check, the same contents, and the
+    // `info` qemu-img shows after its amend without the width, with the new width. (qemu-img's
+    // own width change syncs at every step: seconds per image on a busy disk.)
+    let info = |f: &str| {
+        let mut v = qemu(d, &["info", "--output=json", f]).ok().json();
+        for k in ["actual-size", "filename", "children"] {
+            v[k] = serde_json::Value::Null;
+        }
+        v
+    };
+    let widths: &[(&str, &str, u64)] = &[
+        ("compat=1.1", "refcount_bits=1", 1),
+        ("compat=1.1", "refcount_bits=64", 64),
+        ("compat=1.1,refcount_bits=8", "refcount_bits=16", 16),
+        ("compat=0.10", "compat=1.1,refcount_bits=4", 4),
+        ("compat=1.1,cluster_size=512", "refcount_bits=2", 2),
+    ];
+    for (create, opts, bits) in widths {
+        pair(create, false);
+        let rest: Vec<&str> = opts
+            .split(',')
+            .filter(|o| !o.starts_with("refcount_bits="))
+            .collect();
+        if !rest.is_empty() {
+            qemu(d, &["amend", "-o", &rest.join(","), "q.qcow2"]).ok();
+        }
+        ds(d, &["amend", "-o", opts, "d.qcow2"]).ok();
+        qemu(d, &["check", "-q", "d.qcow2"]).ok();
+        qemu(d, &["compare", "-q", "src.qcow2", "d.qcow2"]).ok();
+        let mut want = info("q.qcow2");
+        want["format-specific"]["data"]["refcount-bits"] = (*bits).into();
+        assert_eq!(info("d.qcow2"), want, "amend -o {opts} ({create})");
+    }
+    // Widen to 16 bits, then downgrade, in one amend (as qemu-img orders them).
+    pair("compat=1.1,refcount_bits=8", false);
+    ds(
+        d,
+        &["amend", "-o", "compat=0.10,refcount_bits=16", "d.qcow2"],
+    )
+    .ok();
+    qemu(d, &["check", "-q", "d.qcow2"]).ok();
+    qemu(d, &["compare", "-q", "src.qcow2", "d.qcow2"]).ok();
+    let v = info("d.qcow2");
+    assert_eq!(v["format-specific"]["data"]["compat"], "0.10", "{v}");
+    assert_eq!(v["format-specific"]["data"]["refcount-bits"], 16, "{v}");
+    // Narrower than a refcount in use (an internal snapshot shares clusters): refused.
+    pair("compat=1.1", false);
+    qemu(d, &["snapshot", "-c", "s1", "d.qcow2"]).ok();
+    let before = read(&d.join("d.qcow2"));
+    let r = ds(d, &["amend", "-o", "refcount_bits=1", "d.qcow2"]).fails_naming("d.qcow2");
+    assert!(
+        r.stderr
+            .contains("Cannot decrease refcount entry width to 1 bits: Cluster at offset"),
+        "{}",
+        r.desc
+    );
+    assert_eq!(read(&d.join("d.qcow2")), before);
+    ds(d, &["amend", "-o", "refcount_bits=2", "d.qcow2"]).ok();
+    qemu(d, &["check", "-q", "d.qcow2"]).ok();
     // A backing change is `rebase -u`, byte for byte.
     pair("compat=1.1", true);
     qemu(d, &["create", "-q", "-f", "raw", "other.raw", "1M"]).ok();
@@ -1281,6 +1351,11 @@ fn amend_matches_qemu() {
         ),
         ("compat=0.10", "lazy_refcounts=on", "Lazy refcounts only"),
         (
+            "compat=0.10",
+            "refcount_bits=8",
+            "Refcount widths other than 16 bits",
+        ),
+        (
             "compat=1.1",
             "cluster_size=4k",
             "only supported for image creation",
@@ -1303,6 +1378,7 @@ fn amend_matches_qemu() {
         ("compat=1.1", "compat=1.2", "Unknown compatibility level"),
         ("compat=1.1", "foo=1", "Invalid parameter 'foo'"),
         ("compat=1.1", "data_file=x", "data_file"),
+        ("compat=1.1", "refcount_bits=3", "must be a power of two"),
     ];
     for (create, opts, msg) in refused {
         pair(create, false);

@@ -1,7 +1,7 @@
 //! `diskstream img amend`: change format options of an existing qcow2 image in place.
 //!
 //! Supported: `compat` (0.10/v2, 1.1/v3: upgrade, and downgrade where QEMU 10 allows it),
-//! `lazy_refcounts`, `size`, `refcount_bits` (only its current value), and `backing_file` /
+//! `lazy_refcounts`, `size`, `refcount_bits`, and `backing_file` /
 //! `backing_fmt`. The last two go beyond qemu-img 10, which refuses to change them with
 //! "Cannot amend the backing file": here they rewrite the header exactly as
 //! `rebase -u -b FILE -F FMT` does. Every option is parsed and every refusal decided before
@@ -21,8 +21,7 @@ pub struct AmendArgs {
     /// Image format (probed if omitted; only qcow2 supports amendment).
     #[arg(short = 'f')]
     fmt: Option<String>,
-    /// Options: compat, lazy_refcounts, size, refcount_bits (current value only),
-    /// backing_file, backing_fmt.
+    /// Options: compat, lazy_refcounts, size, refcount_bits, backing_file, backing_fmt.
     #[arg(short = 'o')]
     options: Vec<String>,
     /// Accepted for qemu-img compatibility (it concerns LUKS key slots, which diskstream does
@@ -56,7 +55,6 @@ const CREATE_ONLY: [&str; 6] = [
 struct Plan {
     amend: AmendOptions,
     size: Option<u64>,
-    refcount_bits: Option<u32>,
     backing_file: Option<String>,
     backing_fmt: Option<String>,
 }
@@ -92,7 +90,7 @@ fn parse_plan(options: &[String]) -> Result<Plan> {
                 if !n.is_power_of_two() || n > 64 {
                     bail!("Refcount width must be a power of two and may be at most 64 bits");
                 }
-                p.refcount_bits = Some(n);
+                p.amend.refcount_bits = Some(n);
             }
             "backing_file" => p.backing_file = Some(v.clone()),
             "backing_fmt" => {
@@ -137,14 +135,6 @@ pub async fn amend(a: AmendArgs) -> Result<()> {
         );
     };
     let h = q.header().await;
-    if let Some(n) = plan.refcount_bits {
-        if n != h.refcount_bits() {
-            bail!(
-                "changing refcount_bits ({} to {n}) is not supported; qemu-img amend can do it",
-                h.refcount_bits()
-            );
-        }
-    }
     let new_backing = if changes_backing {
         let name = match &plan.backing_file {
             Some(b) => b.clone(),

@@ -1,5 +1,5 @@
 //! `amend`: changing qcow2 header options of an existing image in place (what `qemu-img amend`
-//! does for `compat` and `lazy_refcounts`).
+//! does for `compat`, `lazy_refcounts` and `refcount_bits`).
 //!
 //! Everything that could make the change fail is checked before anything is written, so a
 //! refused amend leaves the image byte-identical. The changes follow QEMU 10's order and
@@ -9,15 +9,18 @@
 //! compressed clusters; otherwise zero clusters are expanded as QEMU expands them (a plain zero
 //! cluster of an image without backing file becomes unallocated, one with a backing file gets a
 //! zeroed data cluster, a preallocated zero cluster is zeroed on disk and becomes data), then
-//! compatible and autoclear features are dropped and the header is rewritten as v2.
+//! compatible and autoclear features are dropped and the header is rewritten as v2. A new
+//! refcount width rebuilds the refcount structure (laid out as a `check -r all` rebuild; QEMU
+//! places it differently, with the same counts).
 
 use super::header::{
     self, Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY,
 };
 use super::meta::{Meta, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
-use super::Qcow2;
+use super::{check, Qcow2};
 use crate::error::{BlockError, Result};
 use crate::node::BlockNode;
+use std::sync::Arc;
 
 /// The header options an amend may change; `None` keeps the current value.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -26,6 +29,8 @@ pub struct AmendOptions {
     pub version: Option<u32>,
     /// Lazy refcounts on or off (v3 only).
     pub lazy_refcounts: Option<bool>,
+    /// Refcount width in bits (a power of two up to 64; other than 16 needs v3).
+    pub refcount_bits: Option<u32>,
 }
 
 impl Qcow2 {
@@ -46,6 +51,22 @@ impl Qcow2 {
                     .to_string(),
             ));
         }
+        let new_order = match opts.refcount_bits {
+            Some(b) if b.is_power_of_two() && b <= 64 => b.trailing_zeros(),
+            Some(_) => {
+                return Err(BlockError::InvalidArgument(
+                    "Refcount width must be a power of two and may be at most 64 bits".to_string(),
+                ))
+            }
+            None => h.refcount_order,
+        };
+        if opts.refcount_bits.is_some() && new_order != 4 && new_version < 3 {
+            return Err(BlockError::InvalidArgument(
+                "Refcount widths other than 16 bits require compatibility level 1.1 or \
+                 above (use compat=1.1 or greater)"
+                    .to_string(),
+            ));
+        }
         if new_version != h.version && h.nb_snapshots > 0 {
             return Err(BlockError::InvalidArgument(
                 "changing the compatibility level of an image with internal snapshots is not \
@@ -54,7 +75,7 @@ impl Qcow2 {
             ));
         }
         if new_version < h.version {
-            if h.refcount_order != 4 {
+            if new_order != 4 {
                 return Err(BlockError::InvalidArgument(
                     "compat=0.10 requires refcount_bits=16".to_string(),
                 ));
@@ -108,6 +129,11 @@ impl Qcow2 {
             })
             .await?;
         }
+        if let Some(bits) = opts.refcount_bits {
+            if bits != 1 << cur.refcount_order {
+                self.change_refcount_width(bits.trailing_zeros()).await?;
+            }
+        }
         if let Some(lazy) = opts.lazy_refcounts {
             let on = cur.compatible_features & COMPAT_LAZY_REFCOUNTS != 0;
             if lazy != on {
@@ -137,6 +163,22 @@ impl Qcow2 {
             })
             .await?;
         }
+        Ok(())
+    }
+
+    /// Rebuild the refcount structure with `1 << order`-bit entries (see
+    /// [`check::change_refcount_order`]) and reload the metadata from the new header.
+    async fn change_refcount_width(&self, order: u32) -> Result<()> {
+        let mut m = self.lock_writable().await?;
+        m.flush().await?;
+        check::change_refcount_order(Arc::clone(&self.file), order).await?;
+        let file_len = self.file.len().await?;
+        let head = self
+            .file
+            .read_vec(0, file_len.min(1 << header::MAX_CLUSTER_BITS) as usize)
+            .await?;
+        let h = Header::parse(self.file.name(), &head, file_len)?;
+        *m = Meta::load(h, Arc::clone(&self.file)).await?;
         Ok(())
     }
 
