@@ -32,6 +32,22 @@ type NodeFuture<'a> =
 /// Default limit on the number of layers in a chain.
 pub const DEFAULT_MAX_DEPTH: usize = 64;
 
+/// The process-wide default of [`OpenOptions::max_depth`] (see [`set_max_depth`]).
+static MAX_DEPTH: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(DEFAULT_MAX_DEPTH);
+
+/// Set the process-wide default chain depth limit (`diskstream --max-chain-depth`,
+/// `DISKSTREAM_MAX_CHAIN_DEPTH`): [`OpenOptions::default`] and every front end that opens
+/// chains (img commands, `serve`, the daemon) use it. Values below 1 count as 1.
+pub fn set_max_depth(n: usize) {
+    MAX_DEPTH.store(n.max(1), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The process-wide default chain depth limit (64 unless [`set_max_depth`] changed it).
+pub fn max_depth() -> usize {
+    MAX_DEPTH.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// How to open an image and its chain.
 #[derive(Clone, Debug)]
 pub struct OpenOptions {
@@ -43,7 +59,7 @@ pub struct OpenOptions {
     pub backing_format: Option<Format>,
     /// Do not open backing files at all.
     pub no_backing: bool,
-    /// Maximum number of layers.
+    /// Maximum number of layers (the top image counts; default [`max_depth`]).
     pub max_depth: usize,
 }
 
@@ -54,7 +70,7 @@ impl Default for OpenOptions {
             format: None,
             backing_format: None,
             no_backing: false,
-            max_depth: DEFAULT_MAX_DEPTH,
+            max_depth: max_depth(),
         }
     }
 }
@@ -291,7 +307,7 @@ pub async fn open_image(path: &Path, opts: &OpenOptions) -> Result<Arc<dyn Block
         }
         (None, None) => (probe(path).await?, None),
     };
-    let mut seen: Vec<PathBuf> = Vec::new();
+    let mut seen: Vec<(PathBuf, PathBuf)> = Vec::new();
     let node = open_chain(path, format, opts.read_only, opts, &mut seen, 0, file).await?;
     if opts.format.is_none() {
         if let Some(raw) = node.as_any().downcast_ref::<RawNode>() {
@@ -306,16 +322,19 @@ fn open_chain<'a>(
     format: Format,
     read_only: bool,
     opts: &'a OpenOptions,
-    seen: &'a mut Vec<PathBuf>,
+    seen: &'a mut Vec<(PathBuf, PathBuf)>,
     depth: usize,
     file: Option<Arc<dyn Protocol>>,
 ) -> NodeFuture<'a> {
     Box::pin(async move {
+        // `seen` holds (canonical, given) names of the layers above, top first.
+        let top = seen.first().map_or(path, |(_, given)| given.as_path());
         if depth >= opts.max_depth {
             return Err(BlockError::Chain(format!(
-                "Backing chain of '{}' is deeper than {} images",
-                path.display(),
-                opts.max_depth
+                "{}: backing chain deeper than {} images (at '{}')",
+                top.display(),
+                opts.max_depth,
+                path.display()
             )));
         }
         let is_url = path.to_str().and_then(url_scheme).is_some();
@@ -326,13 +345,23 @@ fn open_chain<'a>(
             std::fs::canonicalize(path)
                 .map_err(|e| BlockError::io(format!("Could not open '{}'", path.display()), e))?
         };
-        if seen.contains(&canon) {
+        if seen.iter().any(|(c, _)| *c == canon) {
+            let parent = seen.last().map_or(path, |(_, given)| given.as_path());
+            let what = if seen.last().is_some_and(|(c, _)| *c == canon) {
+                format!("'{}' is its own backing file", parent.display())
+            } else {
+                format!(
+                    "'{}' names '{}' as its backing file, which is already in the chain above it",
+                    parent.display(),
+                    path.display()
+                )
+            };
             return Err(BlockError::Chain(format!(
-                "Backing chain loop: '{}' is its own backing file",
-                path.display()
+                "{}: backing chain loop: {what}",
+                top.display()
             )));
         }
-        seen.push(canon);
+        seen.push((canon, path.to_path_buf()));
         let file = match file {
             Some(f) => f,
             None => open_protocol(path, read_only).await?,

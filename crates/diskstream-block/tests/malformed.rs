@@ -2,6 +2,8 @@
 //! never a panic, a hang or a huge allocation. The seeded mutation loop runs the same entry
 //! point as the cargo-fuzz target, so CI covers it on the stable toolchain.
 
+mod common;
+
 use diskstream_block::format::qcow2::create::{create_on, CreateOptions};
 use diskstream_block::format::qcow2::Qcow2;
 use diskstream_block::fuzzing;
@@ -242,4 +244,59 @@ fn seeded_mutations_never_panic() {
         opened > iterations / 10,
         "only {opened} of {iterations} mutants opened"
     );
+}
+
+/// An image with the corrupt bit (incompatible feature bit 1) set, as QEMU leaves one where it
+/// found inconsistent metadata: it opens read-only and reads normally, a read-write open is
+/// refused with a message saying why and how to repair, and nothing is written; `check -r all`
+/// clears the bit, after which `qemu-img check` is clean and the image opens read-write.
+#[tokio::test]
+async fn corrupt_bit_forces_read_only() {
+    use diskstream_block::format::qcow2::check::{check, RepairMode};
+    use diskstream_block::format::qcow2::header::INCOMPAT_CORRUPT;
+    use diskstream_block::format::Format;
+    use diskstream_block::image::{open_image, OpenOptions};
+    use diskstream_block::protocol::file::FileProtocol;
+    let dir = common::tmpdir();
+    let path = dir.path().join("corrupt.qcow2");
+    common::qemu_create_qcow2(&path, 4 << 20, "", None);
+    common::qemu_io(&path, "qcow2", &["write -P 0x5a 64k 128k"]);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let incompat = |b: &[u8]| get64(b, 72);
+    let flags = incompat(&bytes) | INCOMPAT_CORRUPT;
+    put64(&mut bytes, 72, flags);
+    std::fs::write(&path, &bytes).unwrap();
+    let mut expected = vec![0u8; 4 << 20];
+    expected[64 << 10..192 << 10].fill(0x5a);
+
+    let ro = common::open_qcow2(&path, true).await;
+    assert_eq!(common::read_all(&ro, 1 << 20).await, expected);
+    ro.close().await.unwrap();
+    drop(ro);
+    let rw = OpenOptions {
+        read_only: false,
+        format: Some(Format::Qcow2),
+        ..Default::default()
+    };
+    let err = match open_image(&path, &rw).await {
+        Ok(_) => panic!("a corrupt image opened read-write"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("corrupt.qcow2")
+            && err.contains("marked corrupt")
+            && err.contains("check -r all"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), bytes, "a refused open wrote");
+
+    let file: Arc<dyn Protocol> = Arc::new(FileProtocol::open(&path, false).unwrap());
+    let r = check(file, RepairMode::All).await.unwrap();
+    assert_eq!((r.corruptions, r.leaks), (0, 0));
+    let repaired = std::fs::read(&path).unwrap();
+    assert_eq!(incompat(&repaired) & INCOMPAT_CORRUPT, 0);
+    common::assert_check_clean(&path);
+    let node = open_image(&path, &rw).await.unwrap();
+    assert_eq!(common::read_all(&node, 1 << 20).await, expected);
+    node.close().await.unwrap();
 }

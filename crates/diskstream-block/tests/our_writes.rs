@@ -961,3 +961,221 @@ async fn zero_size_image_then_grow() {
     }
     cases.finish();
 }
+
+/// The header extensions of a qcow2 v3 image: (type, length, data with its padding), in file
+/// order.
+fn header_extensions(b: &[u8]) -> Vec<(u32, u32, Vec<u8>)> {
+    let be32 = |o: usize| u32::from_be_bytes(b[o..o + 4].try_into().expect("4 bytes"));
+    let mut off = be32(100) as usize;
+    let mut v = Vec::new();
+    loop {
+        let (ty, len) = (be32(off), be32(off + 4) as usize);
+        if ty == 0 {
+            return v;
+        }
+        let padded = len.div_ceil(8) * 8;
+        v.push((ty, len as u32, b[off + 8..off + 8 + padded].to_vec()));
+        off += 8 + padded;
+    }
+}
+
+/// Add a header extension to a v3 image made by qemu-img, moving the backing file name after
+/// it (what a newer QEMU writing an extension we do not know would leave).
+fn add_header_extension(path: &Path, ty: u32, data: &[u8]) {
+    let mut b = std::fs::read(path).expect("read image");
+    let be32 = |b: &[u8], o: usize| u32::from_be_bytes(b[o..o + 4].try_into().expect("4 bytes"));
+    let hlen = be32(&b, 100) as usize;
+    let name_off = u64::from_be_bytes(b[8..16].try_into().expect("8 bytes")) as usize;
+    let name = b[name_off..name_off + be32(&b, 16) as usize].to_vec();
+    let mut out = b[..hlen].to_vec();
+    for (t, len, d) in header_extensions(&b) {
+        out.extend_from_slice(&t.to_be_bytes());
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&d);
+    }
+    out.extend_from_slice(&ty.to_be_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(8) * 8, 0);
+    out.extend_from_slice(&[0u8; 8]);
+    let name_at = out.len() as u64;
+    out[8..16].copy_from_slice(&name_at.to_be_bytes());
+    out.extend_from_slice(&name);
+    let end = out.len().max(name_off + name.len());
+    out.resize(end, 0);
+    b[..end].copy_from_slice(&out);
+    std::fs::write(path, &b).expect("write image");
+}
+
+/// An extension we do not know (type 0x12345678) survives every header rewrite of ours byte
+/// for byte: `rebase -u` (identical to qemu-img's), resize, amend, and the repair of a dirty
+/// lazy-refcounts image on a read-write open; `qemu-img check` stays clean throughout.
+#[tokio::test]
+async fn unknown_header_extension_survives_rewrites() {
+    use diskstream_block::format::qcow2::amend::AmendOptions;
+    use diskstream_block::format::qcow2::Qcow2;
+    let dir = tmpdir();
+    let (base, base2, top) = (
+        p(&dir, "base.qcow2"),
+        p(&dir, "base2.qcow2"),
+        p(&dir, "top.qcow2"),
+    );
+    qemu_create_qcow2(&base, 4 * MIB, "", None);
+    qemu_create_qcow2(&base2, 4 * MIB, "", None);
+    qemu_create_qcow2(&top, 4 * MIB, "lazy_refcounts=on", Some((&base, "qcow2")));
+    qemu_io(&top, "qcow2", &["write -P 9 0 192k"]);
+    const TY: u32 = 0x1234_5678;
+    add_header_extension(&top, TY, b"not ours: 13");
+    let ours = |path: &Path| {
+        let b = std::fs::read(path).expect("read");
+        header_extensions(&b)
+            .into_iter()
+            .find(|(t, _, _)| *t == TY)
+            .map(|(_, len, d)| (len, d))
+    };
+    let want = ours(&top).expect("extension added");
+    assert_eq!((want.0, &want.1[..12]), (12, &b"not ours: 13"[..]));
+    assert_check_clean(&top);
+    let qemu_copy = p(&dir, "q.qcow2");
+    std::fs::copy(&top, &qemu_copy).expect("copy");
+
+    // rebase -u, as qemu-img does it.
+    let node = open_qcow2(&top, false).await;
+    node.set_backing_file(Some((base2.display().to_string(), Some("qcow2".into()))))
+        .await
+        .expect("rebase -u");
+    node.close().await.expect("close");
+    drop(node);
+    qemu_img(&[
+        "rebase",
+        "-u",
+        "-b",
+        &base2.display().to_string(),
+        "-F",
+        "qcow2",
+        &qemu_copy.display().to_string(),
+    ]);
+    assert_eq!(
+        std::fs::read(&top).expect("read"),
+        std::fs::read(&qemu_copy).expect("read"),
+        "rebase -u differs from qemu-img's"
+    );
+    assert_eq!(ours(&top).as_ref(), Some(&want), "after rebase -u");
+    assert_check_clean(&top);
+
+    // Resize (grows the L1 table: a header rewrite).
+    let node = open_qcow2(&top, false).await;
+    node.truncate(600 * MIB).await.expect("resize");
+    node.close().await.expect("close");
+    drop(node);
+    assert_eq!(ours(&top).as_ref(), Some(&want), "after resize");
+    assert_check_clean(&top);
+
+    // Amend (lazy refcounts off and on again).
+    for lazy in [false, true] {
+        let node = open_qcow2(&top, false).await;
+        let q = node.as_any().downcast_ref::<Qcow2>().expect("qcow2");
+        q.amend(&AmendOptions {
+            lazy_refcounts: Some(lazy),
+            ..Default::default()
+        })
+        .await
+        .expect("amend");
+        node.close().await.expect("close");
+        drop(node);
+        assert_eq!(ours(&top).as_ref(), Some(&want), "after amend");
+    }
+
+    // Dirty (as a killed lazy-refcounts writer leaves it), then repaired by a read-write open.
+    let mut b = std::fs::read(&top).expect("read");
+    b[79] |= 1;
+    std::fs::write(&top, &b).expect("write");
+    let node = open_qcow2(&top, false).await;
+    let h = node
+        .as_any()
+        .downcast_ref::<Qcow2>()
+        .expect("qcow2")
+        .header()
+        .await;
+    assert_eq!(h.incompatible_features & 1, 0, "still dirty");
+    node.write(256 * KIB, &[7u8; 4096]).await.expect("write");
+    node.close().await.expect("close");
+    drop(node);
+    assert_eq!(std::fs::read(&top).expect("read")[79] & 1, 0);
+    assert_eq!(
+        ours(&top).as_ref(),
+        Some(&want),
+        "after the dirty/clean cycle"
+    );
+    assert_check_clean(&top);
+}
+
+/// Raw images: write-zeroes without unmap (ZERO_RANGE), with unmap (hole punching) and discard
+/// through our engine leave the same bytes and the same `qemu-img map` as the same requests by
+/// `qemu-io -d unmap` on a copy, for aligned and unaligned ranges.
+#[tokio::test]
+async fn raw_zeroes_and_discard_match_qemu_io() {
+    use diskstream_block::format::Format;
+    use diskstream_block::image::{open_image, OpenOptions};
+    let dir = tmpdir();
+    let (ours, theirs) = (p(&dir, "ours.raw"), p(&dir, "theirs.raw"));
+    qemu_create_raw(&ours, 4 * MIB);
+    qemu_io(&ours, "raw", &["write -P 0x11 0 4M"]);
+    std::fs::copy(&ours, &theirs).expect("copy");
+    // (operation, offset, length): 'z' zero, 'u' zero with unmap, 'd' discard.
+    let ops: [(char, u64, u64); 8] = [
+        ('z', 64 * KIB, 128 * KIB),
+        ('z', 300 * KIB + 512, 70_000),
+        ('u', MIB, 256 * KIB),
+        ('u', 3 * MIB / 2 + 4096 + 100, 9000),
+        ('u', 1900 * KIB + 7, 5),
+        ('d', 2 * MIB, 512 * KIB),
+        ('d', 3 * MIB + 1000, 20_000),
+        ('d', 3 * MIB + 100 * KIB, 300),
+    ];
+    let node = open_image(
+        &ours,
+        &OpenOptions {
+            read_only: false,
+            format: Some(Format::Raw),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("open raw");
+    let mut cmds = Vec::new();
+    for (op, off, len) in ops {
+        match op {
+            'z' => {
+                node.write_zeroes(off, len, false).await.expect("zero");
+                cmds.push(format!("write -z {off} {len}"));
+            }
+            'u' => {
+                node.write_zeroes(off, len, true)
+                    .await
+                    .expect("zero, unmap");
+                cmds.push(format!("write -z -u {off} {len}"));
+            }
+            _ => {
+                node.discard(off, len).await.expect("discard");
+                cmds.push(format!("discard {off} {len}"));
+            }
+        }
+    }
+    node.close().await.expect("close");
+    drop(node);
+    let mut args = vec!["-d", "unmap", "-f", "raw"];
+    for c in &cmds {
+        args.extend(["-c", c.as_str()]);
+    }
+    let t = theirs.display().to_string();
+    args.push(&t);
+    let out = run_ok("qemu-io", &args);
+    assert!(!out.contains("failed"), "{out}");
+    assert_bytes_eq(
+        &std::fs::read(&ours).expect("read"),
+        &std::fs::read(&theirs).expect("read"),
+        "raw contents after zeroes and discards",
+    );
+    assert_eq!(qemu_map(&ours, "raw"), qemu_map(&theirs, "raw"), "maps");
+}

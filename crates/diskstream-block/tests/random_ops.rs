@@ -618,15 +618,13 @@ async fn run_config(cfg: Config, ops: usize) {
     let raw = dir.path().join("model.raw");
     write_file(&raw, &h.model.data);
     assert_compare(&raw, "raw", &top, "qcow2");
-    // Our map equals QEMU's (extended L2 maps differ for a known reason; see qemu_written).
-    if !cfg.extended {
-        let node = open_qcow2(&top, true).await;
-        assert_maps_equal(
-            &our_map(&node).await,
-            &qemu_map(&top, "qcow2"),
-            &format!("{cfg:?} map"),
-        );
-    }
+    // Our map equals QEMU's, extended L2 included.
+    let node = open_qcow2(&top, true).await;
+    assert_maps_equal(
+        &our_map(&node).await,
+        &qemu_map(&top, "qcow2"),
+        &format!("{cfg:?} map"),
+    );
 }
 
 async fn run_configs(pick: impl Fn(&Config) -> bool) {

@@ -351,8 +351,16 @@ async fn open_http(
 }
 
 /// Nodes opened by one `blockdev-add`, committed to the graph only if all of it succeeds.
+/// The words of the chain depth error (see [`Graph::open_header_backing`]).
+const DEEPER: &str = "backing chain deeper than";
+
 struct Staging {
     nodes: Vec<GraphNode>,
+    /// Backing files opened from image headers above the one being opened (a chain's depth
+    /// below the user-named node).
+    header_depth: usize,
+    /// The file name of the image at the top of the header chain being opened.
+    chain_top: String,
 }
 
 impl Graph {
@@ -600,7 +608,11 @@ impl Graph {
                 "'node-name' must be specified for the root node",
             ));
         }
-        let mut staging = Staging { nodes: Vec::new() };
+        let mut staging = Staging {
+            nodes: Vec::new(),
+            header_depth: 0,
+            chain_top: String::new(),
+        };
         let id = self.open_options(&mut staging, opts, false).await?;
         for n in staging.nodes.iter_mut() {
             if n.id == id {
@@ -1001,13 +1013,31 @@ impl Graph {
         let Value::Object(o) = opts else {
             return Ok(None);
         };
-        if st.nodes.len() > 256 {
-            return Err(QmpError::generic("Backing chain is too deep"));
+        // The user-named node is layer 1; this backing file is layer header_depth + 2. The
+        // limit is the process-wide one (`diskstream --max-chain-depth`), which also ends
+        // a chain that loops back on itself.
+        let max = diskstream_block::image::max_depth();
+        if st.header_depth == 0 {
+            st.chain_top = overlay_filename.to_string();
         }
-        let id = self
-            .open_options(st, &o, true)
-            .await
-            .map_err(|e| QmpError::generic(format!("Could not open backing file: {}", e.desc)))?;
+        if st.header_depth + 2 > max {
+            return Err(QmpError::generic(format!(
+                "{}: {DEEPER} {max} images (at '{}')",
+                st.chain_top,
+                resolve_backing(Path::new(overlay_filename), &name).display()
+            )));
+        }
+        st.header_depth += 1;
+        let opened = self.open_options(st, &o, true).await;
+        st.header_depth -= 1;
+        let id = opened.map_err(|e| {
+            if e.desc.contains(DEEPER) {
+                // Said once, naming the top image, not once per layer.
+                e
+            } else {
+                QmpError::generic(format!("Could not open backing file: {}", e.desc))
+            }
+        })?;
         Ok(Some(id))
     }
 

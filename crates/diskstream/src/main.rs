@@ -23,13 +23,18 @@ struct Cli {
     /// Without either, any backing file an image names is followed.
     #[arg(long = "backing-allow", value_name = "DIR|SCHEME://")]
     backing_allow: Vec<String>,
+    /// Refuse backing chains of more than N images, the top one included (before the
+    /// subcommand; img commands, serve and daemon). Also `DISKSTREAM_MAX_CHAIN_DEPTH`.
+    /// Default 64.
+    #[arg(long = "max-chain-depth", value_name = "N")]
+    max_chain_depth: Option<usize>,
     #[command(subcommand)]
     cmd: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Image utilities (qemu-img compatible): create, info, map, check, compare, convert, rebase, commit, resize.
+    /// Image utilities (qemu-img compatible): create, info, map, check, compare, convert, rebase, commit, resize, amend.
     Img {
         #[command(subcommand)]
         cmd: img::ImgCommand,
@@ -101,6 +106,26 @@ fn main() -> ExitCode {
                 return ExitCode::from(1);
             }
         }
+    }
+    let depth = match cli.max_chain_depth {
+        Some(n) => Some(n),
+        None => match std::env::var("DISKSTREAM_MAX_CHAIN_DEPTH") {
+            Ok(v) => match v.trim().parse::<usize>() {
+                Ok(n) => Some(n),
+                Err(_) => {
+                    eprintln!("diskstream: DISKSTREAM_MAX_CHAIN_DEPTH: '{v}' is not a number");
+                    return ExitCode::from(1);
+                }
+            },
+            Err(_) => None,
+        },
+    };
+    if let Some(n) = depth {
+        if n == 0 {
+            eprintln!("diskstream: --max-chain-depth: must be at least 1");
+            return ExitCode::from(1);
+        }
+        diskstream_block::image::set_max_depth(n);
     }
     if let Command::Daemon { args } = cli.cmd {
         // The daemon builds its own runtime: --daemonize must fork before threads exist.

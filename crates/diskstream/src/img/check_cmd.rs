@@ -35,6 +35,9 @@ pub async fn check(a: CheckArgs) -> u8 {
         eprintln!("diskstream: This image format does not support checks");
         return 63;
     }
+    // The check reads the named image only (as its metadata is all it checks), so the chain
+    // options (`--backing-format`) are accepted for uniformity and have nothing to do.
+    let _ = &a.chain;
     let ro = matches!(repair, RepairMode::None);
     let file: Arc<dyn Protocol> = match FileProtocol::open(&a.file, ro) {
         Ok(f) => Arc::new(f),

@@ -4,7 +4,7 @@
 //! never written (a fresh target already reads zero there), data ranges are read in chunks and
 //! written by several tasks in parallel, and all-zero clusters found in data are skipped too.
 
-use super::{create_raw, open, parse_format};
+use super::{create_raw, open, open_top, parse_format, ChainArgs};
 use anyhow::{anyhow, bail, Result};
 use clap::Args;
 use diskstream_block::format::qcow2::create::Preallocation;
@@ -51,6 +51,8 @@ pub struct ConvertArgs {
     /// Quiet.
     #[arg(short = 'q')]
     quiet: bool,
+    #[command(flatten)]
+    chain: ChainArgs,
     /// Source image.
     src: PathBuf,
     /// Output image.
@@ -119,7 +121,7 @@ async fn convert_inner(a: ConvertArgs) -> Result<()> {
             "Use of backing file requires explicit backing format (-F; formats are never guessed)"
         );
     }
-    let src = open(&a.src, a.fmt.as_deref(), true).await?;
+    let src = open_top(&a.src, a.fmt.as_deref(), true, false, &a.chain).await?;
     let size = src.size();
     if !a.no_create {
         let mut o = spec.opts.clone();

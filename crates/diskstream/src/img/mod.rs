@@ -4,6 +4,7 @@
 //! as one line naming the image and the problem, with a non-zero exit code. Nothing is written
 //! to an image before all arguments have been validated.
 
+mod amend_cmd;
 mod check_cmd;
 mod convert;
 pub mod opts;
@@ -55,6 +56,17 @@ pub enum ImgCommand {
     Commit(CommitArgs),
     /// Resize an image.
     Resize(ResizeArgs),
+    /// Change format options of an image in place: amend [-f fmt] -o k=v,... FILE
+    Amend(amend_cmd::AmendArgs),
+}
+
+/// Options of the commands that open a backing chain.
+#[derive(Args, Clone, Debug, Default)]
+pub struct ChainArgs {
+    /// Format of the image's backing file when the image does not record one (formats of
+    /// backing files are never guessed; this names it for the top image's direct backing file).
+    #[arg(long = "backing-format", value_name = "FMT")]
+    pub backing_format: Option<String>,
 }
 
 /// Arguments of `create`.
@@ -102,6 +114,8 @@ pub struct InfoArgs {
     force_share: bool,
     /// Image file.
     file: PathBuf,
+    #[command(flatten)]
+    chain: ChainArgs,
 }
 
 /// Arguments of `map`.
@@ -124,6 +138,8 @@ pub struct MapArgs {
     force_share: bool,
     /// Image file.
     file: PathBuf,
+    #[command(flatten)]
+    chain: ChainArgs,
 }
 
 /// Arguments of `check`.
@@ -143,6 +159,8 @@ pub struct CheckArgs {
     quiet: bool,
     /// Image file.
     file: PathBuf,
+    #[command(flatten)]
+    pub(crate) chain: ChainArgs,
 }
 
 /// Arguments of `compare`.
@@ -167,6 +185,8 @@ pub struct CompareArgs {
     file1: PathBuf,
     /// Second image.
     file2: PathBuf,
+    #[command(flatten)]
+    chain: ChainArgs,
 }
 
 /// Arguments of `rebase`.
@@ -189,6 +209,8 @@ pub struct RebaseArgs {
     progress: bool,
     /// Image file.
     file: PathBuf,
+    #[command(flatten)]
+    chain: ChainArgs,
 }
 
 /// Arguments of `commit`.
@@ -211,6 +233,8 @@ pub struct CommitArgs {
     quiet: bool,
     /// Image file.
     file: PathBuf,
+    #[command(flatten)]
+    chain: ChainArgs,
 }
 
 /// Arguments of `resize`.
@@ -253,6 +277,13 @@ pub async fn run(cmd: ImgCommand) -> u8 {
             let file = a.file.clone();
             resize(a).await.map(|_| 0).map_err(|e| name_file(&file, e))
         }
+        ImgCommand::Amend(a) => {
+            let file = a.file.clone();
+            amend_cmd::amend(a)
+                .await
+                .map(|_| 0)
+                .map_err(|e| name_file(&file, e))
+        }
     };
     match res {
         Ok(c) => c,
@@ -272,6 +303,31 @@ pub fn parse_format(s: &str) -> Result<Format> {
 /// Open an image (and chain) for a command.
 pub async fn open(path: &Path, fmt: Option<&str>, read_only: bool) -> Result<Arc<dyn BlockNode>> {
     open_with(path, fmt, read_only, false).await
+}
+
+/// Open a user-named top image with the chain options of its command (`--backing-format`),
+/// with its backing chain unless `no_backing`.
+pub async fn open_top(
+    path: &Path,
+    fmt: Option<&str>,
+    read_only: bool,
+    no_backing: bool,
+    chain: &ChainArgs,
+) -> Result<Arc<dyn BlockNode>> {
+    let opts = OpenOptions {
+        read_only,
+        format: fmt.map(parse_format).transpose()?,
+        backing_format: chain
+            .backing_format
+            .as_deref()
+            .map(parse_format)
+            .transpose()?,
+        no_backing,
+        ..Default::default()
+    };
+    image::open_image(path, &opts)
+        .await
+        .map_err(|e| anyhow!("{e}"))
 }
 
 /// Open an image, with its backing chain unless `no_backing`.
@@ -733,7 +789,7 @@ fn print_info_human(v: &Value) {
 
 async fn info(a: InfoArgs) -> Result<()> {
     let _ = a.force_share;
-    let top = open(&a.file, a.fmt.as_deref(), true).await?;
+    let top = open_top(&a.file, a.fmt.as_deref(), true, false, &a.chain).await?;
     let layers = if a.backing_chain {
         image::chain_layers(&top)
     } else {
@@ -795,7 +851,7 @@ async fn map_inner(a: MapArgs) -> Result<()> {
         ),
         None => None,
     };
-    let top = open(&a.file, a.fmt.as_deref(), true).await?;
+    let top = open_top(&a.file, a.fmt.as_deref(), true, false, &a.chain).await?;
     let size = top.size();
     let end = match max_length {
         Some(l) => start.saturating_add(l).min(size),
@@ -908,10 +964,10 @@ async fn compare_inner(
     a: &CompareArgs,
 ) -> std::result::Result<Option<String>, (u8, anyhow::Error)> {
     let opened = |path: &Path, e: anyhow::Error| (2u8, name_file(path, e));
-    let n1 = open(&a.file1, a.fmt1.as_deref(), true)
+    let n1 = open_top(&a.file1, a.fmt1.as_deref(), true, false, &a.chain)
         .await
         .map_err(|e| opened(&a.file1, e))?;
-    let n2 = open(&a.file2, a.fmt2.as_deref(), true)
+    let n2 = open_top(&a.file2, a.fmt2.as_deref(), true, false, &a.chain)
         .await
         .map_err(|e| opened(&a.file2, e))?;
     let (name1, name2) = (a.file1.display().to_string(), a.file2.display().to_string());
@@ -1071,7 +1127,7 @@ async fn rebase_inner(a: RebaseArgs) -> Result<()> {
         Some((a.backing.clone(), f.to_string()))
     };
     // Unsafe mode never needs the old chain (it may be missing: fixing that is what -u is for).
-    let top = open_with(&a.file, a.fmt.as_deref(), false, a.unsafe_mode).await?;
+    let top = open_top(&a.file, a.fmt.as_deref(), false, a.unsafe_mode, &a.chain).await?;
     if top.format_name() == "raw" {
         bail!("Could not change the backing file: the raw format has no backing file");
     }
@@ -1150,7 +1206,7 @@ async fn rebase_inner(a: RebaseArgs) -> Result<()> {
 }
 
 async fn commit(a: CommitArgs) -> Result<()> {
-    let top = open(&a.file, a.fmt.as_deref(), true).await?;
+    let top = open_top(&a.file, a.fmt.as_deref(), true, false, &a.chain).await?;
     let layers = image::chain_layers(&top);
     if layers.len() < 2 {
         bail!("{}: Image does not have a backing file", a.file.display());

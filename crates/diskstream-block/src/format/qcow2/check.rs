@@ -1223,6 +1223,17 @@ async fn fix_refcounts_in_place(
     errors: bool,
     msgs: &mut Vec<String>,
 ) -> Result<(u64, u64)> {
+    fix_refcounts(f, w, errors, true, msgs).await
+}
+
+/// [`fix_refcounts_in_place`], discarding the clusters it frees only if `discard`.
+async fn fix_refcounts(
+    f: &dyn Protocol,
+    w: &Walk<'_>,
+    errors: bool,
+    discard: bool,
+    msgs: &mut Vec<String>,
+) -> Result<(u64, u64)> {
     let epb = w.ondisk.epb;
     let order = w.ondisk.order;
     let len = w.nb_file.max(w.used_end);
@@ -1265,7 +1276,7 @@ async fn fix_refcounts_in_place(
         ti += 1;
     }
     f.flush().await?;
-    for c in freed {
+    for c in freed.into_iter().filter(|_| discard) {
         f.discard(c * w.cs, w.cs).await?;
     }
     out.append_to(msgs);
@@ -1364,6 +1375,41 @@ async fn write_refblocks(
         cluster = block_start + epb;
     }
     Ok(grown)
+}
+
+/// Change the refcount width of a consistent image to `1 << order` bits (`amend
+/// refcount_bits`): the references are counted by a full walk, a new refcount structure of the
+/// new width is built from them exactly as a `check -r all` rebuild lays it out (written and
+/// synced before the header switches to it), and the old structure, leaked by the switch, is
+/// freed. Refused before anything is written when the image has inconsistencies or a cluster
+/// has more references than the new width can count.
+pub async fn change_refcount_order(file: Arc<dyn Protocol>, order: u32) -> Result<()> {
+    let f: &dyn Protocol = file.as_ref();
+    let mut w = Walk::run(f, false, false).await?;
+    if w.total_corruptions() > 0 || w.check_errors > 0 || w.rebuild || w.rc_leaks > 0 {
+        return Err(BlockError::InvalidArgument(
+            "the image's refcounts are inconsistent; repair it with check -r all first".to_string(),
+        ));
+    }
+    let new_max = rc_max(order);
+    if let Some((c, v)) = w.computed.iter().enumerate().find(|&(_, &v)| v > new_max) {
+        return Err(BlockError::InvalidArgument(format!(
+            "Cannot decrease refcount entry width to {} bits: Cluster at offset {:#x} has a \
+             refcount of {v}",
+            1u64 << order,
+            c as u64 * w.cs
+        )));
+    }
+    w.h.refcount_order = order;
+    w.rc_max = new_max;
+    rebuild_refcounts(f, &mut w).await?;
+    // The old structure is freed without a discard, as QEMU frees it (its bytes stay).
+    let fresh = Walk::run(f, false, false).await?;
+    if fresh.rc_leaks > 0 {
+        let mut msgs = Vec::new();
+        fix_refcounts(f, &fresh, false, false, &mut msgs).await?;
+    }
+    f.flush().await
 }
 
 /// Replace the refcount structure with a new one built from the recomputed counts, exactly as

@@ -21,6 +21,7 @@
 //! place. Either way the newest guest data wins, and a copy never reaches a cluster that holds
 //! guest data.
 
+pub mod amend;
 pub mod check;
 pub mod compress;
 pub mod create;
