@@ -21,7 +21,8 @@ to both sides), waits for Enter (pause the guest now), then ends the job:
   destination.
 
 Exit status 0: done; 2: the job failed or was cancelled (the guest is still on the source).
-Works with `diskstream daemon` and qemu-storage-daemon on either side.
+Only standard QMP commands (tested from a `diskstream daemon` into a `diskstream daemon` and into
+a qemu-storage-daemon).
 """
 
 import argparse
