@@ -3,14 +3,23 @@
 
 The same sequence `diskstream migrate` runs, spelled out (no dependencies beyond Python 3):
 
-    examples/migrate-postcopy.py SRC_QMP SRC_NODE SRC_NBD DST_QMP DST_NBD DST_IMAGE
+    examples/migrate-postcopy.py [options] SRC_QMP SRC_NODE SRC_NBD DST_QMP DST_NBD DST_IMAGE
 
 SRC_NBD / DST_NBD are HOST:PORT NBD server addresses (the destination reaches the source at
 SRC_NBD, the guest reaches the destination at DST_NBD). DST_IMAGE is created with `qemu-img`
 (or `diskstream img`) on the destination host; the script prints the guest's new URL, waits
-for Enter (move the guest now), then streams, printing progress with an ETA.
+for Enter (move the guest now), removes the guest's writable export on the source if
+--source-guest-export names it (so the source cannot take a write after the switch), then
+streams, printing progress with an ETA.
+
+The stream runs with on-error=stop: when it pauses on an I/O error (the source gone for longer
+than --reconnect-delay), it is resumed after --retry-delay seconds, doubling with every error in
+a row (the count restarts when the job makes progress), at most --retries times in a row; then
+the script exits with status 3 and leaves the job paused with its data (block-job-resume it
+once the source is back). Exit status 2: the job failed or was cancelled.
 """
 
+import argparse
 import json
 import socket
 import subprocess
@@ -47,10 +56,27 @@ def inet(addr):
     return host, port
 
 
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for a in ["src_qmp", "node", "src_nbd", "dst_qmp", "dst_nbd", "image"]:
+        p.add_argument(a)
+    p.add_argument("--source-guest-export", help="the guest's export id on the source, "
+                   "removed at the switch")
+    p.add_argument("--reconnect-delay", type=int, default=10,
+                   help="seconds the destination waits for a lost source (default 10)")
+    p.add_argument("--retries", type=int, default=3,
+                   help="resumes after I/O errors in a row before giving up (default 3)")
+    p.add_argument("--retry-delay", type=float, default=1.0,
+                   help="seconds before the first resume, doubling (default 1)")
+    p.add_argument("--speed", type=int, default=0, help="stream bytes/s (0: unlimited)")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between polls")
+    return p.parse_args()
+
+
 def main():
-    if len(sys.argv) != 7:
-        raise SystemExit(__doc__)
-    src_qmp, node, src_nbd, dst_qmp, dst_nbd, image = sys.argv[1:]
+    a = parse_args()
+    src_qmp, node, src_nbd, dst_qmp, dst_nbd, image = (a.src_qmp, a.node, a.src_nbd, a.dst_qmp,
+                                                       a.dst_nbd, a.image)
     src, dst = Qmp(src_qmp), Qmp(dst_qmp)
     shost, sport = inet(src_nbd)
     dhost, dport = inet(dst_nbd)
@@ -73,7 +99,7 @@ def main():
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", url, "-F", "raw",
                     image, str(size)], check=True)
     dst.cmd("blockdev-add", driver="nbd", **{"node-name": "mig-source", "read-only": True,
-            "reconnect-delay": 10, "open-timeout": 10},
+            "reconnect-delay": a.reconnect_delay, "open-timeout": 10},
             server={"type": "inet", "host": shost, "port": sport}, export=export)
     dst.cmd("blockdev-add", driver="qcow2", **{"node-name": "mig-dst"},
             file={"driver": "file", "filename": image}, backing="mig-source")
@@ -88,19 +114,28 @@ def main():
     # 3. Switch the guest (it must not write to the source any more).
     print(f"destination: nbd://{dhost}:{dport}/mig-dst")
     input("move the guest to the destination, then press Enter ")
+    if a.source_guest_export:
+        # Fence the source: nothing can write there after the switch.
+        src.cmd("block-export-del", id=a.source_guest_export, mode="hard")
 
     # 4. Stream with a copy-on-read filter over the destination image.
     dst.cmd("block-stream", **{"job-id": "migrate", "device": "mig-dst",
-            "filter-node-name": "mig-cor", "on-error": "stop"})
-    t0, last = time.monotonic(), None
+            "filter-node-name": "mig-cor", "on-error": "stop", "speed": a.speed})
+    t0 = time.monotonic()
+    in_row, error_offset, resume_at = 0, None, None
     while True:
-        time.sleep(1)
+        time.sleep(a.interval)
         jobs = [j for j in dst.cmd("query-block-jobs") if j["device"] == "migrate"]
-        done = [e for e in dst.events if e["event"] == "BLOCK_JOB_COMPLETED"]
-        if done:
-            if "error" in done[0]["data"]:
-                raise SystemExit(f"stream failed: {done[0]['data']['error']}")
+        ended = [e for e in dst.events
+                 if e["event"] in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
+                 and e["data"].get("device") == "migrate"]
+        if ended:
+            e = ended[0]
+            if e["event"] == "BLOCK_JOB_CANCELLED" or "error" in e["data"]:
+                print(f"stream failed: {e['data'].get('error', 'cancelled')}", file=sys.stderr)
+                sys.exit(2)
             break
+        dst.events = [e for e in dst.events if e["event"] != "BLOCK_JOB_ERROR"]
         if not jobs:
             continue
         j = jobs[0]
@@ -108,8 +143,23 @@ def main():
         eta = (j["len"] - j["offset"]) / rate if rate else float("inf")
         print(f"{100 * j['offset'] / max(j['len'], 1):5.1f}%  ETA {eta:.0f}s  {j['status']}",
               file=sys.stderr)
-        if j["status"] == "paused" and j["io-status"] == "failed" and last != j["offset"]:
-            last = j["offset"]
+        if in_row and resume_at is None and j["offset"] > error_offset:
+            in_row = 0  # progress since the last error: the count restarts
+        if j["status"] != "paused" or j["io-status"] != "failed":
+            continue
+        if resume_at is None:
+            in_row += 1
+            error_offset = j["offset"]
+            if in_row > a.retries:
+                print(f"the stream stopped on I/O errors {in_row} times in a row; job "
+                      "'migrate' stays paused with its data (block-job-resume once the "
+                      "source is back)", file=sys.stderr)
+                sys.exit(3)
+            wait = a.retry_delay * 2 ** (in_row - 1)
+            print(f"I/O error: retry {in_row}/{a.retries} in {wait:.1f}s", file=sys.stderr)
+            resume_at = time.monotonic() + wait
+        elif time.monotonic() >= resume_at:
+            resume_at = None
             dst.cmd("block-job-resume", device="migrate")
 
     # 5. Done: the backing link is gone; drop the nbd node and the source export.

@@ -3,8 +3,8 @@
 //! delay filters in front of the source, qemu-img to check the result).
 //!
 //! The scenarios run one at a time (each starts several processes and the machine may have few
-//! cores). Every peer is required: a missing qemu-img, nbdkit or python3-libnbd fails the test
-//! with instructions (`bash .ci/run` installs them).
+//! cores). Every peer is required: a missing qemu-img, nbdkit, qemu-storage-daemon or
+//! python3-libnbd fails the test with instructions (`bash .ci/run` installs them).
 
 use std::path::Path;
 use std::process::Command;
@@ -26,6 +26,7 @@ fn scenario(name: &str) {
     require("command -v qemu-img", "qemu-img");
     require("command -v nbdkit", "nbdkit");
     require("/usr/bin/python3 -c 'import nbd'", "python3-libnbd");
+    require("command -v qemu-storage-daemon", "qemu-storage-daemon");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/migrate/migrate_tests.py");
     let st = Command::new("/usr/bin/python3")
         .arg(script)
@@ -82,4 +83,54 @@ fn example_script_migrates() {
 #[test]
 fn setup_errors_are_clear_and_undone() {
     scenario("setup_errors");
+}
+
+/// The link to the source silently drops every packet (a black hole, no reset) for longer than
+/// reconnect-delay: the NBD client's keepalive / TCP_USER_TIMEOUT notice it, a guest read of
+/// missing data gets EIO in bounded time, the job stops; after the link is back `--resume`
+/// finishes. Needs `ip netns` (root); skipped with a message otherwise.
+#[test]
+fn silent_link_drop_fails_reads_then_resumes() {
+    scenario("link_blackhole");
+}
+
+/// Read errors for about a second (nbdkit's error filter, toggled through its trigger file):
+/// `--retries` resume the stopped job with doubling backoff, it gets past them and exits 0.
+#[test]
+fn transient_errors_are_retried() {
+    scenario("transient_errors_retried");
+}
+
+/// Pre-copy over TCP (the source in its own network namespace when `ip netns` works): mirror
+/// into an `nbd` node on the destination's export under a guest writer, soft cancel at READY;
+/// the target equals the guest's model and the source is unchanged.
+#[test]
+fn precopy_soft_cancel_at_ready() {
+    scenario("precopy_cancel");
+}
+
+/// Pre-copy ended with block-job-complete: the source's guest export pivots to the remote
+/// target (later guest writes land on the destination, the source file stays as it was).
+#[test]
+fn precopy_complete_pivots_to_destination() {
+    scenario("precopy_complete");
+}
+
+/// Pre-copy into a qemu-storage-daemon destination export.
+#[test]
+fn precopy_into_qemu_storage_daemon() {
+    scenario("precopy_qsd_target");
+}
+
+/// `diskstream migrate` with qemu-storage-daemon as the source daemon.
+#[test]
+fn migrate_from_qemu_storage_daemon() {
+    scenario("qsd_source");
+}
+
+/// `examples/migrate-precopy.py` as written: soft cancel between two diskstream daemons, and
+/// block-job-complete into a qemu-storage-daemon destination.
+#[test]
+fn example_precopy_script_migrates() {
+    scenario("example_precopy");
 }

@@ -49,6 +49,10 @@ pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
 /// Largest effect length of one WRITE_ZEROES/TRIM/CACHE/BLOCK_STATUS request: 1 GiB (a multiple
 /// of every legal minimum block size, and well inside 32-bit compact headers).
 pub const MAX_EFFECT_LENGTH: u64 = 1 << 30;
+/// Shortest dead-peer timeout (keepalive probes go out every second at most).
+const MIN_DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Dead-peer timeout when `reconnect_delay` is 0, and the upper end of the derived one.
+const MAX_DERIVED_DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Sub-requests of one split operation that are issued together.
 const SPLIT_WINDOW: usize = 64;
 
@@ -89,6 +93,13 @@ pub struct ClientOptions {
     pub structured_replies: bool,
     /// Use `NBD_OPT_GO` (false forces the `NBD_OPT_EXPORT_NAME` path, for tests).
     pub opt_go: bool,
+    /// How long a TCP connection may go without any sign of life from the server (no ACK of
+    /// data we sent, no answer to keepalive probes) before it is declared lost and the
+    /// reconnect logic takes over: TCP keepalive probes plus `TCP_USER_TIMEOUT`, so a link
+    /// that silently drops packets is noticed in bounded time instead of after the kernel's
+    /// retransmission limit (many minutes). `None` (the default): see
+    /// [`ClientOptions::effective_dead_peer_timeout`]. Unix sockets ignore it.
+    pub dead_peer_timeout: Option<Duration>,
 }
 
 impl ClientOptions {
@@ -111,7 +122,24 @@ impl ClientOptions {
             extended_headers: true,
             structured_replies: true,
             opt_go: true,
+            dead_peer_timeout: None,
         }
+    }
+
+    /// The dead-peer timeout in force: [`ClientOptions::dead_peer_timeout`] when set, else
+    /// `reconnect_delay` clamped to 2..30 s (a client that is willing to wait that long for a
+    /// reconnect notices a dead link about as fast), or 30 s when `reconnect_delay` is 0
+    /// (fail-fast clients still must not wait for the kernel's minutes-long retransmission
+    /// limit, but a short stall of a slow link must not cost them an EIO).
+    pub fn effective_dead_peer_timeout(&self) -> Duration {
+        if let Some(t) = self.dead_peer_timeout {
+            return t.max(Duration::from_secs(1));
+        }
+        if self.reconnect_delay.is_zero() {
+            return MAX_DERIVED_DEAD_PEER_TIMEOUT;
+        }
+        self.reconnect_delay
+            .clamp(MIN_DEAD_PEER_TIMEOUT, MAX_DERIVED_DEAD_PEER_TIMEOUT)
     }
 
     /// Defaults for the export named by an NBD URL.
@@ -634,5 +662,22 @@ mod tests {
             })
             .collect();
         assert_eq!(join_all(futs).await, vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn dead_peer_timeout_follows_reconnect_delay() {
+        let mut o = ClientOptions::new(Address::Unix("/x".into()), "");
+        let s = Duration::from_secs;
+        assert_eq!(o.effective_dead_peer_timeout(), s(30));
+        o.reconnect_delay = Duration::from_millis(500);
+        assert_eq!(o.effective_dead_peer_timeout(), s(2));
+        o.reconnect_delay = s(10);
+        assert_eq!(o.effective_dead_peer_timeout(), s(10));
+        o.reconnect_delay = s(600);
+        assert_eq!(o.effective_dead_peer_timeout(), s(30));
+        o.dead_peer_timeout = Some(s(7));
+        assert_eq!(o.effective_dead_peer_timeout(), s(7));
+        o.dead_peer_timeout = Some(Duration::ZERO);
+        assert_eq!(o.effective_dead_peer_timeout(), s(1));
     }
 }

@@ -38,6 +38,14 @@
 //! covers what the new server has. That is the NBD contract (and QEMU's behaviour): only
 //! flushed or FUA data is durable.
 //!
+//! **Silent links.** A server that disappears without a reset (a black-holed link, a host that
+//! lost power) gives no error: TCP connections get keepalive probes and `TCP_USER_TIMEOUT`
+//! ([`ClientOptions::effective_dead_peer_timeout`], tied to `reconnect-delay`), so such a
+//! connection is declared lost after that timeout and handled like any other loss: requests
+//! wait for a reconnect up to `reconnect-delay`, then fail with EIO. A request therefore never
+//! waits longer than the dead-peer timeout plus `reconnect-delay`. A server process that is alive at the TCP level but never
+//! answers (stopped, deadlocked) is not detected, as in QEMU.
+//!
 //! Every state change is logged (`tracing`, target `diskstream_nbd::client::session`): info for
 //! connects and reconnects, warn for losses and the end of the reconnect window, error for
 //! protocol violations.
@@ -451,6 +459,32 @@ async fn closed(rx: &mut watch::Receiver<ConnectionState>) {
     }
 }
 
+/// Make the kernel notice a server that went silent (a link that drops packets without a
+/// reset): keepalive probes once the connection has been quiet for half of `limit`, and
+/// `TCP_USER_TIMEOUT` so that unacknowledged data or unanswered probes end the connection
+/// after `limit`. The read or write then fails (ETIMEDOUT), the connection dies as "lost" and
+/// the session's reconnect logic (with `reconnect-delay`) takes over. Without this, a request
+/// sent into a black hole waits for TCP's retransmission limit (about 15 minutes) and an idle
+/// connection whose reply was lost waits forever.
+fn detect_dead_peer(s: &TcpStream, limit: Duration, server: &str) {
+    let sock = socket2::SockRef::from(s);
+    let idle = (limit / 2).max(Duration::from_secs(1));
+    let interval = (limit / 6).max(Duration::from_secs(1));
+    let probes = (limit.as_secs_f64() / interval.as_secs_f64())
+        .ceil()
+        .max(1.0) as u32;
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(interval)
+        .with_retries(probes);
+    if let Err(e) = sock.set_tcp_keepalive(&ka) {
+        tracing::warn!(server, "cannot enable TCP keepalive: {e}");
+    }
+    if let Err(e) = sock.set_tcp_user_timeout(Some(limit)) {
+        tracing::warn!(server, "cannot set TCP_USER_TIMEOUT: {e}");
+    }
+}
+
 /// Connect and negotiate one connection, bounded by the connect timeout.
 async fn connect_one(
     opts: &ClientOptions,
@@ -472,6 +506,7 @@ async fn connect_one(
                     .await
                     .map_err(|e| ClientError::io(format!("cannot connect to {server}"), e))?;
                 let _ = s.set_nodelay(true);
+                detect_dead_peer(&s, opts.effective_dead_peer_timeout(), server);
                 let neg = handshake::negotiate(&mut s, &want).await?;
                 let (r, w) = s.into_split();
                 Ok::<_, ClientError>((

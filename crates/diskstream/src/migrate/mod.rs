@@ -2,7 +2,7 @@
 //! their QMP sockets.
 //!
 //! The sequence (QEMU's post-copy recipe; every step is an ordinary QMP command, so the same
-//! migration can be scripted by hand, see README.md and `examples/migrate-postcopy.sh`):
+//! migration can be scripted by hand, see README.md and `examples/migrate-postcopy.py`):
 //!
 //! 1. source: `nbd-server-start` (unless running), `block-export-add` of the node, read-only;
 //! 2. destination: a qcow2 is created whose backing file is the source's `nbd://` URL with an

@@ -57,6 +57,7 @@ class Qmp:
         self.s = socket.socket(socket.AF_UNIX)
         self.s.connect(path)
         self.f = self.s.makefile("rwb")
+        self.events = []
         json.loads(self.f.readline())
         self.cmd("qmp_capabilities")
 
@@ -69,15 +70,33 @@ class Qmp:
         while True:
             r = json.loads(self.f.readline())
             if "event" in r:
+                self.events.append(r)
                 continue
             return r
+
+    def ok(self, name, **args):
+        r = self.cmd(name, **args)
+        assert "return" in r, f"{name}: {r}"
+        return r["return"]
+
+    def wait_event(self, name, device, timeout=60):
+        """Wait for event `name` of job `device` (query-block-jobs pumps the socket)."""
+        def seen():
+            for e in self.events:
+                if e["event"] == name and e["data"].get("device") == device:
+                    return e
+            self.cmd("query-block-jobs")
+            return None
+        return wait_for(seen, f"{name} of {device}", timeout)
 
     def close(self):
         self.s.close()
 
 
 class Daemon:
-    def __init__(self, d, name, nbd_port, args=(), netns=None, host="127.0.0.1"):
+    def __init__(self, d, name, nbd_port, args=(), netns=None, host="127.0.0.1", qsd=False):
+        # qsd: run qemu-storage-daemon instead (same command-line syntax for these options).
+        self.program = ["qemu-storage-daemon"] if qsd else [BIN, "daemon"]
         self.qmp_path = os.path.join(d, f"{name}.qmp")
         self.name = name
         self.nbd_port = nbd_port
@@ -91,7 +110,7 @@ class Daemon:
     def start(self):
         if os.path.exists(self.qmp_path):
             os.unlink(self.qmp_path)
-        cmd = self.prefix + [BIN, "daemon",
+        cmd = self.prefix + self.program + [
                "--nbd-server", f"addr.type=inet,addr.host={self.host},addr.port={self.nbd_port}",
                "--chardev", f"socket,id=m,path={self.qmp_path},server=on,wait=off",
                "--monitor", "chardev=m"] + self.args
@@ -187,6 +206,13 @@ class Netns:
     def link(self, up):
         subprocess.run(["ip", "link", "set", self.here, "up" if up else "down"], check=True)
 
+    def blackhole(self, on):
+        """Silently drop everything the source sends us (a blackhole route for our address
+        inside its namespace): no reset, no ICMP, the link stays up -- from our side the source
+        just goes quiet, like a lost link in the middle of the network."""
+        subprocess.run(["ip", "netns", "exec", self.name, "ip", "route", "add" if on else "del",
+                        "blackhole", f"{self.local}/32"], check=True)
+
     def close(self):
         run(["ip", "link", "del", self.here])
         run(["ip", "netns", "del", self.name])
@@ -207,18 +233,21 @@ class Migrate:
 
     def __init__(self, d, args):
         self.lines = []
+        self.times = []
         self.out = []
         self.proc = subprocess.Popen([BIN, "migrate"] + args, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
         PROCS.append(self.proc)
-        self.t_err = threading.Thread(target=self._pump, args=(self.proc.stderr, self.lines))
-        self.t_out = threading.Thread(target=self._pump, args=(self.proc.stdout, self.out))
+        self.t_err = threading.Thread(target=self._pump,
+                                      args=(self.proc.stderr, self.lines, self.times))
+        self.t_out = threading.Thread(target=self._pump, args=(self.proc.stdout, self.out, []))
         self.t_err.start()
         self.t_out.start()
 
     @staticmethod
-    def _pump(stream, into):
+    def _pump(stream, into, times):
         for line in stream:
+            times.append(time.monotonic())
             into.append(line.rstrip("\n"))
             print(f"  | {line.rstrip()}", file=sys.stderr, flush=True)
 
@@ -350,7 +379,11 @@ def postcopy(d, ns):
         if ns:
             wait_for(lambda: m.percent() >= 30 or m.proc.poll() is not None, "30% streamed")
             ns.link(False)
-            log("link down")
+            pct = m.percent()
+            log(f"link down at {pct:.1f}%")
+            # The drop must hit a running stream, or it tests nothing.
+            assert m.proc.poll() is None and pct < 100, "migration over before the link drop"
+            assert not any("stream completed" in l for l in m.lines), m.lines
             time.sleep(1.0)
             ns.link(True)
             log("link up")
@@ -464,11 +497,19 @@ class Reader(threading.Thread):
 
     def __init__(self, url, src_img):
         super().__init__(daemon=True)
-        self.url, self.src_img, self.result = url, src_img, None
+        self.url, self.src_img, self.result, self.t_end = url, src_img, None, None
         self.start()
 
     def run(self):
         self.result = guest_read_missing(self.url, self.src_img)
+        self.t_end = time.monotonic()
+
+    def finish(self, timeout, what):
+        """Wait at most `timeout` seconds: a read still blocked then is a hang (the failure
+        this suite exists to catch), reported instead of waited for."""
+        self.join(timeout=timeout)
+        assert not self.is_alive(), f"guest read {what} still blocked after {timeout}s (hang)"
+        return self.result
 
 
 def _pread(path, off, n):
@@ -495,8 +536,7 @@ def scenario_source_restart(d):
     time.sleep(1.0)
     src.start()
     log("source restarted")
-    reader.join()
-    (kind, val), took = reader.result
+    (kind, val), took = reader.finish(30 + 10, "across the source restart")
     log(f"guest read of missing data across the restart: {kind} {val} after {took:.1f}s")
     assert (kind, val) == ("data", True), (kind, val)
     rc = m.wait()
@@ -520,14 +560,21 @@ def scenario_source_dead_stop_resume(d):
                          "--speed", str(16 * MiB), "--dest-export", "guest"])
     m = Migrate(d, args)
     wait_for(lambda: m.percent() >= 20 or m.proc.poll() is not None, "20% streamed")
+    assert m.proc.poll() is None, "migration over before the source was killed"
     src.kill()
+    t_kill = time.monotonic()
     log("source killed for good")
     # A guest read of missing data fails with EIO once reconnect-delay is over (no hang).
+    delay = 1.0
     reader = Reader(f"nbd://127.0.0.1:{dp}/guest", src_img)
-    reader.join()
-    (kind, val), took = reader.result
-    log(f"guest read of missing data, source down: {kind} {val} after {took:.1f}s")
+    (kind, val), took = reader.finish(delay + 10, "with the source dead")
+    since_kill = reader.t_end - t_kill
+    log(f"guest read of missing data, source down: {kind} {val} after {took:.1f}s "
+        f"({since_kill:.1f}s after the kill)")
     assert (kind, val) == ("errno", 5), (kind, val)
+    # Not before the reconnect window is over (counted from the loss, which the kill causes at
+    # once), and not much after it.
+    assert 0.8 * delay <= since_kill <= delay + 5, since_kill
     rc = m.wait()
     assert rc == 3, f"migrate exited {rc}, expected 3 (stopped)"
     assert any("I/O error" in l for l in m.lines), "no BLOCK_JOB_ERROR reported"
@@ -557,6 +604,81 @@ def scenario_source_dead_stop_resume(d):
     check_destination(dst_image, src_img)
 
 
+def scenario_link_blackhole(d):
+    """The link to the source goes silent (packets dropped, no reset, no ICMP) for longer than
+    reconnect-delay + the dead-peer timeout: the NBD client notices through its TCP keepalive /
+    TCP_USER_TIMEOUT, a guest read of missing data fails with EIO in bounded time (never a
+    hang), the job stops (on-error=stop); once the link is back the client reconnects by
+    itself and --resume finishes the migration."""
+    ns = Netns.open()
+    if ns is None:
+        log("link_blackhole needs ip netns (a black hole on loopback would cut everything); "
+            "skipped")
+        return
+    try:
+        link_blackhole(d, ns)
+    finally:
+        ns.close()
+
+
+def link_blackhole(d, ns):
+    size, data = 64 * MiB, 32 * MiB
+    sp, dp = free_port(), free_port()
+    src_img = os.path.join(d, "src.raw")
+    make_disk(src_img, size, data, seed=12)
+    src = Daemon(d, "src", sp, [
+        "--blockdev", f"driver=raw,node-name=disk,file.driver=file,file.filename={src_img}"],
+        netns=ns.name, host=ns.remote)
+    dst = Daemon(d, "dst", dp)
+    dst_image = os.path.join(d, "dst.qcow2")
+    # reconnect-delay 2 s: the client's dead-peer timeout is then 2 s too (it is tied to the
+    # delay, at least 2 s), so a request waits at most about 4 s before EIO.
+    delay, dead_peer = 2.0, 2.0
+    args = ["--source-qmp", src.qmp_path, "--source-node", "disk", "--dest-qmp", dst.qmp_path,
+            "--dest-image", dst_image, "--source-nbd", f"{ns.remote}:{sp}",
+            "--dest-nbd", f"127.0.0.1:{dp}", "--progress-interval", "100",
+            "--reconnect-delay", str(int(delay)), "--retries", "1", "--retry-delay", "0.2",
+            "--speed", str(8 * MiB), "--dest-export", "guest"]
+    m = Migrate(d, args)
+    wait_for(lambda: m.percent() >= 15 or m.proc.poll() is not None, "15% streamed")
+    assert m.proc.poll() is None, "migration over before the link went silent"
+    ns.blackhole(True)
+    t_drop = time.monotonic()
+    log(f"link black-holed at {m.percent():.1f}%")
+    try:
+        reader = Reader(f"nbd://127.0.0.1:{dp}/guest", src_img)
+        bound = dead_peer + delay + 5
+        (kind, val), took = reader.finish(bound + 10, "over the silent link")
+        since = reader.t_end - t_drop
+        log(f"guest read of missing data over the silent link: {kind} {val} after {took:.1f}s "
+            f"({since:.1f}s after the drop)")
+        assert (kind, val) == ("errno", 5), (kind, val)
+        # EIO only once the reconnect window is over, and well before TCP's own limit.
+        assert 0.8 * delay <= since <= bound, since
+        rc = m.wait(timeout=60)
+        assert rc == 3, f"migrate exited {rc}, expected 3 (stopped)"
+        assert any("I/O error in the stream" in l and "action: stop" in l for l in m.lines), \
+            m.lines
+        jobs = dst.qmp("query-block-jobs")["return"]
+        assert len(jobs) == 1 and jobs[0]["status"] == "paused", jobs
+    finally:
+        ns.blackhole(False)
+    log("link back")
+    # The client reconnects in the background (backoff at most 5 s, a connect attempt caught
+    # in the black hole ends within its 10 s timeout): missing data becomes readable again,
+    # and right.
+    url = f"nbd://127.0.0.1:{dp}/guest"
+    res = wait_for(lambda: (lambda r: r if r[0] == ("data", True) else None)(
+        guest_read_missing(url, src_img)), "guest read after the link is back", timeout=40)
+    log(f"guest read of missing data after the link is back: {res[0]}")
+    m2 = Migrate(d, args + ["--resume"])
+    rc = m2.wait()
+    assert rc == 0, f"migrate --resume exited {rc}"
+    dst.stop()
+    src.stop()
+    check_destination(dst_image, src_img)
+
+
 def scenario_errors_report_then_resume(d):
     """nbdkit's error filter in front of the source with on-error=report: the job fails
     (exit 2, never silently); --resume restreams only what is missing (nbdkit's log filter counts
@@ -579,6 +701,9 @@ def scenario_errors_report_then_resume(d):
     log("read errors switched on")
     rc = m.wait()
     assert rc == 2, f"migrate exited {rc}, expected 2 (job failed)"
+    # The BLOCK_JOB_ERROR event (action report) was seen and reported, then the failure.
+    assert any("I/O error in the stream" in l and "action: report" in l for l in m.lines), \
+        m.lines
     assert any("the stream failed" in l for l in m.lines), m.lines
     first = bytes_read(logfile)
     os.unlink(errfile)
@@ -592,6 +717,54 @@ def scenario_errors_report_then_resume(d):
         f"{allocated} bytes of data on the source")
     # Chunks in flight when the errors started (at most 8 x 1 MiB) may be read twice.
     assert total <= allocated + 8 * MiB, (total, allocated)
+    dst.stop()
+    src.stop()
+    kit.terminate()
+    check_destination(dst_image, src_img)
+
+
+def scenario_transient_errors_retried(d):
+    """Read errors that last about a second (nbdkit's error filter, switched on and off through
+    its error-pread-file) with on-error=stop: migrate's bounded retries resume the job, it gets
+    past the errors and exits 0; each retry is announced (`retry k/N`) and waits its backoff
+    (doubling from --retry-delay)."""
+    size, data = 32 * MiB, 16 * MiB
+    sp, dp = free_port(), free_port()
+    src_img, src = source_setup(d, size, data, sp, seed=13)
+    errfile = os.path.join(d, "inject")
+    kit, kp = nbdkit_proxy(d, "err", sp, "migrate-disk", ["error"],
+                           ["error=EIO", "error-pread-rate=100%", f"error-pread-file={errfile}"])
+    dst = Daemon(d, "dst", dp)
+    dst_image = os.path.join(d, "dst.qcow2")
+    retries, retry_delay = 5, 0.3
+    args = migrate_args(src, dst, dst_image, kp, dp,
+                        ["--retries", str(retries), "--retry-delay", str(retry_delay),
+                         "--speed", str(8 * MiB), "--source-export", "migrate-disk"])
+    m = Migrate(d, args)
+    wait_for(lambda: m.percent() >= 20 or m.proc.poll() is not None, "20% streamed")
+    assert m.proc.poll() is None, "migration over before the errors"
+    open(errfile, "w").close()
+    log("read errors on")
+    wait_for(lambda: any("I/O error in the stream" in l for l in m.lines)
+             or m.proc.poll() is not None, "the first BLOCK_JOB_ERROR")
+    time.sleep(1.0)
+    os.unlink(errfile)
+    log("read errors off")
+    rc = m.wait()
+    assert rc == 0, f"migrate exited {rc}, expected 0 (the retries got past the errors)"
+    retry = [(t, l) for t, l in zip(m.times, m.lines) if "retry " in l]
+    log(f"{len(retry)} retries: {[l for _, l in retry]}")
+    assert 1 <= len(retry) <= retries, retry
+    # k counts errors in a row (it restarts when the job progressed in between).
+    for k, (_, line) in enumerate(retry, 1):
+        n = int(line.split("retry ")[1].split("/")[0])
+        assert 1 <= n <= min(k, retries) and f"/{retries} in " in line, (k, line)
+    # Backoff doubles: each retry waits its announced delay before the job is resumed, so the
+    # next error (and retry line) cannot come sooner. Loose: half the announced delay.
+    for (t0, l0), (t1, _) in zip(retry, retry[1:]):
+        wait = float(l0.split(" in ")[1].rstrip("s"))
+        assert t1 - t0 >= 0.5 * wait, (l0, t1 - t0)
+    assert any("job resumed" in l for l in m.lines), m.lines
     dst.stop()
     src.stop()
     kit.terminate()
@@ -639,28 +812,234 @@ def scenario_dest_restart(d):
     check_destination(dst_image, src_img)
 
 
+def precopy(d, finish, qsd_target):
+    """Pre-copy (QEMU's recipe) over TCP, the source in its own network namespace when `ip
+    netns` works: the destination exports a writable target, the source mirrors its disk into an
+    `nbd` node connected to it while a guest writes through the source's export; at READY the
+    guest keeps writing a little (the mirror follows), then pauses, and the job ends with a
+    soft cancel (`finish="cancel"`: the target is a point-in-time copy, the source stays in use)
+    or `block-job-complete` (the source's users pivot to the target: guest writes made through
+    the source export afterwards land on the destination, the source file no longer changes).
+    The target then equals the guest's model and passes qemu-img check."""
+    ns = Netns.open()
+    try:
+        size, data = 32 * MiB, 8 * MiB
+        sp, dp = free_port(), free_port()
+        src_img, model = os.path.join(d, "src.raw"), os.path.join(d, "model.raw")
+        make_disk(src_img, size, data, seed=21)
+        subprocess.run(["cp", "--sparse=always", src_img, model], check=True)
+        tgt_img = os.path.join(d, "target.qcow2")
+        run(["qemu-img", "create", "-q", "-f", "qcow2", tgt_img, str(size)])
+        shost = ns.remote if ns else "127.0.0.1"
+        dhost = ns.local if ns else "127.0.0.1"
+        dst = Daemon(d, "dst", dp, [
+            "--blockdev", f"driver=qcow2,node-name=target,file.driver=file,file.filename={tgt_img}",
+            "--export", "type=nbd,id=in,node-name=target,name=in,writable=on"],
+            host=dhost, qsd=qsd_target)
+        src = Daemon(d, "src", sp, [
+            "--blockdev", f"driver=raw,node-name=disk,file.driver=file,file.filename={src_img}",
+            "--export", "type=nbd,id=guest,node-name=disk,writable=on,name=guest"],
+            netns=ns.name if ns else None, host=shost)
+        log(f"pre-copy {'diskstream' if not qsd_target else 'qemu-storage-daemon'} target at "
+            f"{dhost}, source at {shost}, finish with {finish}")
+        guest_url = f"nbd://{shost}:{sp}/guest"
+        w = Writer(d, model, size, guest_url, seed=22)
+        w.start()
+        q = Qmp(src.qmp_path)
+        try:
+            wait_for(lambda: sum(w.ops.values()) >= 20 or w.error, "guest on the source")
+            q.ok("blockdev-add", driver="nbd", **{"node-name": "remote"},
+                 server={"type": "inet", "host": dhost, "port": str(dp)}, export="in")
+            q.ok("blockdev-mirror", **{"job-id": "pre"}, device="disk", target="remote",
+                 sync="full")
+            n0 = sum(w.ops.values())
+            q.wait_event("BLOCK_JOB_READY", "pre")
+            # The guest wrote during the bulk copy and keeps writing in READY.
+            n1 = sum(w.ops.values())
+            wait_for(lambda: sum(w.ops.values()) >= n1 + 30 or w.error, "guest writes in READY")
+        finally:
+            w.stop_flag.set()
+            w.join()
+        if w.error:
+            raise w.error
+        log(f"guest ops: {w.ops} ({n1 - n0} during the bulk copy)")
+        if finish == "cancel":
+            q.ok("block-job-cancel", device="pre")
+        else:
+            q.ok("block-job-complete", device="pre")
+        e = q.wait_event("BLOCK_JOB_COMPLETED", "pre")
+        assert "error" not in e["data"], e
+        assert not [x for x in q.events if x["event"] == "BLOCK_JOB_CANCELLED"], q.events
+        if finish == "cancel":
+            q.ok("blockdev-del", **{"node-name": "remote"})
+        else:
+            # Pivoted: the guest's export now writes to the destination through the source.
+            src_sha = sha256(src_img)
+            w2 = Writer(d, model, size, guest_url, seed=23)
+            w2.start()
+            try:
+                wait_for(lambda: sum(w2.ops.values()) >= 40 or w2.error, "guest after the pivot")
+            finally:
+                w2.stop_flag.set()
+                w2.join()
+            if w2.error:
+                raise w2.error
+            assert w2.ops["write"] + w2.ops["zero"] > 0, w2.ops
+            assert sha256(src_img) == src_sha, "the source file changed after the pivot"
+        q.close()
+        src.stop()
+        dst.stop()
+        check_destination(tgt_img, model)
+        if finish == "cancel":
+            # Soft cancel: the source still holds the same data.
+            r = run(["qemu-img", "compare", "-f", "raw", "-F", "raw", model, src_img])
+            assert r.returncode == 0, r.stdout + r.stderr
+    finally:
+        if ns:
+            ns.close()
+
+
+def scenario_precopy_cancel(d):
+    precopy(d, "cancel", qsd_target=False)
+
+
+def scenario_precopy_complete(d):
+    precopy(d, "complete", qsd_target=False)
+
+
+def scenario_precopy_qsd_target(d):
+    precopy(d, "complete", qsd_target=True)
+
+
+def scenario_qsd_source(d):
+    """`diskstream migrate` with qemu-storage-daemon as the source (it serves the disk over NBD
+    and takes the same QMP commands): nbd-server-start finds QSD's server running, the
+    migration export is added and removed, the guest's export on QSD is removed at the switch;
+    the destination ends complete and independent."""
+    size, data = 32 * MiB, 16 * MiB
+    sp, dp = free_port(), free_port()
+    src_img = os.path.join(d, "src.raw")
+    make_disk(src_img, size, data, seed=31)
+    src = Daemon(d, "src", sp, [
+        "--blockdev", f"driver=file,node-name=file0,filename={src_img}",
+        "--blockdev", "driver=raw,node-name=disk,file=file0",
+        "--export", "type=nbd,id=guest,node-name=disk,writable=on,name=guest"], qsd=True)
+    dst = Daemon(d, "dst", dp)
+    dst_image = os.path.join(d, "dst.qcow2")
+    m = Migrate(d, migrate_args(src, dst, dst_image, sp, dp,
+                                ["--source-guest-export", "guest", "--dest-export", "guest",
+                                 "--speed", str(64 * MiB)]))
+    rc = m.wait()
+    assert rc == 0, f"migrate exited {rc}"
+    assert f"destination: nbd://127.0.0.1:{dp}/guest" in m.out, m.out
+    exports = src.qmp("query-block-exports")["return"]
+    assert exports == [], f"exports left on qemu-storage-daemon: {exports}"
+    dst.stop()
+    src.stop()
+    check_destination(dst_image, src_img)
+
+
+EXAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "..",
+                       "examples", "migrate-postcopy.py")
+
+
 def scenario_example_script(d):
-    """examples/migrate-postcopy.py (the documented QMP sequence) between two daemons."""
+    """examples/migrate-postcopy.py (the documented QMP sequence) between two daemons: the
+    source's guest export is removed at the switch; then, in a second migration, the source is
+    killed mid-stream and the script gives up after its bounded retries (exit 3, the job left
+    paused with its data)."""
     size, data = 64 * MiB, 16 * MiB
     sp, dp = free_port(), free_port()
     src_img = os.path.join(d, "src.raw")
     make_disk(src_img, size, data, seed=8)
     src = Daemon(d, "src", sp, [
-        "--blockdev", f"driver=raw,node-name=disk,file.driver=file,file.filename={src_img}"])
+        "--blockdev", f"driver=raw,node-name=disk,file.driver=file,file.filename={src_img}",
+        "--export", "type=nbd,id=guest,node-name=disk,writable=on,name=guest"])
     dst = Daemon(d, "dst", dp)
     dst_image = os.path.join(d, "dst.qcow2")
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "..",
-                          "examples", "migrate-postcopy.py")
-    r = subprocess.run([sys.executable, script, src.qmp_path, "disk", f"127.0.0.1:{sp}",
+    r = subprocess.run([sys.executable, EXAMPLE, "--source-guest-export", "guest",
+                        "--interval", "0.2", src.qmp_path, "disk", f"127.0.0.1:{sp}",
                         dst.qmp_path, f"127.0.0.1:{dp}", dst_image],
                        input="\n", capture_output=True, text=True, timeout=120)
     sys.stderr.write(r.stderr)
     assert r.returncode == 0, r.stderr
     assert f"destination: nbd://127.0.0.1:{dp}/mig-dst" in r.stdout, r.stdout
+    # Both the migration export and the guest's export are gone from the source.
     assert src.qmp("query-block-exports")["return"] == []
     dst.stop()
     src.stop()
     check_destination(dst_image, src_img)
+    example_dead_source(d)
+
+
+def example_dead_source(d):
+    sp, dp = free_port(), free_port()
+    src_img = os.path.join(d, "src2.raw")
+    make_disk(src_img, 32 * MiB, 16 * MiB, seed=14)
+    src = Daemon(d, "src2", sp, [
+        "--blockdev", f"driver=raw,node-name=disk,file.driver=file,file.filename={src_img}"])
+    dst = Daemon(d, "dst2", dp)
+    dst_image = os.path.join(d, "dst2.qcow2")
+    enter = os.path.join(d, "enter")
+    with open(enter, "w") as f:
+        f.write("\n")
+    p = subprocess.Popen([sys.executable, EXAMPLE, "--reconnect-delay", "1", "--retries", "2",
+                          "--retry-delay", "0.2", "--interval", "0.1", "--speed", str(4 * MiB),
+                          src.qmp_path, "disk", f"127.0.0.1:{sp}", dst.qmp_path,
+                          f"127.0.0.1:{dp}", dst_image],
+                         stdin=open(enter), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    PROCS.append(p)
+
+    def offset():
+        jobs = dst.qmp("query-block-jobs")["return"]
+        return jobs[0]["offset"] if jobs else 0
+    wait_for(lambda: offset() > 0 or p.poll() is not None, "the example's stream")
+    assert p.poll() is None, "the example finished before the source was killed"
+    src.kill()
+    log("source killed under the example script")
+    try:
+        out, err = p.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        raise AssertionError("examples/migrate-postcopy.py hung with the source dead")
+    sys.stderr.write(err)
+    assert p.returncode == 3, f"example exited {p.returncode}, expected 3"
+    assert "retry 1/2" in err and "retry 2/2" in err and "stays paused" in err, err
+    jobs = dst.qmp("query-block-jobs")["return"]
+    assert len(jobs) == 1 and jobs[0]["status"] == "paused", jobs
+    dst.stop()
+
+
+def scenario_example_precopy(d):
+    """examples/migrate-precopy.py between two diskstream daemons, soft cancel (the target
+    equals the source, the source's nbd node and the destination's export are gone), then
+    again with --finish complete into a qemu-storage-daemon destination (the source's disk
+    node now has the remote node's data path: its export writes to the destination)."""
+    script = os.path.join(os.path.dirname(EXAMPLE), "migrate-precopy.py")
+    for finish, qsd in (("cancel", False), ("complete", True)):
+        sp, dp = free_port(), free_port()
+        src_img = os.path.join(d, f"src-{finish}.raw")
+        make_disk(src_img, 32 * MiB, 8 * MiB, seed=41)
+        src = Daemon(d, f"src-{finish}", sp, [
+            "--blockdev", f"driver=raw,node-name=disk,file.driver=file,file.filename={src_img}"])
+        dst = Daemon(d, f"dst-{finish}", dp, qsd=qsd)
+        tgt = os.path.join(d, f"tgt-{finish}.qcow2")
+        r = subprocess.run([sys.executable, script, "--finish", finish, "--interval", "0.1",
+                            src.qmp_path, "disk", dst.qmp_path, f"127.0.0.1:{dp}", tgt],
+                           input="\n", capture_output=True, text=True, timeout=120)
+        sys.stderr.write(r.stderr)
+        assert r.returncode == 0, r.stderr
+        if finish == "cancel":
+            assert "node mig-target holds the disk" in r.stdout, r.stdout
+            assert dst.qmp("query-block-exports")["return"] == []
+            nodes = [n["node-name"] for n in src.qmp("query-named-block-nodes")["return"]]
+            assert "mig-remote" not in nodes, nodes
+        else:
+            assert "pivoted" in r.stdout, r.stdout
+        src.stop()
+        dst.stop()
+        check_destination(tgt, src_img)
 
 
 def scenario_setup_errors(d):
@@ -712,8 +1091,15 @@ SCENARIOS = {
     "postcopy": scenario_postcopy,
     "source_restart": scenario_source_restart,
     "source_dead_stop_resume": scenario_source_dead_stop_resume,
+    "link_blackhole": scenario_link_blackhole,
     "errors_report_then_resume": scenario_errors_report_then_resume,
     "dest_restart": scenario_dest_restart,
+    "transient_errors_retried": scenario_transient_errors_retried,
+    "precopy_cancel": scenario_precopy_cancel,
+    "precopy_complete": scenario_precopy_complete,
+    "precopy_qsd_target": scenario_precopy_qsd_target,
+    "qsd_source": scenario_qsd_source,
+    "example_precopy": scenario_example_precopy,
 }
 
 
