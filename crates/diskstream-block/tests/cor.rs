@@ -17,6 +17,7 @@ use common::*;
 use diskstream_block::filter::cor::{CopyOnRead, CorConfig};
 use diskstream_block::format::qcow2::Qcow2;
 use diskstream_block::node::{Allocation, BlockNode, LayerStatus};
+use diskstream_block::protocol::Protocol;
 use diskstream_block::{BlockError, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -868,4 +869,168 @@ async fn qed_tops_are_populated_too() {
     let model = dir.path().join("model.raw");
     write_file(&model, &expected);
     assert_compare(&top_path, "qed", &model, "raw");
+}
+
+/// The top's file, wrapped: counts `data_status` (`SEEK_DATA`) calls and can hold writes of
+/// 1 MiB or more.
+struct TopFile {
+    inner: diskstream_block::protocol::file::FileProtocol,
+    data_status: AtomicU64,
+    hold: AtomicBool,
+    held_writes: AtomicU64,
+    released: Notify,
+}
+
+impl TopFile {
+    async fn gate(&self, len: usize) {
+        if len < MIB as usize {
+            return;
+        }
+        loop {
+            let wait = self.released.notified();
+            tokio::pin!(wait);
+            wait.as_mut().enable();
+            if !self.hold.load(Ordering::SeqCst) {
+                return;
+            }
+            self.held_writes.fetch_add(1, Ordering::SeqCst);
+            wait.await;
+        }
+    }
+}
+
+#[async_trait]
+impl Protocol for TopFile {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn read_only(&self) -> bool {
+        self.inner.read_only()
+    }
+    async fn read_vec(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        self.inner.read_vec(offset, len).await
+    }
+    async fn read_append(&self, offset: u64, buf: Vec<u8>, len: usize) -> Result<Vec<u8>> {
+        self.inner.read_append(offset, buf, len).await
+    }
+    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.inner.read_at(offset, buf).await
+    }
+    async fn write_vec(&self, offset: u64, data: Vec<u8>) -> Result<()> {
+        self.gate(data.len()).await;
+        self.inner.write_vec(offset, data).await
+    }
+    async fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.gate(data.len()).await;
+        self.inner.write_at(offset, data).await
+    }
+    async fn write_gather(
+        &self,
+        offset: u64,
+        buf: Vec<u8>,
+        ranges: Vec<std::ops::Range<usize>>,
+        zero_tail: usize,
+    ) -> Result<Vec<u8>> {
+        self.gate(ranges.iter().map(|r| r.len()).sum::<usize>() + zero_tail)
+            .await;
+        self.inner
+            .write_gather(offset, buf, ranges, zero_tail)
+            .await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        self.gate(len as usize).await;
+        self.inner.write_zeroes(offset, len, unmap).await
+    }
+    async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.inner.discard(offset, len).await
+    }
+    async fn flush(&self) -> Result<()> {
+        self.inner.flush().await
+    }
+    async fn len(&self) -> Result<u64> {
+        self.inner.len().await
+    }
+    async fn allocated_bytes(&self) -> Result<Option<u64>> {
+        self.inner.allocated_bytes().await
+    }
+    async fn set_len(&self, len: u64) -> Result<()> {
+        self.inner.set_len(len).await
+    }
+    async fn allocate(&self, offset: u64, len: u64) -> Result<()> {
+        self.inner.allocate(offset, len).await
+    }
+    async fn data_status(&self, offset: u64, len: u64) -> Result<(bool, u64)> {
+        self.data_status.fetch_add(1, Ordering::SeqCst);
+        self.inner.data_status(offset, len).await
+    }
+}
+
+/// The top's first block status comes while one of its own cluster allocations is in flight
+/// (refcounted, data not written yet) below the end of the file (a later allocation already
+/// landed), as copy-on-read with read-ahead keeps many: the image must not be taken for
+/// metadata-preallocated, or every later block status on data asks the file with `SEEK_DATA`.
+/// After a full read with read-ahead, a re-read of the whole device asks the file nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rereads_do_not_ask_the_file_for_holes() {
+    let dir = tmpdir();
+    let base = dir.path().join("base.qcow2");
+    let top_path = dir.path().join("top.qcow2");
+    qemu_create_qcow2(&base, 8 * MIB, "", None);
+    qemu_io(&base, "qcow2", &["write -P 0x5a 0 8M"]);
+    qemu_create_qcow2(&top_path, 8 * MIB, "", Some((&base, "qcow2")));
+    qemu_io(&top_path, "qcow2", &["write -P 0x33 7M 64k"]);
+    let file = Arc::new(TopFile {
+        inner: diskstream_block::protocol::file::FileProtocol::open(&top_path, false)
+            .expect("open top file"),
+        data_status: AtomicU64::new(0),
+        hold: AtomicBool::new(true),
+        held_writes: AtomicU64::new(0),
+        released: Notify::new(),
+    });
+    let q = Qcow2::open(file.clone()).await.expect("open top");
+    q.set_backing_node(Some(open_qcow2(&base, true).await));
+    let top: Arc<dyn BlockNode> = Arc::new(q);
+    // A 1 MiB guest write on the top itself, stuck after its allocation.
+    let writer = {
+        let top = top.clone();
+        tokio::spawn(async move { top.write(0, &vec![0x44u8; MIB as usize]).await })
+    };
+    within(5, "write reaches the file", async {
+        while file.held_writes.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await;
+    // A later, small allocation lands past it and extends the file over the held clusters.
+    top.write(2 * MIB, &vec![0x45u8; 64 * KIB as usize])
+        .await
+        .expect("small write");
+    let cor = CopyOnRead::new(top.clone(), None, cfg(MIB, 4)).expect("cor");
+    let node: Arc<dyn BlockNode> = cor.clone();
+    let mut b = vec![0u8; 64 * KIB as usize];
+    node.read(7 * MIB, &mut b).await.expect("first read");
+    assert!(b.iter().all(|&x| x == 0x33));
+    file.hold.store(false, Ordering::SeqCst);
+    file.released.notify_waiters();
+    within(5, "held write", writer)
+        .await
+        .expect("task")
+        .expect("write");
+    let mut expected = vec![0x5au8; 8 * MIB as usize];
+    expected[..MIB as usize].fill(0x44);
+    expected[2 * MIB as usize..(2 * MIB + 64 * KIB) as usize].fill(0x45);
+    expected[7 * MIB as usize..(7 * MIB + 64 * KIB) as usize].fill(0x33);
+    assert_bytes_eq(&read_all(&node, 64 * KIB).await, &expected, "first pass");
+    cor.quiesce().await;
+    assert!(cor.stats().readahead_fetches > 0, "{:?}", cor.stats());
+    file.data_status.store(0, Ordering::SeqCst);
+    assert_bytes_eq(&read_all(&node, 64 * KIB).await, &expected, "re-read");
+    assert_eq!(
+        file.data_status.load(Ordering::SeqCst),
+        0,
+        "re-reads asked the file for holes"
+    );
+    cor.close().await.expect("close");
+    top.close().await.expect("close top");
+    assert_check_clean(&top_path);
 }
