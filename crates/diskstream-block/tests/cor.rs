@@ -871,11 +871,12 @@ async fn qed_tops_are_populated_too() {
     assert_compare(&top_path, "qed", &model, "raw");
 }
 
-/// The top's file, wrapped: counts `data_status` (`SEEK_DATA`) calls and can hold writes of
-/// 1 MiB or more.
+/// The top's file, wrapped: counts `data_status` (`SEEK_DATA`) calls and copy-free reads, and
+/// can hold writes of 1 MiB or more.
 struct TopFile {
     inner: diskstream_block::protocol::file::FileProtocol,
     data_status: AtomicU64,
+    read_appends: AtomicU64,
     hold: AtomicBool,
     held_writes: AtomicU64,
     released: Notify,
@@ -911,6 +912,7 @@ impl Protocol for TopFile {
         self.inner.read_vec(offset, len).await
     }
     async fn read_append(&self, offset: u64, buf: Vec<u8>, len: usize) -> Result<Vec<u8>> {
+        self.read_appends.fetch_add(1, Ordering::SeqCst);
         self.inner.read_append(offset, buf, len).await
     }
     async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -969,7 +971,9 @@ impl Protocol for TopFile {
 /// (refcounted, data not written yet) below the end of the file (a later allocation already
 /// landed), as copy-on-read with read-ahead keeps many: the image must not be taken for
 /// metadata-preallocated, or every later block status on data asks the file with `SEEK_DATA`.
-/// After a full read with read-ahead, a re-read of the whole device asks the file nothing.
+/// After a full read with read-ahead, a re-read of the whole device asks the file nothing, and
+/// the filter serves appending reads (the NBD server's copy-free path) with the top's own
+/// appending read, which a qcow2 top hands to the file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rereads_do_not_ask_the_file_for_holes() {
     let dir = tmpdir();
@@ -983,6 +987,7 @@ async fn rereads_do_not_ask_the_file_for_holes() {
         inner: diskstream_block::protocol::file::FileProtocol::open(&top_path, false)
             .expect("open top file"),
         data_status: AtomicU64::new(0),
+        read_appends: AtomicU64::new(0),
         hold: AtomicBool::new(true),
         held_writes: AtomicU64::new(0),
         released: Notify::new(),
@@ -1029,6 +1034,22 @@ async fn rereads_do_not_ask_the_file_for_holes() {
         file.data_status.load(Ordering::SeqCst),
         0,
         "re-reads asked the file for holes"
+    );
+    let (hits, appends) = (cor.stats().hits, file.read_appends.load(Ordering::SeqCst));
+    let mut all = Vec::new();
+    let chunks = 8 * MIB / (64 * KIB);
+    for i in 0..chunks {
+        all = node
+            .read_append(i * 64 * KIB, all, 64 * KIB as usize)
+            .await
+            .expect("appending re-read");
+    }
+    assert_bytes_eq(&all, &expected, "appending re-read");
+    assert_eq!(cor.stats().hits, hits + chunks, "{:?}", cor.stats());
+    assert_eq!(
+        file.read_appends.load(Ordering::SeqCst),
+        appends + chunks,
+        "each hit is one copy-free read of the file"
     );
     cor.close().await.expect("close");
     top.close().await.expect("close top");
