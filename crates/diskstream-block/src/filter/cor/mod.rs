@@ -28,7 +28,7 @@
 //!    in flight (a guest reusing memory, a VMM passing guest RAM), and what lands in the image
 //!    must be what the backing holds, not what the client scribbled (the seed thread's reason
 //!    for bounce buffers). The read is answered from the bounce buffer for the fetched parts
-//!    and from the top for the rest.
+//!    it found unallocated in step 1 and from the top for the rest.
 //! 4. The bounce buffer is written into the top with the no-clobber population primitives
 //!    (see [`fetch`]): per cluster, under the top's metadata lock, only where the top is still
 //!    unallocated; all-zero allocation units become zero clusters. The read does not wait for
@@ -45,11 +45,13 @@
 //! Writes, write-zeroes and discards pass straight to the top and never wait for copies. The
 //! population primitives make the copy lose against any guest write: one that landed first is
 //! never overwritten; one issued while the copy's cluster allocation is in flight waits for it
-//! and then writes over it. When a write completes, the units it touched are dropped from the
-//! in-flight map, so a read issued afterwards starts a fresh fetch that sees the write rather
-//! than joining a fetch planned before it. (Writes must therefore go through the filter, as
-//! they do when the filter is what is exported; a second writer directly on the top node
-//! bypasses that bookkeeping.)
+//! and then writes over it. A read issued after a write completed sees that write, whoever
+//! made it: the read takes bytes from a fetch's bounce buffer only where its own block status
+//! (queried after the write) found the top unallocated, and reads the rest from the top. So a
+//! writer straight on the top node (a second export of the top, a job's own filter) is safe
+//! too. A write through the filter also drops the units it touched from the in-flight map, so
+//! a later read starts a fresh fetch whose plan sees the write, instead of joining one planned
+//! before it (which would leave the unit's other parts to be fetched again).
 //!
 //! # Sharing the backing with a stream job
 //! A stream job on the same top (QEMU's "copy-on-read + streaming" pairing) uses the same
@@ -165,6 +167,15 @@ impl Units {
     }
 }
 
+/// What a read lacks in the top when it is issued.
+#[derive(Debug, Default)]
+struct Missing {
+    /// Fetch units overlapping the unallocated ranges, ascending.
+    units: Vec<u64>,
+    /// Guest ranges the top did not allocate, sorted, disjoint.
+    ranges: Vec<(u64, u64)>,
+}
+
 /// Keeps a fetch task counted while it runs.
 struct TaskGuard(Arc<Inner>);
 
@@ -212,29 +223,34 @@ impl Inner {
         }
     }
 
-    /// The units of `[offset, end)` that need a fetch (empty: a hit), from the top's block
-    /// status, skipped when every unit is already known local. Whole units the request covers
-    /// and finds allocated become known local.
-    async fn missing_units(&self, offset: u64, end: u64) -> Result<Vec<u64>> {
+    /// What `[offset, end)` lacks in the top, from the top's block status (skipped when every
+    /// unit is already known local): the fetch units to wait for (empty: a hit) and the
+    /// unallocated ranges themselves. Whole units the request covers and finds allocated become
+    /// known local.
+    async fn missing_units(&self, offset: u64, end: u64) -> Result<Missing> {
         let (first, last) = (offset / self.unit, (end - 1) / self.unit);
+        let mut m = Missing::default();
         if self.units().all_local(first, last) {
-            return Ok(Vec::new());
+            return Ok(m);
         }
-        let mut units: Vec<u64> = Vec::new();
         let mut pos = offset;
         while pos < end {
             let st = self.file.block_status(pos, end - pos).await?;
             let n = st.len.clamp(1, end - pos);
             if st.alloc == Allocation::Unallocated {
                 for u in pos / self.unit..=(pos + n - 1) / self.unit {
-                    if units.last() != Some(&u) {
-                        units.push(u);
+                    if m.units.last() != Some(&u) {
+                        m.units.push(u);
                     }
+                }
+                match m.ranges.last_mut() {
+                    Some(r) if r.1 == pos => r.1 = pos + n,
+                    _ => m.ranges.push((pos, pos + n)),
                 }
             }
             pos += n;
         }
-        if units.is_empty() {
+        if m.units.is_empty() {
             let size = self.file.size();
             let mut map = self.units();
             for u in first..=last {
@@ -243,7 +259,7 @@ impl Inner {
                 }
             }
         }
-        Ok(units)
+        Ok(m)
     }
 
     /// Record a read of `[offset, end)` for sequential detection, unless all its units are
@@ -420,40 +436,53 @@ impl CopyOnRead {
     async fn cor_read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let inner = &self.inner;
         let end = offset + buf.len() as u64;
-        let units = inner.missing_units(offset, end).await?;
+        let missing = inner.missing_units(offset, end).await?;
         let ahead = inner.access(offset, end);
-        if units.is_empty() {
+        if missing.units.is_empty() {
             bump(&inner.counters.hits, 1);
             if let Some(r) = ahead {
                 inner.readahead(r);
             }
             return inner.file.read(offset, buf).await;
         }
-        self.cor_miss(offset, buf, units, ahead).await
+        self.cor_miss(offset, buf, missing, ahead).await
     }
 
-    /// A read that needs the fetch `units`: join or start them, answer from their bounce
-    /// buffers and the top.
+    /// A read that lacks `missing` in the top: join or start the fetches of its units, answer
+    /// from their bounce buffers and the top.
+    ///
+    /// Bounce-buffer bytes are taken only where this read's own block status found the top
+    /// unallocated *and* the fetch read the backing: a fetch this read joined may have been
+    /// planned before a write that completed before this read was issued (a write straight to
+    /// the top, which the filter does not see, e.g. another export of the top or a job), and
+    /// the bounce buffer then holds what that write replaced. Everything else is read from the
+    /// top, which holds that write.
     async fn cor_miss(
         &self,
         offset: u64,
         buf: &mut [u8],
-        units: Vec<u64>,
+        missing: Missing,
         ahead: Option<std::ops::Range<u64>>,
     ) -> Result<()> {
         let inner = &self.inner;
         let end = offset + buf.len() as u64;
         bump(&inner.counters.misses, 1);
         // The guest's own units first, then read-ahead, so the backing sees them in that order.
-        let fetches: Vec<Arc<Fetch>> = units.iter().map(|&u| inner.fetch(u)).collect();
+        let fetches: Vec<Arc<Fetch>> = missing.units.iter().map(|&u| inner.fetch(u)).collect();
         if let Some(r) = ahead {
             inner.readahead(r);
         }
+        let unalloc = &missing.ranges;
         let mut pos = offset;
         for f in fetches {
             let d = f.wait().await?;
+            let mut pieces: Vec<(u64, u64)> = Vec::new();
             for &(a, b) in &d.ranges {
-                let (s, e) = (a.max(offset), b.min(end));
+                for &(ua, ub) in unalloc {
+                    pieces.push((a.max(ua).max(offset), b.min(ub).min(end)));
+                }
+            }
+            for (s, e) in pieces {
                 if s >= e {
                     continue;
                 }
@@ -538,9 +567,9 @@ impl BlockNode for CopyOnRead {
             return inner.file.read_append(offset, buf, len).await;
         }
         let end = offset + len as u64;
-        let units = inner.missing_units(offset, end).await?;
+        let missing = inner.missing_units(offset, end).await?;
         let ahead = inner.access(offset, end);
-        if units.is_empty() {
+        if missing.units.is_empty() {
             bump(&inner.counters.hits, 1);
             if let Some(r) = ahead {
                 inner.readahead(r);
@@ -549,7 +578,8 @@ impl BlockNode for CopyOnRead {
         }
         let at = buf.len();
         buf.resize(at + len, 0);
-        self.cor_miss(offset, &mut buf[at..], units, ahead).await?;
+        self.cor_miss(offset, &mut buf[at..], missing, ahead)
+            .await?;
         Ok(buf)
     }
 
