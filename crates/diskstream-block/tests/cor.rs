@@ -276,6 +276,8 @@ async fn full_read_makes_the_top_self_contained() {
         cor.quiesce().await;
         let st = cor.stats();
         assert!(st.misses > 0 && st.bytes_copied > 0, "{opts}: {st:?}");
+        // mid's zero clusters (1536k..1664k) and the chain's holes read as zeroes.
+        assert!(st.bytes_zeroed >= 128 * KIB, "{opts}: {st:?}");
         assert_eq!(st.fetch_errors + st.populate_errors, 0, "{opts}: {st:?}");
         assert_eq!(st.backing_reads, probe.reads(), "{opts}: counted reads");
         // A second full read is local: no backing request at all.
@@ -300,14 +302,68 @@ async fn full_read_makes_the_top_self_contained() {
         cor.close().await.expect("close filter");
         top.close().await.expect("close top");
         assert_check_clean(&top_path);
-        for e in map_of(&top_path) {
+        let map = map_of(&top_path);
+        for e in &map {
             assert_eq!(e["depth"], 0, "{opts}: {e}");
             assert_eq!(e["present"], true, "{opts}: {e}");
+        }
+        // All-zero backing data became zero clusters, not zero-filled data (v3; v2 has no
+        // zero clusters).
+        if !opts.contains("compat=0.10") {
+            let zero_at = |off: u64| {
+                map.iter().any(|e| {
+                    let (s, n) = (field(e, "start"), field(e, "length"));
+                    (s..s + n).contains(&off) && e["zero"] == true && e["data"] == false
+                })
+            };
+            for off in [1536 * KIB, 1664 * KIB - 1, 3584 * KIB] {
+                assert!(zero_at(off), "{opts}: {off} is not a zero cluster: {map:?}");
+            }
         }
         let model = dir.path().join("model.raw");
         write_file(&model, &expected);
         assert_compare(&top_path, "qcow2", &model, "raw");
     }
+}
+
+/// With extended L2 the allocation unit is a subcluster (2 KiB of a 64 KiB cluster): a 1-byte
+/// read with the smallest fetch unit reads and copies exactly that subcluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_byte_read_with_extended_l2_copies_one_subcluster() {
+    let dir = tmpdir();
+    let base = dir.path().join("base.qcow2");
+    let top_path = dir.path().join("top.qcow2");
+    qemu_create_qcow2(&base, MIB, "", None);
+    qemu_io(&base, "qcow2", &["write -P 0x5a 0 1M"]);
+    qemu_create_qcow2(
+        &top_path,
+        MIB,
+        "cluster_size=65536,extended_l2=on",
+        Some((&base, "qcow2")),
+    );
+    let top = open_qcow2(&top_path, false).await;
+    let probe = probe_backing(&top);
+    let cor = CopyOnRead::new(top.clone(), None, cfg(512, 0)).expect("cor");
+    assert_eq!(cor.unit(), 2048);
+    let mut b = [0u8; 1];
+    cor.read(100_000, &mut b).await.expect("read");
+    assert_eq!(b[0], 0x5a);
+    cor.quiesce().await;
+    let st = cor.stats();
+    assert_eq!(
+        (st.bytes_copied, st.backing_bytes, probe.reads()),
+        (2048, 2048, 1),
+        "{st:?}"
+    );
+    cor.close().await.expect("close");
+    top.close().await.expect("close top");
+    assert_check_clean(&top_path);
+    let local: Vec<(u64, u64)> = map_of(&top_path)
+        .iter()
+        .filter(|e| e["depth"] == 0 && e["present"] == true)
+        .map(|e| (field(e, "start"), field(e, "length")))
+        .collect();
+    assert_eq!(local, vec![(100_000 / 2048 * 2048, 2048)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
