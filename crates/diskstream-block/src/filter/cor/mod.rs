@@ -631,11 +631,20 @@ impl BlockNode for CopyOnRead {
     async fn close(&self) -> Result<()> {
         self.inner.closed.store(true, Ordering::Release);
         self.inner.quiesce().await;
-        tracing::info!(
-            "copy-on-read over '{}' closed: {}",
-            self.inner.file.filename(),
-            self.stats()
-        );
+        // The summary is routine (info: `DISKSTREAM_LOG=diskstream_block::filter::cor=info`
+        // shows it), unless something failed.
+        let st = self.stats();
+        if st.fetch_errors + st.populate_errors > 0 {
+            tracing::warn!(
+                "copy-on-read over '{}' closed: {st}",
+                self.inner.file.filename()
+            );
+        } else {
+            tracing::info!(
+                "copy-on-read over '{}' closed: {st}",
+                self.inner.file.filename()
+            );
+        }
         if self.inner.file.read_only() {
             return Ok(());
         }
