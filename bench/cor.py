@@ -17,7 +17,11 @@ Workloads, run by a libnbd client (the system python's `nbd` module) against the
   * seq re-read: the same again (now local);
   * random first read: 4 KiB reads at random 64 KiB-aligned offsets of a fresh area, one at a
     time, latency per request;
-  * random re-read: the same offsets again.
+  * random re-read: the same offsets again;
+  * local baseline (the issue's target is "re-reads at local speed"): the same daemon then
+    exports the populated top as a plain qcow2 node (no copy-on-read filter, same NBD backing)
+    and the client repeats the sequential read and the random offsets; every byte read is in
+    the top by then, so this is what a re-read would cost without the filter.
 
 After each round the top must pass `qemu-img check`, read as the base (`qemu-img compare`,
 through the backing recorded in its header) and hold the whole sequentially read half itself
@@ -55,18 +59,21 @@ def wait_for(path, proc, what, timeout=20):
         time.sleep(0.02)
 
 
-def daemon_argv(kind, exe, work):
+def daemon_argv(kind, exe, work, cor=True):
     base = [exe] if kind == "qsd" else [exe, "daemon"]
     sock = os.path.join(work, "backing.sock")
+    node = "cor" if cor else "top"
+    filt = ["--blockdev", json.dumps({"driver": "copy-on-read", "node-name": "cor",
+                                      "file": "top"})] if cor else []
     return base + [
         "--blockdev", json.dumps({"driver": "nbd", "node-name": "base", "read-only": True,
                                   "server": {"type": "unix", "path": sock}}),
         "--blockdev", json.dumps({"driver": "qcow2", "node-name": "top", "backing": "base",
                                   "file": {"driver": "file",
                                            "filename": os.path.join(work, "top.qcow2")}}),
-        "--blockdev", json.dumps({"driver": "copy-on-read", "node-name": "cor", "file": "top"}),
+    ] + filt + [
         "--nbd-server", f"addr.type=unix,addr.path={os.path.join(work, 'export.sock')}",
-        "--export", "type=nbd,id=e,node-name=cor,name=disk,writable=on",
+        "--export", f"type=nbd,id=e,node-name={node},name=disk,writable=on",
         "--chardev", f"socket,id=m,path={os.path.join(work, 'qmp.sock')},server=on,wait=off",
         "--monitor", "chardev=m",
     ]
@@ -75,6 +82,7 @@ def daemon_argv(kind, exe, work):
 READER = r"""
 import json, random, sys, time, nbd
 url, size, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+baseline = sys.argv[4] == "baseline"
 h = nbd.NBD()
 h.connect_uri(url)
 out = {}
@@ -97,12 +105,16 @@ def rnd(name, offs):
         lat.append(time.perf_counter() - s)
     out[name] = {"secs": time.perf_counter() - t, "bytes": 4096 * len(offs), "lat": sorted(lat)}
 half = size // 2
-seq("seq first read")
-seq("seq re-read")
 rng = random.Random(seed)
 offs = [half + rng.randrange(0, half // 65536) * 65536 for _ in range(300)]
-rnd("random 4k first read", offs)
-rnd("random 4k re-read", offs)
+if baseline:
+    seq("local baseline seq read")
+    rnd("local baseline random 4k read", offs)
+else:
+    seq("seq first read")
+    seq("seq re-read")
+    rnd("random 4k first read", offs)
+    rnd("random 4k re-read", offs)
 h.shutdown()
 for v in out.values():
     l = v.pop("lat")
@@ -121,27 +133,7 @@ def one_round(kind, exe, work, size, seed):
     url = f"nbd+unix:///?socket={os.path.join(work, 'backing.sock')}"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", url, "-F", "raw", top,
                     str(size)], check=True)
-    for s in ("export.sock", "qmp.sock"):
-        p = os.path.join(work, s)
-        if os.path.exists(p):
-            os.unlink(p)
-    log = open(os.path.join(work, f"{kind}.log"), "w")
-    d = subprocess.Popen(daemon_argv(kind, exe, work), stdout=log, stderr=subprocess.STDOUT,
-                         cwd=work)
-    try:
-        wait_for(os.path.join(work, "export.sock"), d, kind)
-        url = f"nbd+unix:///disk?socket={os.path.join(work, 'export.sock')}"
-        r = subprocess.run([SYS_PY, "-c", READER, url, str(size), str(seed)],
-                           check=True, capture_output=True, text=True)
-        res = json.loads(r.stdout)
-    finally:
-        d.terminate()
-        try:
-            d.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            d.kill()
-            d.wait()
-        log.close()
+    res = run_reader(kind, exe, work, size, seed, cor=True)
     # What was timed is right: the image is sound and holds the base's bytes where read.
     subprocess.run(["qemu-img", "check", "-q", top], check=True)
     subprocess.run(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "raw", top,
@@ -151,7 +143,35 @@ def one_round(kind, exe, work, size, seed):
                                   text=True).stdout)
     if any(e["depth"] != 0 for e in m):
         raise RuntimeError(f"{kind}: the sequentially read half is not all in the top: {m}")
+    res.update(run_reader(kind, exe, work, size, seed, cor=False))
     return res
+
+
+def run_reader(kind, exe, work, size, seed, cor):
+    """Start the daemon (exporting the copy-on-read filter, or the plain top for the local
+    baseline), run the client, stop the daemon; returns the client's results."""
+    for s in ("export.sock", "qmp.sock"):
+        p = os.path.join(work, s)
+        if os.path.exists(p):
+            os.unlink(p)
+    log = open(os.path.join(work, f"{kind}{'' if cor else '-baseline'}.log"), "w")
+    d = subprocess.Popen(daemon_argv(kind, exe, work, cor), stdout=log,
+                         stderr=subprocess.STDOUT, cwd=work)
+    try:
+        wait_for(os.path.join(work, "export.sock"), d, kind)
+        url = f"nbd+unix:///disk?socket={os.path.join(work, 'export.sock')}"
+        r = subprocess.run([SYS_PY, "-c", READER, url, str(size), str(seed),
+                            "cor" if cor else "baseline"],
+                           check=True, capture_output=True, text=True)
+        return json.loads(r.stdout)
+    finally:
+        d.terminate()
+        try:
+            d.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            d.kill()
+            d.wait()
+        log.close()
 
 
 def run_cor(ds, work, rounds=3, size_mib=256, delay_ms=5, qsd="qemu-storage-daemon"):
@@ -211,7 +231,10 @@ def markdown(run):
              "`diskstream daemon` (fetch unit 1 MiB, read-ahead 4 units) and "
              "qemu-storage-daemon 10.0.2. The client (libnbd) reads one request at a time: "
              "the first half of the disk sequentially in 64 KiB requests, twice, then 300 "
-             "random 4 KiB reads in the second half, twice. Medians over the rounds "
+             "random 4 KiB reads in the second half, twice. The local baseline rows: the same "
+             "daemon then exports the populated overlay as a plain qcow2 node (no filter) and "
+             "the client repeats the sequential read and the random offsets, all local by "
+             "then: the speed re-reads through the filter aim at. Medians over the rounds "
              "(throughput in MiB/s; latency per request p50/p99 in ms); ratio = diskstream / "
              "QSD throughput.", "",
              "| workload | diskstream MiB/s | p50 ms | p99 ms | QSD MiB/s | p50 ms | p99 ms | ratio |",

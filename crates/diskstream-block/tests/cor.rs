@@ -17,6 +17,7 @@ use common::*;
 use diskstream_block::filter::cor::{CopyOnRead, CorConfig};
 use diskstream_block::format::qcow2::Qcow2;
 use diskstream_block::node::{Allocation, BlockNode, LayerStatus};
+use diskstream_block::protocol::Protocol;
 use diskstream_block::{BlockError, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -275,6 +276,8 @@ async fn full_read_makes_the_top_self_contained() {
         cor.quiesce().await;
         let st = cor.stats();
         assert!(st.misses > 0 && st.bytes_copied > 0, "{opts}: {st:?}");
+        // mid's zero clusters (1536k..1664k) and the chain's holes read as zeroes.
+        assert!(st.bytes_zeroed >= 128 * KIB, "{opts}: {st:?}");
         assert_eq!(st.fetch_errors + st.populate_errors, 0, "{opts}: {st:?}");
         assert_eq!(st.backing_reads, probe.reads(), "{opts}: counted reads");
         // A second full read is local: no backing request at all.
@@ -299,14 +302,68 @@ async fn full_read_makes_the_top_self_contained() {
         cor.close().await.expect("close filter");
         top.close().await.expect("close top");
         assert_check_clean(&top_path);
-        for e in map_of(&top_path) {
+        let map = map_of(&top_path);
+        for e in &map {
             assert_eq!(e["depth"], 0, "{opts}: {e}");
             assert_eq!(e["present"], true, "{opts}: {e}");
+        }
+        // All-zero backing data became zero clusters, not zero-filled data (v3; v2 has no
+        // zero clusters).
+        if !opts.contains("compat=0.10") {
+            let zero_at = |off: u64| {
+                map.iter().any(|e| {
+                    let (s, n) = (field(e, "start"), field(e, "length"));
+                    (s..s + n).contains(&off) && e["zero"] == true && e["data"] == false
+                })
+            };
+            for off in [1536 * KIB, 1664 * KIB - 1, 3584 * KIB] {
+                assert!(zero_at(off), "{opts}: {off} is not a zero cluster: {map:?}");
+            }
         }
         let model = dir.path().join("model.raw");
         write_file(&model, &expected);
         assert_compare(&top_path, "qcow2", &model, "raw");
     }
+}
+
+/// With extended L2 the allocation unit is a subcluster (2 KiB of a 64 KiB cluster): a 1-byte
+/// read with the smallest fetch unit reads and copies exactly that subcluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_byte_read_with_extended_l2_copies_one_subcluster() {
+    let dir = tmpdir();
+    let base = dir.path().join("base.qcow2");
+    let top_path = dir.path().join("top.qcow2");
+    qemu_create_qcow2(&base, MIB, "", None);
+    qemu_io(&base, "qcow2", &["write -P 0x5a 0 1M"]);
+    qemu_create_qcow2(
+        &top_path,
+        MIB,
+        "cluster_size=65536,extended_l2=on",
+        Some((&base, "qcow2")),
+    );
+    let top = open_qcow2(&top_path, false).await;
+    let probe = probe_backing(&top);
+    let cor = CopyOnRead::new(top.clone(), None, cfg(512, 0)).expect("cor");
+    assert_eq!(cor.unit(), 2048);
+    let mut b = [0u8; 1];
+    cor.read(100_000, &mut b).await.expect("read");
+    assert_eq!(b[0], 0x5a);
+    cor.quiesce().await;
+    let st = cor.stats();
+    assert_eq!(
+        (st.bytes_copied, st.backing_bytes, probe.reads()),
+        (2048, 2048, 1),
+        "{st:?}"
+    );
+    cor.close().await.expect("close");
+    top.close().await.expect("close top");
+    assert_check_clean(&top_path);
+    let local: Vec<(u64, u64)> = map_of(&top_path)
+        .iter()
+        .filter(|e| e["depth"] == 0 && e["present"] == true)
+        .map(|e| (field(e, "start"), field(e, "length")))
+        .collect();
+    assert_eq!(local, vec![(100_000 / 2048 * 2048, 2048)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -475,9 +532,18 @@ async fn guest_reads_never_wait_behind_readahead() {
 
 /// A write that completes while a unit is being fetched: a read issued afterwards that spans
 /// the written cluster and still-missing ones must see the write, not the bounce buffer of the
-/// fetch planned before it; the copy never overwrites the write.
+/// fetch planned before it; the copy never overwrites the write. Both with the write through
+/// the filter and straight on the top (a second export of the top, a job), which the filter
+/// does not see: then the read joins the old fetch and must still take the written cluster
+/// from the top.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_after_a_write_never_see_older_fetches() {
+    for via_filter in [true, false] {
+        reads_after_a_write(via_filter).await;
+    }
+}
+
+async fn reads_after_a_write(via_filter: bool) {
     let dir = tmpdir();
     let base = dir.path().join("base.qcow2");
     let top_path = dir.path().join("top.qcow2");
@@ -495,10 +561,20 @@ async fn reads_after_a_write_never_see_older_fetches() {
             cor.read(0, &mut b).await.map(|_| b)
         })
     };
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    within(5, "r1's fetch reaches the backing", async {
+        while probe.reads() < 1 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await;
     // The write neither waits for the fetch nor is undone by it.
     let w = vec![0xabu8; 64 * KIB as usize];
-    within(5, "write beside a fetch", cor.write(3 * 64 * KIB, &w))
+    let writer: &dyn BlockNode = if via_filter {
+        cor.as_ref()
+    } else {
+        top.as_ref()
+    };
+    within(5, "write beside a fetch", writer.write(3 * 64 * KIB, &w))
         .await
         .expect("write");
     let r2 = {
@@ -508,16 +584,28 @@ async fn reads_after_a_write_never_see_older_fetches() {
             cor.read(3 * 64 * KIB, &mut b).await.map(|_| b)
         })
     };
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    // Through the filter the write dropped r1's fetch, so r2 starts its own (held too);
+    // straight on the top r2 joins r1's.
+    within(5, "r2 waits for a fetch", async {
+        while if via_filter {
+            probe.reads() < 2
+        } else {
+            cor.stats().deduplicated < 1
+        } {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await;
     probe.release();
     let b1 = within(5, "r1", r1).await.expect("task").expect("r1");
     assert!(b1.iter().all(|&x| x == 0x11));
     let b2 = within(5, "r2", r2).await.expect("task").expect("r2");
     assert!(
         b2[..64 * KIB as usize].iter().all(|&x| x == 0xab),
-        "r2 saw the write"
+        "r2 missed the write (via filter: {via_filter})"
     );
     assert!(b2[64 * KIB as usize..].iter().all(|&x| x == 0x11));
+    assert_eq!(probe.reads(), if via_filter { 2 } else { 1 });
     cor.quiesce().await;
     let mut all = vec![0u8; 2 * MIB as usize];
     top.read(0, &mut all).await.expect("read top");
@@ -868,4 +956,189 @@ async fn qed_tops_are_populated_too() {
     let model = dir.path().join("model.raw");
     write_file(&model, &expected);
     assert_compare(&top_path, "qed", &model, "raw");
+}
+
+/// The top's file, wrapped: counts `data_status` (`SEEK_DATA`) calls and copy-free reads, and
+/// can hold writes of 1 MiB or more.
+struct TopFile {
+    inner: diskstream_block::protocol::file::FileProtocol,
+    data_status: AtomicU64,
+    read_appends: AtomicU64,
+    hold: AtomicBool,
+    held_writes: AtomicU64,
+    released: Notify,
+}
+
+impl TopFile {
+    async fn gate(&self, len: usize) {
+        if len < MIB as usize {
+            return;
+        }
+        loop {
+            let wait = self.released.notified();
+            tokio::pin!(wait);
+            wait.as_mut().enable();
+            if !self.hold.load(Ordering::SeqCst) {
+                return;
+            }
+            self.held_writes.fetch_add(1, Ordering::SeqCst);
+            wait.await;
+        }
+    }
+}
+
+#[async_trait]
+impl Protocol for TopFile {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn read_only(&self) -> bool {
+        self.inner.read_only()
+    }
+    async fn read_vec(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        self.inner.read_vec(offset, len).await
+    }
+    async fn read_append(&self, offset: u64, buf: Vec<u8>, len: usize) -> Result<Vec<u8>> {
+        self.read_appends.fetch_add(1, Ordering::SeqCst);
+        self.inner.read_append(offset, buf, len).await
+    }
+    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.inner.read_at(offset, buf).await
+    }
+    async fn write_vec(&self, offset: u64, data: Vec<u8>) -> Result<()> {
+        self.gate(data.len()).await;
+        self.inner.write_vec(offset, data).await
+    }
+    async fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.gate(data.len()).await;
+        self.inner.write_at(offset, data).await
+    }
+    async fn write_gather(
+        &self,
+        offset: u64,
+        buf: Vec<u8>,
+        ranges: Vec<std::ops::Range<usize>>,
+        zero_tail: usize,
+    ) -> Result<Vec<u8>> {
+        self.gate(ranges.iter().map(|r| r.len()).sum::<usize>() + zero_tail)
+            .await;
+        self.inner
+            .write_gather(offset, buf, ranges, zero_tail)
+            .await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        self.gate(len as usize).await;
+        self.inner.write_zeroes(offset, len, unmap).await
+    }
+    async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.inner.discard(offset, len).await
+    }
+    async fn flush(&self) -> Result<()> {
+        self.inner.flush().await
+    }
+    async fn len(&self) -> Result<u64> {
+        self.inner.len().await
+    }
+    async fn allocated_bytes(&self) -> Result<Option<u64>> {
+        self.inner.allocated_bytes().await
+    }
+    async fn set_len(&self, len: u64) -> Result<()> {
+        self.inner.set_len(len).await
+    }
+    async fn allocate(&self, offset: u64, len: u64) -> Result<()> {
+        self.inner.allocate(offset, len).await
+    }
+    async fn data_status(&self, offset: u64, len: u64) -> Result<(bool, u64)> {
+        self.data_status.fetch_add(1, Ordering::SeqCst);
+        self.inner.data_status(offset, len).await
+    }
+}
+
+/// The top's first block status comes while one of its own cluster allocations is in flight
+/// (refcounted, data not written yet) below the end of the file (a later allocation already
+/// landed), as copy-on-read with read-ahead keeps many: the image must not be taken for
+/// metadata-preallocated, or every later block status on data asks the file with `SEEK_DATA`.
+/// After a full read with read-ahead, a re-read of the whole device asks the file nothing, and
+/// the filter serves appending reads (the NBD server's copy-free path) with the top's own
+/// appending read, which a qcow2 top hands to the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rereads_do_not_ask_the_file_for_holes() {
+    let dir = tmpdir();
+    let base = dir.path().join("base.qcow2");
+    let top_path = dir.path().join("top.qcow2");
+    qemu_create_qcow2(&base, 8 * MIB, "", None);
+    qemu_io(&base, "qcow2", &["write -P 0x5a 0 8M"]);
+    qemu_create_qcow2(&top_path, 8 * MIB, "", Some((&base, "qcow2")));
+    qemu_io(&top_path, "qcow2", &["write -P 0x33 7M 64k"]);
+    let file = Arc::new(TopFile {
+        inner: diskstream_block::protocol::file::FileProtocol::open(&top_path, false)
+            .expect("open top file"),
+        data_status: AtomicU64::new(0),
+        read_appends: AtomicU64::new(0),
+        hold: AtomicBool::new(true),
+        held_writes: AtomicU64::new(0),
+        released: Notify::new(),
+    });
+    let q = Qcow2::open(file.clone()).await.expect("open top");
+    q.set_backing_node(Some(open_qcow2(&base, true).await));
+    let top: Arc<dyn BlockNode> = Arc::new(q);
+    // A 1 MiB guest write on the top itself, stuck after its allocation.
+    let writer = {
+        let top = top.clone();
+        tokio::spawn(async move { top.write(0, &vec![0x44u8; MIB as usize]).await })
+    };
+    within(5, "write reaches the file", async {
+        while file.held_writes.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await;
+    // A later, small allocation lands past it and extends the file over the held clusters.
+    top.write(2 * MIB, &vec![0x45u8; 64 * KIB as usize])
+        .await
+        .expect("small write");
+    let cor = CopyOnRead::new(top.clone(), None, cfg(MIB, 4)).expect("cor");
+    let node: Arc<dyn BlockNode> = cor.clone();
+    let mut b = vec![0u8; 64 * KIB as usize];
+    node.read(7 * MIB, &mut b).await.expect("first read");
+    assert!(b.iter().all(|&x| x == 0x33));
+    file.hold.store(false, Ordering::SeqCst);
+    file.released.notify_waiters();
+    within(5, "held write", writer)
+        .await
+        .expect("task")
+        .expect("write");
+    let mut expected = vec![0x5au8; 8 * MIB as usize];
+    expected[..MIB as usize].fill(0x44);
+    expected[2 * MIB as usize..(2 * MIB + 64 * KIB) as usize].fill(0x45);
+    expected[7 * MIB as usize..(7 * MIB + 64 * KIB) as usize].fill(0x33);
+    assert_bytes_eq(&read_all(&node, 64 * KIB).await, &expected, "first pass");
+    cor.quiesce().await;
+    assert!(cor.stats().readahead_fetches > 0, "{:?}", cor.stats());
+    file.data_status.store(0, Ordering::SeqCst);
+    assert_bytes_eq(&read_all(&node, 64 * KIB).await, &expected, "re-read");
+    assert_eq!(
+        file.data_status.load(Ordering::SeqCst),
+        0,
+        "re-reads asked the file for holes"
+    );
+    let (hits, appends) = (cor.stats().hits, file.read_appends.load(Ordering::SeqCst));
+    let mut all = Vec::new();
+    let chunks = 8 * MIB / (64 * KIB);
+    for i in 0..chunks {
+        all = node
+            .read_append(i * 64 * KIB, all, 64 * KIB as usize)
+            .await
+            .expect("appending re-read");
+    }
+    assert_bytes_eq(&all, &expected, "appending re-read");
+    assert_eq!(cor.stats().hits, hits + chunks, "{:?}", cor.stats());
+    assert_eq!(
+        file.read_appends.load(Ordering::SeqCst),
+        appends + chunks,
+        "each hit is one copy-free read of the file"
+    );
+    cor.close().await.expect("close");
+    top.close().await.expect("close top");
+    assert_check_clean(&top_path);
 }

@@ -253,12 +253,34 @@ async fn random_concurrent_io_through_an_nbd_export_with_copy_on_read() {
         let mut rng = StdRng::seed_from_u64(li as u64 + 11);
         let lens = [1u64, 511, cs - 1, cs, cs + 1, 3 * cs + 7, 300_001];
         let mut ops_done = 0;
-        // A first whole read goes through copy-on-read (on a tiny image the first random
-        // write would otherwise allocate everything before any read misses).
-        let first = client.read(0, size as usize).await.expect("first read");
+        // A thin first pass reads the odd fetch units through copy-on-read; the others are
+        // left for the random phase to miss. Its first request reads unit 0 (backing data in
+        // every layout), alone: on a tiny image a random write would otherwise allocate
+        // everything before any read misses. (A unit entirely past the backing's end never
+        // misses: the top reports it as zeroes, there is nothing to copy.)
+        let unit = cor.unit();
+        let units = size.div_ceil(unit);
+        let thin: Vec<u64> = (1..units).step_by(2).collect();
+        for &u in &thin {
+            let (a, n) = (u * unit, unit.min(size - u * unit));
+            let got = client.read(a, n as usize).await.expect("first read");
+            assert!(
+                got[..] == model[a as usize..(a + n) as usize],
+                "{}: first read of unit {u} differs from the model",
+                l.name
+            );
+        }
+        cor.quiesce().await;
+        let before = cor.stats();
+        let a = 0;
+        let n = (cs + 1).min(size);
+        let got = client
+            .read(a, n as usize)
+            .await
+            .expect("read a missing unit");
         assert!(
-            first == model,
-            "{}: first read differs from the model",
+            got[..] == model[a as usize..(a + n) as usize],
+            "{}: read of a missing unit differs from the model",
             l.name
         );
         // Tiny images fit few disjoint requests per batch: run batches until enough
@@ -337,10 +359,16 @@ async fn random_concurrent_io_through_an_nbd_export_with_copy_on_read() {
         cor.close().await.expect("close filter");
         let st = cor.stats();
         assert!(
-            st.misses > 0 && st.bytes_copied + st.bytes_zeroed > 0,
-            "{}: {st:?}",
+            st.misses > before.misses
+                && st.fetches > before.fetches
+                && st.bytes_copied + st.bytes_zeroed > before.bytes_copied + before.bytes_zeroed,
+            "{}: the random phase never missed: {before:?} then {st:?}",
             l.name
         );
+        // Several units were left: random reads, not only the first one, missed.
+        if units - thin.len() as u64 >= 4 {
+            assert!(st.misses > before.misses + 1, "{}: {st:?}", l.name);
+        }
         assert_eq!(st.fetch_errors + st.populate_errors, 0, "{st:?}");
         top.close().await.expect("close top");
         check_clean(&top_path);

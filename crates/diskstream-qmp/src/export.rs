@@ -89,6 +89,8 @@ const EXPORT_BASE: &[Member] = &[
     opt("writable", Ty::Bool),
     opt("writethrough", Ty::Bool),
     opt("allow-inactive", Ty::Bool),
+    // diskstream extension: read through a hidden copy-on-read filter over the node.
+    opt("copy-on-read", Ty::Bool),
 ];
 
 /// `block-export-add`'s arguments (`BlockExportOptions`, a union on `type`).
@@ -244,6 +246,8 @@ struct Running {
 struct Entry {
     id: String,
     handle: ExportHandle,
+    /// The export's own hidden copy-on-read filter node (`copy-on-read=on`).
+    cor_filter: Option<crate::graph::NodeId>,
 }
 
 #[derive(Default)]
@@ -417,9 +421,15 @@ impl Exports {
                 .iter()
                 .rev()
                 .map(|e| {
+                    // An export's hidden copy-on-read filter is shown as the node it
+                    // filters, the node the export was created on.
                     let node = g
                         .user(&e.id)
                         .and_then(|u| g.get(u.node))
+                        .and_then(|n| match n.file {
+                            Some(f) if e.cor_filter == Some(n.id) => g.get(f),
+                            _ => Some(n),
+                        })
                         .map(|n| n.name.clone())
                         .unwrap_or_default();
                     json!({"id": e.id, "type": "nbd", "node-name": node,
@@ -434,6 +444,10 @@ impl Exports {
         let id = str_of(a, "id").unwrap_or_default();
         let node_name = str_of(a, "node-name").unwrap_or_default();
         let writable = a.get("writable").and_then(|v| v.as_bool()).unwrap_or(false);
+        let cor = a
+            .get("copy-on-read")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
         let mut st = self.state.lock().await;
         if !diskstream_jobs::job::id_wellformed(id) {
             return Err(QmpError::generic("Invalid block export id"));
@@ -461,7 +475,8 @@ impl Exports {
         if let Some(t) = str_of(a, "iothread") {
             return Err(QmpError::generic(format!("iothread \"{t}\" not found")));
         }
-        if writable {
+        // A copy-on-read filter writes to the node even for a read-only export.
+        if writable || (cor && !node.read_only) {
             if let Some(e) = g.write_conflict(node_id, true) {
                 return Err(QmpError::generic(e));
             }
@@ -500,11 +515,21 @@ impl Exports {
             };
             return Err(QmpError::generic(format!("Bitmap '{bname}' is not found")));
         }
-        let Some(block) = g.effective_block(node_id) else {
+        if g.effective_block(node_id).is_none() {
             return Err(QmpError::generic(format!(
                 "diskstream cannot export node '{node_name}' (driver {}): export the format node above it",
                 g.get(node_id).map(|n| n.driver.as_str()).unwrap_or("?")
             )));
+        }
+        // `copy-on-read=on`: the export reads through a hidden filter node of its own.
+        let filter = if cor {
+            g.add_export_cor_filter(node_id)?
+        } else {
+            None
+        };
+        let attach = filter.unwrap_or(node_id);
+        let Some(block) = g.effective_block(attach) else {
+            return Err(QmpError::generic("export node vanished"));
         };
         let backend = BlockBackend::new(block);
         let export = Export {
@@ -522,21 +547,30 @@ impl Exports {
                 .and_then(|v| v.as_bool())
                 .unwrap_or(false),
         };
-        let handle = run.server.add_export(export).map_err(|e| match e {
-            ServerError::DuplicateName(n) => {
-                QmpError::generic(format!("NBD server already has export named '{n}'"))
+        let handle = match run.server.add_export(export) {
+            Ok(h) => h,
+            Err(e) => {
+                if let Some(f) = filter {
+                    g.remove_if_unreferenced(f).await;
+                }
+                return Err(match e {
+                    ServerError::DuplicateName(n) => {
+                        QmpError::generic(format!("NBD server already has export named '{n}'"))
+                    }
+                    other => QmpError::generic(other.to_string()),
+                });
             }
-            other => QmpError::generic(other.to_string()),
-        })?;
+        };
         g.attach_user(User {
             id: id.to_string(),
-            node: node_id,
+            node: attach,
             backend,
             write: writable,
         });
         st.list.push(Entry {
             id: id.to_string(),
             handle,
+            cor_filter: filter,
         });
         Ok(())
     }

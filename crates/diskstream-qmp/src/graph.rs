@@ -839,7 +839,8 @@ impl Graph {
                         return Err(QmpError::generic("copy-on-read: no file child"));
                     };
                     let bottom = opts.get("bottom").and_then(|v| v.as_str());
-                    let filter = self.open_cor(st, child, bottom).await?;
+                    let config = cor_config(opts)?;
+                    let filter = self.open_cor(st, child, bottom, config).await?;
                     node.driver = Driver::CopyOnRead;
                     node.filename = filter.filename().to_string();
                     node.block = Some(filter);
@@ -865,6 +866,7 @@ impl Graph {
         st: &Staging,
         child: NodeId,
         bottom: Option<&str>,
+        config: CorConfig,
     ) -> QmpResult<Arc<dyn BlockNode>> {
         let c = self
             .staged_or_graph_id(st, child)
@@ -912,8 +914,7 @@ impl Graph {
                 Some(bb)
             }
         };
-        let filter =
-            CopyOnRead::new(file, bottom_block, CorConfig::default()).map_err(block_err)?;
+        let filter = CopyOnRead::new(file, bottom_block, config).map_err(block_err)?;
         tracing::info!(
             file = %c.name,
             bottom = bottom.unwrap_or(""),
@@ -1190,6 +1191,55 @@ impl Graph {
         });
         self.sync_users().await;
         Ok(id)
+    }
+
+    /// A hidden copy-on-read filter over `target` for one export (`copy-on-read=on` on
+    /// `block-export-add` / `--export`, a diskstream extension): an implicit `#blockN` node
+    /// whose only user is that export; other parents and users of `target` are left as they
+    /// are. It goes away with the export (an unreferenced implicit node). `None`, with a
+    /// warning, when copy-on-read cannot work on `target` (read-only, raw, no image): the
+    /// export then reads `target` directly.
+    pub fn add_export_cor_filter(&mut self, target: NodeId) -> QmpResult<Option<NodeId>> {
+        let Some(file) = self.effective_block(target) else {
+            return Ok(None);
+        };
+        let t = self
+            .get(target)
+            .ok_or_else(|| QmpError::generic("export node vanished"))?;
+        if let Some(why) = CopyOnRead::off_reason_for(file.as_ref()) {
+            tracing::warn!(node = %t.name, "copy-on-read=on ignored for this export: {why}");
+            return Ok(None);
+        }
+        let (filename, read_only) = (t.filename.clone(), t.read_only);
+        let filter = CopyOnRead::new(file, None, CorConfig::default()).map_err(block_err)?;
+        let id = self.new_id();
+        let name = self.auto_name();
+        tracing::info!(
+            node = %name,
+            file = %filename,
+            "export copy-on-read filter opened (fetch unit {} bytes, read-ahead {} units)",
+            filter.unit(),
+            filter.config().readahead
+        );
+        self.nodes.push(GraphNode {
+            id,
+            name,
+            driver: Driver::CopyOnRead,
+            read_only,
+            explicit_ro: false,
+            monitor_owned: false,
+            filename,
+            proto: None,
+            block: Some(filter),
+            file: Some(target),
+            backing: None,
+            blocker: None,
+            intermediate_of: None,
+            backing_from_header: false,
+            backing_file_str: None,
+            lock_path: None,
+        });
+        Ok(Some(id))
     }
 
     /// Remove a job filter, pointing its parents and users back at its child.
@@ -1616,6 +1666,23 @@ impl Graph {
         }
         Value::Array(out)
     }
+}
+
+/// A `copy-on-read` node's fetch settings: `x-granularity` (fetch unit, bytes) and
+/// `x-readahead` (units read ahead on sequential access), diskstream's defaults otherwise.
+/// Invalid values get the block layer's message (which says what is accepted).
+fn cor_config(opts: &Map<String, Value>) -> QmpResult<CorConfig> {
+    let mut c = CorConfig::default();
+    if let Some(v) = opts.get("x-granularity") {
+        c.granularity = v.as_u64().ok_or_else(|| {
+            QmpError::generic("Parameter 'x-granularity' expects a power of two in bytes")
+        })?;
+    }
+    if let Some(v) = opts.get("x-readahead").and_then(|v| v.as_u64()) {
+        c.readahead = u32::try_from(v).unwrap_or(u32::MAX);
+    }
+    c.validate().map_err(block_err)?;
+    Ok(c)
 }
 
 /// The `file` child for a backing file that names a remote object: `http://`, `https://`

@@ -290,7 +290,13 @@ const CURL_HTTPS: &[Member] = &[
     opt("cookie-secret", Ty::Str),
 ];
 
-const COPY_ON_READ: &[Member] = &[req("file", Ty::BlockdevRef), opt("bottom", Ty::Str)];
+/// QEMU's members, then diskstream's fetch unit (bytes) and read-ahead (units) knobs.
+const COPY_ON_READ: &[Member] = &[
+    req("file", Ty::BlockdevRef),
+    opt("bottom", Ty::Str),
+    opt("x-granularity", Ty::Int),
+    opt("x-readahead", Ty::U32),
+];
 
 /// The driver-specific members diskstream knows, if any.
 pub fn driver_members(driver: &str) -> Option<&'static [Member]> {

@@ -54,6 +54,9 @@ pub(super) struct UnitData {
     /// Guest ranges whose current contents are in `data`: the parts the top did not allocate
     /// and the chain down to `bottom` provides. Sorted, disjoint.
     pub ranges: Vec<(u64, u64)>,
+    /// Whether `ranges` are all the unit lacked (nothing was left out because of `bottom`):
+    /// once they are copied, the top holds the whole unit.
+    pub complete: bool,
 }
 
 /// A failed fetch, shareable between its waiters.
@@ -126,34 +129,41 @@ fn push_range(v: &mut Vec<(u64, u64)>, a: u64, b: u64) {
 impl Inner {
     /// The fetch of unit `u` for a guest read: joins the one in flight, or starts one.
     pub(super) fn fetch(self: &Arc<Self>, u: u64) -> Arc<Fetch> {
-        let mut map = self.inflight();
-        if let Some(f) = map.get(&u) {
+        let mut units = self.units();
+        if let Some(f) = units.inflight.get(&u) {
             bump(&self.counters.deduplicated, 1);
             return Arc::clone(f);
         }
         let f = Fetch::new();
-        map.insert(u, Arc::clone(&f));
-        drop(map);
+        units.inflight.insert(u, Arc::clone(&f));
+        drop(units);
         self.spawn_fetch(u, Arc::clone(&f), Origin::Guest, None);
         f
     }
 
     /// Start read-ahead fetches of `units` while background slots are free; a unit already in
-    /// flight is skipped, and when all slots are busy the rest is dropped (never queued).
+    /// flight or known local is skipped, and when all slots are busy the rest is dropped
+    /// (never queued).
     pub(super) fn readahead(self: &Arc<Self>, units: std::ops::Range<u64>) {
         for u in units {
             if self.is_closed() {
                 return;
             }
+            {
+                let map = self.units();
+                if map.inflight.contains_key(&u) || map.is_local(u) {
+                    continue;
+                }
+            }
             let Ok(permit) = Arc::clone(&self.background).try_acquire_owned() else {
                 return;
             };
-            let mut map = self.inflight();
-            if map.contains_key(&u) {
+            let mut map = self.units();
+            if map.inflight.contains_key(&u) {
                 continue;
             }
             let f = Fetch::new();
-            map.insert(u, Arc::clone(&f));
+            map.inflight.insert(u, Arc::clone(&f));
             drop(map);
             self.spawn_fetch(u, f, Origin::Readahead, Some(permit));
         }
@@ -175,8 +185,10 @@ impl Inner {
         });
     }
 
-    /// Plan, read, publish, populate; then leave the in-flight map.
+    /// Plan, read, publish, populate; then leave the in-flight map, marking the unit local
+    /// when the top now holds all of it (unless a guest write invalidated the fetch meanwhile).
     async fn run_fetch(&self, u: u64, f: &Arc<Fetch>, origin: Origin) {
+        let mut local = false;
         match self.read_unit(u).await {
             Ok(data) => {
                 let data = Arc::new(data);
@@ -187,7 +199,7 @@ impl Inner {
                     }
                 }
                 f.tx.send_replace(Some(Ok(Arc::clone(&data))));
-                self.populate(&data).await;
+                local = self.populate(&data).await && data.complete;
             }
             Err(e) => {
                 bump(&self.counters.fetch_errors, 1);
@@ -208,9 +220,12 @@ impl Inner {
                 })));
             }
         }
-        let mut map = self.inflight();
-        if map.get(&u).is_some_and(|g| Arc::ptr_eq(g, f)) {
-            map.remove(&u);
+        let mut map = self.units();
+        if map.inflight.get(&u).is_some_and(|g| Arc::ptr_eq(g, f)) {
+            map.inflight.remove(&u);
+            if local {
+                map.set_local(u);
+            }
         }
     }
 
@@ -222,6 +237,7 @@ impl Inner {
             start,
             data: Vec::new(),
             ranges: Vec::new(),
+            complete: true,
         };
         if start >= size {
             return Ok(out);
@@ -234,10 +250,14 @@ impl Inner {
         let backing = self.file.backing();
         out.ranges = match &self.bottom {
             None => missing,
-            Some(bottom) => match &backing {
-                Some(b) => self.above_bottom(b, bottom, &missing).await?,
-                None => Vec::new(),
-            },
+            Some(bottom) => {
+                let r = match &backing {
+                    Some(b) => self.above_bottom(b, bottom, &missing).await?,
+                    None => Vec::new(),
+                };
+                out.complete = r == missing;
+                r
+            }
         };
         let Some(&(first, _)) = out.ranges.first() else {
             return Ok(out);
@@ -339,10 +359,10 @@ impl Inner {
 
     /// Step 3: copy the fetched ranges into the top, runs of all-zero allocation units as
     /// zeroes. A failure stops the copy (the read already has its data; the rest of the unit
-    /// is simply fetched again by a later read).
-    async fn populate(&self, d: &UnitData) {
+    /// is simply fetched again by a later read). Returns whether every range was copied.
+    async fn populate(&self, d: &UnitData) -> bool {
         if self.is_closed() {
-            return;
+            return false;
         }
         let align = self.align;
         let zero_at = |p: u64, b: u64| {
@@ -389,7 +409,7 @@ impl Inner {
                         } else {
                             tracing::debug!("{msg}");
                         }
-                        return;
+                        return false;
                     }
                 }
                 pos = e;
@@ -401,6 +421,7 @@ impl Inner {
             "copy-on-read populated unit of '{}'",
             self.file.filename()
         );
+        true
     }
 }
 

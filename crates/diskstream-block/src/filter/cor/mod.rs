@@ -12,7 +12,11 @@
 //!
 //! # A read
 //! 1. The top's own block status (local metadata, no backing I/O) tells which parts of the
-//!    request it lacks. If none, the read is a *hit*: it goes straight to the top.
+//!    request it lacks. If none, the read is a *hit*: it goes straight to the top, an
+//!    appending read (the NBD server's copy-free path) to the top's own appending read. Units
+//!    the filter knows the top holds entirely (it populated them, or a hit covered them whole)
+//!    skip even that query and are never read ahead, so a re-read costs what a read of the top
+//!    alone costs.
 //! 2. Otherwise every aligned **fetch unit** ([`CorConfig::granularity`], 1 MiB by default,
 //!    rounded to the top's cluster or subcluster) overlapping a missing part is fetched — the
 //!    fetch unit is decoupled from the guest's request size, so a slow remote backing is read in
@@ -24,7 +28,7 @@
 //!    in flight (a guest reusing memory, a VMM passing guest RAM), and what lands in the image
 //!    must be what the backing holds, not what the client scribbled (the seed thread's reason
 //!    for bounce buffers). The read is answered from the bounce buffer for the fetched parts
-//!    and from the top for the rest.
+//!    it found unallocated in step 1 and from the top for the rest.
 //! 4. The bounce buffer is written into the top with the no-clobber population primitives
 //!    (see [`fetch`]): per cluster, under the top's metadata lock, only where the top is still
 //!    unallocated; all-zero allocation units become zero clusters. The read does not wait for
@@ -41,11 +45,13 @@
 //! Writes, write-zeroes and discards pass straight to the top and never wait for copies. The
 //! population primitives make the copy lose against any guest write: one that landed first is
 //! never overwritten; one issued while the copy's cluster allocation is in flight waits for it
-//! and then writes over it. When a write completes, the units it touched are dropped from the
-//! in-flight map, so a read issued afterwards starts a fresh fetch that sees the write rather
-//! than joining a fetch planned before it. (Writes must therefore go through the filter, as
-//! they do when the filter is what is exported; a second writer directly on the top node
-//! bypasses that bookkeeping.)
+//! and then writes over it. A read issued after a write completed sees that write, whoever
+//! made it: the read takes bytes from a fetch's bounce buffer only where its own block status
+//! (queried after the write) found the top unallocated, and reads the rest from the top. So a
+//! writer straight on the top node (a second export of the top, a job's own filter) is safe
+//! too. A write through the filter also drops the units it touched from the in-flight map, so
+//! a later read starts a fresh fetch whose plan sees the write, instead of joining one planned
+//! before it (which would leave the unit's other parts to be fetched again).
 //!
 //! # Sharing the backing with a stream job
 //! A stream job on the same top (QEMU's "copy-on-read + streaming" pairing) uses the same
@@ -102,8 +108,8 @@ pub(crate) struct Inner {
     align: u64,
     off_reason: Option<String>,
     closed: AtomicBool,
-    /// Units being fetched, by unit index.
-    inflight: Mutex<HashMap<u64, Arc<Fetch>>>,
+    /// Units being fetched, and units known to be held by the top.
+    units: Mutex<Units>,
     streams: Mutex<Streams>,
     /// Read-ahead slots.
     background: Arc<Semaphore>,
@@ -111,6 +117,63 @@ pub(crate) struct Inner {
     tasks: AtomicUsize,
     idle: Notify,
     counters: Counters,
+}
+
+/// The filter's per-unit state, under one lock so that a guest write's invalidation and a
+/// fetch's completion are ordered.
+#[derive(Debug, Default)]
+struct Units {
+    /// Units being fetched, by unit index.
+    inflight: HashMap<u64, Arc<Fetch>>,
+    /// Bitmap of units known to be allocated entirely in the top (a fetch populated or found
+    /// them complete, or a hit covered them whole). Such units are read from the top without a
+    /// block-status query and never read ahead. Only a hint: reading the top is always correct
+    /// (it reads through the chain), so a unit that stopped being allocated behind the
+    /// filter's back (a discard straight on the top) is at worst read without being copied.
+    local: Vec<u64>,
+}
+
+impl Units {
+    fn is_local(&self, u: u64) -> bool {
+        self.local
+            .get((u / 64) as usize)
+            .is_some_and(|w| w & (1 << (u % 64)) != 0)
+    }
+
+    /// Whether every unit of `first..=last` is known local.
+    fn all_local(&self, first: u64, last: u64) -> bool {
+        (first..=last).all(|u| self.is_local(u))
+    }
+
+    fn set_local(&mut self, u: u64) {
+        let w = (u / 64) as usize;
+        if self.local.len() <= w {
+            self.local.resize(w + 1, 0);
+        }
+        self.local[w] |= 1 << (u % 64);
+    }
+
+    fn clear_local(&mut self, first: u64, last: u64) {
+        let mut u = first;
+        while u <= last && ((u / 64) as usize) < self.local.len() {
+            if u % 64 == 0 && last - u >= 63 {
+                self.local[(u / 64) as usize] = 0;
+                u += 64;
+            } else {
+                self.local[(u / 64) as usize] &= !(1 << (u % 64));
+                u += 1;
+            }
+        }
+    }
+}
+
+/// What a read lacks in the top when it is issued.
+#[derive(Debug, Default)]
+struct Missing {
+    /// Fetch units overlapping the unallocated ranges, ascending.
+    units: Vec<u64>,
+    /// Guest ranges the top did not allocate, sorted, disjoint.
+    ranges: Vec<(u64, u64)>,
 }
 
 /// Keeps a fetch task counted while it runs.
@@ -129,8 +192,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Inner {
-    fn inflight(&self) -> MutexGuard<'_, HashMap<u64, Arc<Fetch>>> {
-        lock(&self.inflight)
+    fn units(&self) -> MutexGuard<'_, Units> {
+        lock(&self.units)
     }
 
     fn is_closed(&self) -> bool {
@@ -143,17 +206,74 @@ impl Inner {
     }
 
     /// Forget in-flight units overlapping `[offset, offset+len)` (a guest write completed
-    /// there): later reads must plan afresh.
-    fn invalidate(&self, offset: u64, len: u64) {
+    /// there): later reads must plan afresh. `dealloc`: the write may have deallocated
+    /// (discard, write-zeroes), so the units are no longer known local either.
+    fn invalidate(&self, offset: u64, len: u64, dealloc: bool) {
         if len == 0 {
             return;
         }
         let first = offset / self.unit;
         let last = (offset + len - 1) / self.unit;
-        let mut map = self.inflight();
-        if !map.is_empty() {
-            map.retain(|&u, _| u < first || u > last);
+        let mut units = self.units();
+        if !units.inflight.is_empty() {
+            units.inflight.retain(|&u, _| u < first || u > last);
         }
+        if dealloc {
+            units.clear_local(first, last);
+        }
+    }
+
+    /// What `[offset, end)` lacks in the top, from the top's block status (skipped when every
+    /// unit is already known local): the fetch units to wait for (empty: a hit) and the
+    /// unallocated ranges themselves. Whole units the request covers and finds allocated become
+    /// known local.
+    async fn missing_units(&self, offset: u64, end: u64) -> Result<Missing> {
+        let (first, last) = (offset / self.unit, (end - 1) / self.unit);
+        let mut m = Missing::default();
+        if self.units().all_local(first, last) {
+            return Ok(m);
+        }
+        let mut pos = offset;
+        while pos < end {
+            let st = self.file.block_status(pos, end - pos).await?;
+            let n = st.len.clamp(1, end - pos);
+            if st.alloc == Allocation::Unallocated {
+                for u in pos / self.unit..=(pos + n - 1) / self.unit {
+                    if m.units.last() != Some(&u) {
+                        m.units.push(u);
+                    }
+                }
+                match m.ranges.last_mut() {
+                    Some(r) if r.1 == pos => r.1 = pos + n,
+                    _ => m.ranges.push((pos, pos + n)),
+                }
+            }
+            pos += n;
+        }
+        if m.units.is_empty() {
+            let size = self.file.size();
+            let mut map = self.units();
+            for u in first..=last {
+                if offset <= u * self.unit && end >= ((u + 1) * self.unit).min(size) {
+                    map.set_local(u);
+                }
+            }
+        }
+        Ok(m)
+    }
+
+    /// Record a read of `[offset, end)` for sequential detection, unless all its units are
+    /// known local (nothing to read ahead there); returns the units to read ahead.
+    fn access(&self, offset: u64, end: u64) -> Option<std::ops::Range<u64>> {
+        if self.config.readahead == 0
+            || self
+                .units()
+                .all_local(offset / self.unit, (end - 1) / self.unit)
+        {
+            return None;
+        }
+        let units_total = self.file.size().div_ceil(self.unit);
+        lock(&self.streams).access(offset, end, self.unit, self.config.readahead, units_total)
     }
 
     async fn quiesce(&self) {
@@ -232,7 +352,7 @@ impl CopyOnRead {
                 align,
                 off_reason,
                 closed: AtomicBool::new(false),
-                inflight: Mutex::new(HashMap::new()),
+                units: Mutex::new(Units::default()),
                 streams: Mutex::new(Streams::default()),
                 background: Arc::new(Semaphore::new(config.max_background as usize)),
                 tasks: AtomicUsize::new(0),
@@ -312,51 +432,57 @@ impl CopyOnRead {
         self.inner.quiesce().await;
     }
 
+    /// A read with copy-on-read on: a hit goes to the top; a miss is [`CopyOnRead::cor_miss`].
     async fn cor_read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let inner = &self.inner;
         let end = offset + buf.len() as u64;
-        let mut units: Vec<u64> = Vec::new();
-        let mut pos = offset;
-        while pos < end {
-            let st = inner.file.block_status(pos, end - pos).await?;
-            let n = st.len.clamp(1, end - pos);
-            if st.alloc == Allocation::Unallocated {
-                for u in pos / inner.unit..=(pos + n - 1) / inner.unit {
-                    if units.last() != Some(&u) {
-                        units.push(u);
-                    }
-                }
-            }
-            pos += n;
-        }
-        let ahead = {
-            let units_total = inner.file.size().div_ceil(inner.unit);
-            lock(&inner.streams).access(
-                offset,
-                end,
-                inner.unit,
-                inner.config.readahead,
-                units_total,
-            )
-        };
-        if units.is_empty() {
+        let missing = inner.missing_units(offset, end).await?;
+        let ahead = inner.access(offset, end);
+        if missing.units.is_empty() {
             bump(&inner.counters.hits, 1);
             if let Some(r) = ahead {
                 inner.readahead(r);
             }
             return inner.file.read(offset, buf).await;
         }
+        self.cor_miss(offset, buf, missing, ahead).await
+    }
+
+    /// A read that lacks `missing` in the top: join or start the fetches of its units, answer
+    /// from their bounce buffers and the top.
+    ///
+    /// Bounce-buffer bytes are taken only where this read's own block status found the top
+    /// unallocated *and* the fetch read the backing: a fetch this read joined may have been
+    /// planned before a write that completed before this read was issued (a write straight to
+    /// the top, which the filter does not see, e.g. another export of the top or a job), and
+    /// the bounce buffer then holds what that write replaced. Everything else is read from the
+    /// top, which holds that write.
+    async fn cor_miss(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        missing: Missing,
+        ahead: Option<std::ops::Range<u64>>,
+    ) -> Result<()> {
+        let inner = &self.inner;
+        let end = offset + buf.len() as u64;
         bump(&inner.counters.misses, 1);
         // The guest's own units first, then read-ahead, so the backing sees them in that order.
-        let fetches: Vec<Arc<Fetch>> = units.iter().map(|&u| inner.fetch(u)).collect();
+        let fetches: Vec<Arc<Fetch>> = missing.units.iter().map(|&u| inner.fetch(u)).collect();
         if let Some(r) = ahead {
             inner.readahead(r);
         }
+        let unalloc = &missing.ranges;
         let mut pos = offset;
         for f in fetches {
             let d = f.wait().await?;
+            let mut pieces: Vec<(u64, u64)> = Vec::new();
             for &(a, b) in &d.ranges {
-                let (s, e) = (a.max(offset), b.min(end));
+                for &(ua, ub) in unalloc {
+                    pieces.push((a.max(ua).max(offset), b.min(ub).min(end)));
+                }
+            }
+            for (s, e) in pieces {
                 if s >= e {
                     continue;
                 }
@@ -425,21 +551,53 @@ impl BlockNode for CopyOnRead {
         self.cor_read(offset, buf).await
     }
 
+    /// A hit (the usual re-read) is the top's own appending read, which a qcow2 top serves by
+    /// reading the file straight into `buf`; a miss fills the new bytes like [`Self::read`].
+    async fn read_append(&self, offset: u64, mut buf: Vec<u8>, len: usize) -> Result<Vec<u8>> {
+        check_bounds(offset, len as u64, self.size())?;
+        if len == 0 {
+            return Ok(buf);
+        }
+        let inner = &self.inner;
+        if !self.is_active() {
+            return inner.file.read_append(offset, buf, len).await;
+        }
+        if inner.file.backing().is_none() {
+            bump(&inner.counters.hits, 1);
+            return inner.file.read_append(offset, buf, len).await;
+        }
+        let end = offset + len as u64;
+        let missing = inner.missing_units(offset, end).await?;
+        let ahead = inner.access(offset, end);
+        if missing.units.is_empty() {
+            bump(&inner.counters.hits, 1);
+            if let Some(r) = ahead {
+                inner.readahead(r);
+            }
+            return inner.file.read_append(offset, buf, len).await;
+        }
+        let at = buf.len();
+        buf.resize(at + len, 0);
+        self.cor_miss(offset, &mut buf[at..], missing, ahead)
+            .await?;
+        Ok(buf)
+    }
+
     async fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
         let r = self.inner.file.write(offset, data).await;
-        self.inner.invalidate(offset, data.len() as u64);
+        self.inner.invalidate(offset, data.len() as u64, false);
         r
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         let r = self.inner.file.write_zeroes(offset, len, unmap).await;
-        self.inner.invalidate(offset, len);
+        self.inner.invalidate(offset, len, true);
         r
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
         let r = self.inner.file.discard(offset, len).await;
-        self.inner.invalidate(offset, len);
+        self.inner.invalidate(offset, len, true);
         r
     }
 
@@ -463,7 +621,7 @@ impl BlockNode for CopyOnRead {
     async fn truncate(&self, size: u64) -> Result<()> {
         self.inner.quiesce().await;
         let r = self.inner.file.truncate(size).await;
-        self.inner.invalidate(0, u64::MAX);
+        self.inner.invalidate(0, u64::MAX, true);
         r
     }
 
@@ -473,11 +631,20 @@ impl BlockNode for CopyOnRead {
     async fn close(&self) -> Result<()> {
         self.inner.closed.store(true, Ordering::Release);
         self.inner.quiesce().await;
-        tracing::info!(
-            "copy-on-read over '{}' closed: {}",
-            self.inner.file.filename(),
-            self.stats()
-        );
+        // The summary is routine (info: `DISKSTREAM_LOG=diskstream_block::filter::cor=info`
+        // shows it), unless something failed.
+        let st = self.stats();
+        if st.fetch_errors + st.populate_errors > 0 {
+            tracing::warn!(
+                "copy-on-read over '{}' closed: {st}",
+                self.inner.file.filename()
+            );
+        } else {
+            tracing::info!(
+                "copy-on-read over '{}' closed: {st}",
+                self.inner.file.filename()
+            );
+        }
         if self.inner.file.read_only() {
             return Ok(());
         }

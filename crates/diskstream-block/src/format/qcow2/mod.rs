@@ -136,7 +136,7 @@ pub struct Qcow2 {
     compression: CompressionType,
     closed: AtomicBool,
     /// Whether the image looks metadata-preallocated (decided once, on the first block-status
-    /// query, by [`Qcow2::detect_metadata_preallocation`]).
+    /// query whatever it finds, by [`Qcow2::detect_metadata_preallocation`]).
     metadata_prealloc: tokio::sync::OnceCell<bool>,
 }
 
@@ -467,24 +467,43 @@ impl Qcow2 {
     /// QEMU's heuristic (same thresholds, so maps agree): the image is metadata-preallocated
     /// when clearly more clusters have a refcount than the file system really stores. Only then
     /// is it worth asking the file about holes under data clusters.
+    ///
+    /// Decided once per open, so it must not be fooled by this process's own writes: clusters
+    /// whose allocation is in flight (refcounted, data not written yet; copy-on-read and
+    /// read-ahead keep many of them) are not counted. The file is measured under the metadata
+    /// lock, so no allocation starts meanwhile and one that completes only makes the file
+    /// bigger. Without that, a busy copy-on-read top was taken for preallocated and every
+    /// later block status on data paid a `SEEK_DATA` on the file.
     async fn detect_metadata_preallocation(&self) -> Result<bool> {
+        let mut m = self.meta.lock().await;
         let Some(real) = self.file.allocated_bytes().await? else {
             return Ok(false);
         };
         let file_len = self.file.len().await?;
         let real_clusters = real / self.cs();
         let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
+        let in_flight = m.inflight.len() as u64;
         let end = file_len.div_ceil(self.cs());
-        let mut m = self.meta.lock().await;
         let mut count = 0;
         let mut c = 0;
-        while c < end && count < threshold {
+        while c < end && count < threshold + in_flight {
             if m.refcount(c).await? > 0 {
                 count += 1;
             }
             c += 1;
         }
-        Ok(count >= threshold)
+        Ok(count >= threshold + in_flight)
+    }
+
+    /// Whether block status must look through data clusters to the file (a
+    /// metadata-preallocated image). Like QEMU, decided on the first block-status query,
+    /// whatever that query finds: a lazy decision at the first *data* run would be taken
+    /// mid-workload, when this process's own allocations may be in flight.
+    async fn metadata_preallocated(&self) -> Result<bool> {
+        self.metadata_prealloc
+            .get_or_try_init(|| self.detect_metadata_preallocation())
+            .await
+            .copied()
     }
 
     async fn run_at(&self, off: u64, len: u64) -> Result<Run> {
@@ -1404,6 +1423,7 @@ impl BlockNode for Qcow2 {
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<LayerStatus> {
         check_bounds(offset, len, self.size())?;
+        let prealloc = self.metadata_preallocated().await?;
         let run = self.run_at(offset, len).await?;
         let mut st = LayerStatus {
             alloc: match run.kind {
@@ -1418,14 +1438,7 @@ impl BlockNode for Qcow2 {
         };
         // Like QEMU, on a metadata-preallocated image look through to the file: a data cluster
         // over a hole of the file reads as zeroes.
-        if let (Kind::Data, Some(host)) = (run.kind, run.host) {
-            if !*self
-                .metadata_prealloc
-                .get_or_try_init(|| self.detect_metadata_preallocation())
-                .await?
-            {
-                return Ok(st);
-            }
+        if let (Kind::Data, Some(host), true) = (run.kind, run.host, prealloc) {
             let (data, n) = self.file.data_status(host, run.len).await?;
             st.len = n.clamp(1, run.len);
             st.zero = !data;
