@@ -689,6 +689,66 @@ def test_switch_under_io(exe, d):
 
 
 
+def test_switch_under_cor(exe, d):
+    """x-blockdev-switch of a node under a copy-on-read filter exported writable: the filter's
+    file child moves to the new image with the export (QEMU's bdrv_replace_node moves every
+    parent), so guest writes after the switch land in the new image (not in the old one, now
+    read-only), reads still copy into the active layer, and a second switch to a named node
+    moves the filter again."""
+    run("qemu-img", "create", "-q", "-f", "qcow2", f"{d}/src.qcow2", "32M")
+    run("qemu-io", "-c", "write -P 0x11 0 8M", f"{d}/src.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "src.qcow2", "-F", "qcow2", f"{d}/dst.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", f"{d}/other.qcow2", "32M")
+    url = f"nbd+unix:///cor?socket={d}/nbd.sock"
+
+    def io(*cmds):
+        args = ["qemu-io", "-f", "raw"]
+        for c in cmds:
+            args += ["-c", c]
+        r = run(*(args + [url]), check=False)
+        out = r.stdout + r.stderr
+        assert r.returncode == 0 and "failed" not in out, f"{cmds}: {out}"
+
+    dm = Daemon(exe, d, ["--blockdev", "driver=qcow2,node-name=src,file.driver=file,file.filename=src.qcow2",
+                         "--nbd-server", f"addr.type=unix,addr.path={d}/nbd.sock"])
+    try:
+        q = dm.qmp()
+        q.cmd("blockdev-add", {"driver": "copy-on-read", "node-name": "cor", "file": "src"})
+        q.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "cor", "writable": True})
+        io("write -P 0x55 0 1M")
+        q.cmd("x-blockdev-switch", {"device": "src", "filename": f"{d}/dst.qcow2",
+                                    "format": "qcow2", "node-name": "dst"})
+        nodes = {n["node-name"]: n for n in q.cmd("query-named-block-nodes", {"flat": True})}
+        assert nodes["src"]["ro"] is True, nodes["src"]
+        assert "dst.qcow2" in nodes["cor"]["file"], nodes["cor"]
+        io("write -P 0x66 1M 1M", "read -P 0x55 0 1M", "read -P 0x11 4M 1M")
+        # To a named node: the filter (and the export through it) moves again.
+        q.cmd("blockdev-add", {"driver": "qcow2", "node-name": "other",
+                               "file": {"driver": "file", "filename": f"{d}/other.qcow2"}})
+        q.cmd("x-blockdev-switch", {"device": "dst", "target": "other"})
+        nodes = {n["node-name"]: n for n in q.cmd("query-named-block-nodes", {"flat": True})}
+        assert "other.qcow2" in nodes["cor"]["file"], nodes["cor"]
+        io("write -P 0x77 2M 1M", "read -P 0x77 2M 1M", "read -P 0 0 1M")
+        q.cmd("quit")
+        assert dm.wait() == 0
+    finally:
+        if dm.p.poll() is None:
+            dm.kill9()
+    for img in ("src", "dst", "other"):
+        check_clean(f"{d}/{img}.qcow2")
+    # src holds the write before the first switch only; dst the one after it and the copy
+    # its read made; other the write after the second switch.
+    run("qemu-io", "-f", "qcow2", "-r", "-c", "read -P 0x55 0 1M", "-c", "read -P 0x11 1M 1M",
+        f"{d}/src.qcow2")
+    m = json.loads(run("qemu-img", "map", "--output=json", f"{d}/dst.qcow2").stdout)
+    own = [(e["start"], e["length"]) for e in m if e["depth"] == 0 and e["data"]]
+    assert any(s <= MiB < s + n for s, n in own), f"the write after the switch is not in dst: {own}"
+    r = run("qemu-io", "-f", "qcow2", "-r", "-c", "read -P 0x66 1M 1M", f"{d}/dst.qcow2")
+    assert "failed" not in r.stdout, r.stdout
+    r = run("qemu-io", "-f", "qcow2", "-r", "-c", "read -P 0x77 2M 1M", f"{d}/other.qcow2")
+    assert "failed" not in r.stdout, r.stdout
+
+
 def test_copy_helper(exe, d):
     """`diskstream copy` (live block copy via streaming) while a guest writes and reads over
     NBD: with --base the destination ends up backed by the base only, without it

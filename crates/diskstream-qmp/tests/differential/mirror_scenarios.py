@@ -308,8 +308,43 @@ async def sc_odd_sizes(p):
     await p.cmd("query-named-block-nodes", {"flat": True})
 
 
+def mk_snap_cor(d):
+    imgs = H.mkchain(d)
+    H.create(f"{d}/snap2.qcow2", 64 * MiB)
+    return imgs + ["s0.qcow2", "snap2.qcow2"]
+
+
+async def sc_snapshot_under_cor(p):
+    """External snapshots of a node under a copy-on-read filter that is exported writable:
+    the filter's file child moves to the overlay (QEMU's bdrv_replace_node moves every
+    parent), so guest writes after the snapshot land in the overlay, reads still copy into
+    the active layer, and the old image, now read-only, is untouched."""
+    await H.add_chain(p)
+    await p.cmd("blockdev-add", {"driver": "copy-on-read", "node-name": "cor", "file": "top"})
+    await p.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "nbd.sock"}}})
+    await p.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "cor",
+                                     "writable": True})
+    await p.io("cor", "write -P 0x55 0 1M")
+    await p.cmd("blockdev-snapshot-sync", {"node-name": "top", "snapshot-file": "s0.qcow2",
+                                           "snapshot-node-name": "s0"})
+    await p.cmd("query-named-block-nodes", {"flat": True})
+    await p.io("cor", "read -P 0x55 0 1M", "write -P 0x66 1M 1M", "read -P 0x44 48M 1M",
+               "read -P 0x33 8M 1M")
+    await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": "snap2", "backing": None,
+                                 "file": {"driver": "file", "filename": "snap2.qcow2"}})
+    await p.cmd("blockdev-snapshot", {"node": "s0", "overlay": "snap2"})
+    await p.cmd("query-named-block-nodes", {"flat": True})
+    await p.io("cor", "read -P 0x66 1M 1M", "write -P 0x77 2M 1M", "read -P 0x22 32M 1M")
+    await p.cmd("query-block-exports")
+    await p.cmd("block-export-del", {"id": "e"})
+    await p.wait_event("BLOCK_EXPORT_DELETED")
+    await p.cmd("blockdev-del", {"node-name": "cor"})
+    await p.cmd("query-named-block-nodes", {"flat": True})
+
+
 SCENARIOS = {
     "snapshot": (mk_snap, sc_snapshot),
+    "snapshot_under_cor": (mk_snap_cor, sc_snapshot_under_cor),
     "commit": (H.mkchain, sc_commit),
     "mirror": (mk_mirror, sc_mirror),
     "mirror_cancel": (mk_mirror, sc_mirror_cancel),
