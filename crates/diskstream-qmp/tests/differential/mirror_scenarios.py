@@ -130,6 +130,9 @@ async def sc_mirror(p):
     await p.cmd("blockdev-mirror", dict(m, **{"buf-size": -1}))
     await p.cmd("blockdev-mirror", dict(m, speed=-1))
     await p.cmd("blockdev-mirror", dict(m, **{"job-id": "bad id"}))
+    await p.cmd("blockdev-mirror", dict(m, replaces="nope"))
+    await p.cmd("blockdev-mirror", dict(m, replaces="mid"))
+    await p.cmd("blockdev-mirror", dict(m, replaces="small"))
     await p.cmd("query-jobs")
     await p.cmd("blockdev-mirror", dict(m, target="small", **{"job-id": "msmall"}))
     await p.wait_job_gone("msmall")
@@ -192,8 +195,17 @@ async def sc_mirror_export(p):
     await p.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "nbd.sock"}}})
     await p.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "top", "writable": True})
     await p.io("top", "write -P 0x55 0 2M")
+    # replaces: only the device itself (QEMU's check_to_replace_node), after the target
+    # was created and opened; a refused target is closed again.
+    dm = {"job-id": "dm", "device": "top", "target": "r.qcow2", "sync": "top"}
+    await p.cmd("drive-mirror", dict(dm, replaces="top"))
+    await p.cmd("drive-mirror", dict(dm, replaces="nope", **{"node-name": "r"}))
+    await p.cmd("drive-mirror", dict(dm, replaces="mid", **{"node-name": "r"}))
+    await p.cmd("drive-mirror", dict(dm, replaces="base", **{"node-name": "r"}))
+    await p.cmd("query-named-block-nodes", {"flat": True})
     await p.cmd("drive-mirror", {"job-id": "dm", "device": "top", "target": "dm.qcow2",
-                                 "sync": "top", "node-name": "dmnode", "granularity": 65536})
+                                 "sync": "top", "node-name": "dmnode", "granularity": 65536,
+                                 "replaces": "top"})
     await p.wait_event("BLOCK_JOB_READY", device="dm")
     await p.io("top", "write -P 0x66 4M 1M", "read -P 0x55 0 2M")
     await p.cmd("block-job-complete", {"device": "dm"})
