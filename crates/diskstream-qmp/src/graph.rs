@@ -1494,7 +1494,7 @@ impl Graph {
     }
 
     /// The file name QEMU shows for a node (`json:{...}` when its options say more than a
-    /// file name: an overridden backing, an explicitly named filter).
+    /// file name: an overridden backing, an explicitly named copy-on-read filter).
     pub fn display_filename<'a>(
         &'a self,
         n: &'a GraphNode,
@@ -1502,7 +1502,11 @@ impl Graph {
         Box::pin(async move {
             let json_name = match n.driver {
                 Driver::File => false,
-                Driver::CopyOnRead | Driver::MirrorTop => !n.name.starts_with('#'),
+                Driver::CopyOnRead => !n.name.starts_with('#'),
+                // QEMU's mirror_top and commit_top refresh their file name from the filtered
+                // node and carry no options of their own: a named job filter shows the
+                // source's file name too.
+                Driver::MirrorTop => false,
                 Driver::Qcow2 => self.backing_overridden(n).await,
                 Driver::Raw | Driver::Blkdebug | Driver::Nbd => false,
                 Driver::Http | Driver::Https | Driver::S3 => false,
@@ -1656,8 +1660,9 @@ impl Graph {
     }
 
     fn backing_depth(&self, n: &GraphNode) -> u64 {
-        // A filter counts its filtered child as one level (QEMU walks filter-or-COW children).
-        if n.driver == Driver::CopyOnRead {
+        // A filter counts its filtered child as one level (QEMU walks filter-or-COW children;
+        // mirror_top and commit_top hold the source as their backing child).
+        if n.driver.is_filter() {
             return match n.file.and_then(|f| self.get(f)) {
                 Some(c) if n.block.is_some() => 1 + self.backing_depth(self.skip_filters(c)),
                 _ => 0,
