@@ -650,6 +650,7 @@ impl Qcow2 {
                     self.file
                         .write_zeroes(host_now + s0 * unit, stop - start, false)
                         .await?;
+                    self.file.debug_event(DebugEvent::WriteAio);
                     self.file
                         .write_vec(
                             host_now + (off - gc * cs),
@@ -664,6 +665,7 @@ impl Qcow2 {
                     self.read_current(end, &mut buf[tail..]).await?;
                     buf[(off - start) as usize..tail]
                         .copy_from_slice(&data[..(end - off) as usize]);
+                    self.file.debug_event(DebugEvent::WriteAio);
                     self.file.write_vec(host_now + s0 * unit, buf).await?;
                 }
                 let mut m = self.meta.lock().await;
@@ -741,6 +743,7 @@ impl Qcow2 {
                 self.file
                     .write_zeroes(host + (wstart - start), wstop - wstart, false)
                     .await?;
+                self.file.debug_event(DebugEvent::WriteAio);
                 return self
                     .file
                     .write_vec(host + (off - start), data[..(end - off) as usize].to_vec())
@@ -754,6 +757,9 @@ impl Qcow2 {
                 self.read_current(end, &mut buf[tail..]).await?;
             }
             buf[(off - wstart) as usize..tail].copy_from_slice(&data[..(end - off) as usize]);
+            // QEMU's qcow2 announces the event before every guest-data write, allocating
+            // (with copy-on-write) or not.
+            self.file.debug_event(DebugEvent::WriteAio);
             self.file.write_vec(host + (wstart - start), buf).await
         }
         .await;
