@@ -218,3 +218,170 @@ async fn soft_cancel_leaves_a_point_in_time_copy() {
     round(CopyMode::Background, false, 20).await;
     round(CopyMode::WriteBlocking, false, 21).await;
 }
+
+/// A guest rewriting every granularity-aligned 64 KiB slot of a `size`-byte disk in turn,
+/// through `node`, until `stop`; each acknowledged write is applied to `model`.
+async fn sweeping_writer(
+    node: Arc<dyn BlockNode>,
+    model: Arc<Mutex<Vec<u8>>>,
+    stop: Arc<AtomicBool>,
+    size: u64,
+) -> usize {
+    let slot = 65536u64;
+    let mut n = 0usize;
+    while !stop.load(Ordering::Acquire) {
+        let off = (n as u64 % (size / slot)) * slot;
+        let data = vec![(n % 251) as u8 | 1; slot as usize];
+        node.write(off, &data).await.expect("guest write");
+        model.lock().expect("model")[off as usize..(off + slot) as usize].copy_from_slice(&data);
+        n += 1;
+        tokio::task::yield_now().await;
+    }
+    n
+}
+
+/// One throttled mirror with a sweeping guest writer on its filter.
+struct Throttled {
+    dir: tempfile::TempDir,
+    source: Arc<dyn BlockNode>,
+    target: Arc<dyn BlockNode>,
+    job: Arc<diskstream_jobs::job::Job>,
+    model: Arc<Mutex<Vec<u8>>>,
+    stop: Arc<AtomicBool>,
+    writer: tokio::task::JoinHandle<usize>,
+}
+
+async fn throttled(
+    jobs: &JobManager,
+    id: &str,
+    mode: CopyMode,
+    size: u64,
+    speed: u64,
+) -> Throttled {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (sp, tp) = (dir.path().join("src.qcow2"), dir.path().join("dst.qcow2"));
+    for p in [&sp, &tp] {
+        create(
+            p,
+            &CreateOptions {
+                size,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("create");
+    }
+    let source = open(&sp).await;
+    source
+        .write(0, &vec![0x5a; size as usize])
+        .await
+        .expect("seed data");
+    let target = open(&tp).await;
+    let model = Arc::new(Mutex::new(read_all(&source).await));
+    let driver = Arc::new(MirrorJob::new(
+        Arc::clone(&source),
+        Arc::clone(&target),
+        MirrorConfig {
+            granularity: 65536,
+            buf_size: MIB,
+            sync: SyncMode::Full,
+            copy_mode: mode,
+            on_source_error: OnError::Report,
+            on_target_error: OnError::Report,
+            grow_target: false,
+        },
+        Arc::new(NoHooks),
+    ));
+    let filter = driver.filter();
+    let job = jobs
+        .create(id, JobType::Mirror, driver, &JobOptions::default())
+        .expect("create job");
+    job.set_speed(speed as i64).expect("set speed");
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = tokio::spawn(sweeping_writer(
+        filter,
+        Arc::clone(&model),
+        Arc::clone(&stop),
+        size,
+    ));
+    jobs.start(&job);
+    Throttled {
+        dir,
+        source,
+        target,
+        job,
+        model,
+        stop,
+        writer,
+    }
+}
+
+/// 041's convergence point, made deterministic: both copy modes run side by side under the
+/// same speed limit (1 MiB/s) with a guest rewriting the whole 2 MiB disk far faster than
+/// that (every write re-dirties a slot in background mode). Write-blocking mode mirrors the
+/// guest's aligned writes synchronously (they clean what they cover), so it reaches READY;
+/// background mode would need the guest to stall for the whole ~2 s a full copy takes at
+/// the limit, so it is still not READY 4 s after the start (twice what it would need
+/// without the guest). Then the writers stop, the limit is lifted, both complete, and
+/// both targets equal their source plus every acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn write_blocking_converges_where_background_cannot() {
+    const SMALL: u64 = 2 * MIB;
+    let jobs = JobManager::new(Arc::new(NoEvents));
+    let started = std::time::Instant::now();
+    let bg = throttled(&jobs, "bg", CopyMode::Background, SMALL, MIB).await;
+    let wb = throttled(&jobs, "wb", CopyMode::WriteBlocking, SMALL, MIB).await;
+    // A bound only so a broken build fails instead of hanging.
+    for _ in 0..6000 {
+        if wb.job.is_ready() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(wb.job.is_ready(), "write-blocking never reached READY");
+    // Without the guest, background mode would be READY after ~2 s (2 MiB at 1 MiB/s);
+    // watch it for twice that: the guest keeps it from converging all along.
+    while started.elapsed() < Duration::from_secs(4) {
+        assert!(
+            !bg.job.is_ready(),
+            "background mode reached READY although the guest dirties faster than the limit"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(wb.job.is_ready(), "write-blocking left READY");
+    for t in [&bg, &wb] {
+        t.stop.store(true, Ordering::Release);
+    }
+    let mut writes = Vec::new();
+    for t in [bg, wb] {
+        let Throttled {
+            dir,
+            source,
+            target,
+            job,
+            model,
+            writer,
+            ..
+        } = t;
+        writes.push(writer.await.expect("writer"));
+        job.set_speed(0).expect("lift the limit");
+        for _ in 0..6000 {
+            if job.is_ready() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        job.complete().expect("complete");
+        job.wait_concluded().await;
+        let want = model.lock().expect("model").clone();
+        assert!(read_all(&target).await == want, "target lost a write");
+        source.close().await.expect("close");
+        target.close().await.expect("close");
+        drop(dir);
+    }
+    // The guest wrote much more than the limit let the job copy in the same time.
+    assert!(
+        writes.iter().all(|&n| n as u64 * 65536 > 4 * SMALL),
+        "the guest wrote too little to outpace the limit: {writes:?} writes of 64 KiB"
+    );
+}

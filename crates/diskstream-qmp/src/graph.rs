@@ -44,6 +44,9 @@ use std::sync::Arc;
 /// Identity of a node inside the graph (stable across renames; names are unique anyway).
 pub type NodeId = u64;
 
+/// An image replaced by a reopen: (old, new).
+pub type ImageSwap = (Arc<dyn BlockNode>, Arc<dyn BlockNode>);
+
 /// The drivers diskstream implements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Driver {
@@ -452,6 +455,150 @@ impl Graph {
                 u.node = to;
             }
         }
+    }
+
+    /// `id` and every copy-on-read filter stacked above it (a filter whose `file` child is
+    /// `id` or another such filter): the nodes whose users see `id`'s data as their device.
+    pub fn filters_above(&self, id: NodeId) -> Vec<NodeId> {
+        let mut out = vec![id];
+        let mut i = 0;
+        while i < out.len() {
+            let cur = out[i];
+            for n in &self.nodes {
+                if n.driver == Driver::CopyOnRead && n.file == Some(cur) && !out.contains(&n.id) {
+                    out.push(n.id);
+                }
+            }
+            i += 1;
+        }
+        out
+    }
+
+    /// Whether `id` is `from` or below it (through filters' children and backing links).
+    fn reachable(&self, from: NodeId, id: NodeId) -> bool {
+        let mut stack = vec![from];
+        let mut seen = Vec::new();
+        while let Some(c) = stack.pop() {
+            if c == id {
+                return true;
+            }
+            if seen.contains(&c) {
+                continue;
+            }
+            seen.push(c);
+            if let Some(n) = self.get(c) {
+                stack.extend([n.file, n.backing].into_iter().flatten());
+            }
+        }
+        false
+    }
+
+    /// QEMU's `bdrv_replace_node` for node parents: every copy-on-read filter whose `file`
+    /// child is `from`, and every node whose backing child is `from`, points at `to` instead
+    /// — except `to` itself and the nodes below it, which would make a loop (an overlay's
+    /// link to the image it was put over stays, as QEMU's `should_update_child` keeps it).
+    /// Graph links and qcow2 backing pointers change here; filters' images are rebuilt over
+    /// their new child by [`Graph::refresh_filters`]. Returns the parents moved.
+    pub fn move_parents(&mut self, from: NodeId, to: NodeId) -> Vec<NodeId> {
+        let to_block = self.effective_block(to);
+        let candidates: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|n| {
+                (n.driver == Driver::CopyOnRead && n.file == Some(from)) || n.backing == Some(from)
+            })
+            .map(|n| n.id)
+            .collect();
+        let mut moved = Vec::new();
+        for p in candidates {
+            if self.reachable(to, p) {
+                continue;
+            }
+            let Some(n) = self.get_mut(p) else { continue };
+            if n.driver == Driver::CopyOnRead && n.file == Some(from) {
+                n.file = Some(to);
+            } else {
+                n.backing = Some(to);
+                if let Some(b) = &n.block {
+                    b.set_backing_node(to_block.clone());
+                }
+            }
+            moved.push(p);
+        }
+        moved
+    }
+
+    /// Quiesce the copy-on-read filters among `ids`: their copies in flight land before the
+    /// image below them changes (users are drained, so no new copy starts).
+    pub async fn quiesce_filters(&self, ids: &[NodeId]) {
+        for id in ids {
+            let b = self.get(*id).and_then(|n| n.block.clone());
+            if let Some(c) = b
+                .as_ref()
+                .and_then(|b| b.as_any().downcast_ref::<CopyOnRead>())
+            {
+                c.quiesce().await;
+            }
+        }
+    }
+
+    /// Rebuild every copy-on-read filter whose image no longer sits on its `file` child's
+    /// current image (the child was re-pointed by [`Graph::move_parents`] or its image was
+    /// reopened), with the same configuration and `bottom` (`remap` lists images replaced by
+    /// a reopen: a `bottom` that was one of them becomes its replacement). Stacked filters
+    /// are rebuilt bottom-up. The caller re-points the filters' users (drained) and drops the
+    /// returned old images afterwards; they were quiesced by [`Graph::quiesce_filters`].
+    pub fn refresh_filters(&mut self, remap: &[ImageSwap]) -> Vec<Arc<dyn BlockNode>> {
+        let mut replaced = Vec::new();
+        for _ in 0..=self.nodes.len() {
+            let mut changed = false;
+            let ids: Vec<NodeId> = self
+                .nodes
+                .iter()
+                .filter(|n| n.driver == Driver::CopyOnRead)
+                .map(|n| n.id)
+                .collect();
+            for id in ids {
+                let Some(n) = self.get(id) else { continue };
+                let Some(old) = n.block.clone() else { continue };
+                let Some(cor) = old.as_any().downcast_ref::<CopyOnRead>() else {
+                    continue;
+                };
+                let Some(file) = n.file.and_then(|f| self.effective_block(f)) else {
+                    continue;
+                };
+                let bottom = cor.bottom().map(|b| {
+                    remap
+                        .iter()
+                        .find(|(o, _)| same_node(o, b))
+                        .map(|(_, r)| Arc::clone(r))
+                        .unwrap_or_else(|| Arc::clone(b))
+                });
+                let bottom_moved = match (cor.bottom(), &bottom) {
+                    (Some(a), Some(b)) => !same_node(a, b),
+                    _ => false,
+                };
+                if same_node(cor.file(), &file) && !bottom_moved {
+                    continue;
+                }
+                let file_ro = file.read_only();
+                match CopyOnRead::new(file, bottom, cor.config()) {
+                    Ok(new) => {
+                        if let Some(n) = self.get_mut(id) {
+                            n.block = Some(new);
+                            n.read_only = file_ro;
+                        }
+                        replaced.push(old);
+                        changed = true;
+                    }
+                    Err(e) => tracing::error!("rebuilding copy-on-read filter: {e}"),
+                }
+            }
+            if !changed {
+                break;
+            }
+        }
+        replaced
     }
 
     /// Close `id` (and its orphaned children) if nothing references it any more: not
@@ -1427,7 +1574,7 @@ impl Graph {
     }
 
     /// The file name QEMU shows for a node (`json:{...}` when its options say more than a
-    /// file name: an overridden backing, an explicitly named filter).
+    /// file name: an overridden backing, an explicitly named copy-on-read filter).
     pub fn display_filename<'a>(
         &'a self,
         n: &'a GraphNode,
@@ -1435,7 +1582,11 @@ impl Graph {
         Box::pin(async move {
             let json_name = match n.driver {
                 Driver::File => false,
-                Driver::CopyOnRead | Driver::MirrorTop => !n.name.starts_with('#'),
+                Driver::CopyOnRead => !n.name.starts_with('#'),
+                // QEMU's mirror_top and commit_top refresh their file name from the filtered
+                // node and carry no options of their own: a named job filter shows the
+                // source's file name too.
+                Driver::MirrorTop => false,
                 Driver::Qcow2 => self.backing_overridden(n).await,
                 Driver::Raw | Driver::Blkdebug | Driver::Nbd => false,
                 Driver::Http | Driver::Https | Driver::S3 => false,
@@ -1589,8 +1740,9 @@ impl Graph {
     }
 
     fn backing_depth(&self, n: &GraphNode) -> u64 {
-        // A filter counts its filtered child as one level (QEMU walks filter-or-COW children).
-        if n.driver == Driver::CopyOnRead {
+        // A filter counts its filtered child as one level (QEMU walks filter-or-COW children;
+        // mirror_top and commit_top hold the source as their backing child).
+        if n.driver.is_filter() {
             return match n.file.and_then(|f| self.get(f)) {
                 Some(c) if n.block.is_some() => 1 + self.backing_depth(self.skip_filters(c)),
                 _ => 0,

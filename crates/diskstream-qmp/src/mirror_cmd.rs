@@ -769,13 +769,7 @@ pub async fn blockdev_mirror(mon: &Arc<Monitor>, a: &Map<String, Value>) -> QmpR
         return Err(QmpError::generic("Can't mirror node into itself"));
     }
     let sync = sync_of(a)?;
-    if let Some(r) = s(a, "replaces") {
-        if r != device {
-            return Err(QmpError::generic(
-                "diskstream does not support 'replaces' other than the device",
-            ));
-        }
-    }
+    check_replaces(&g, src, s(a, "replaces"))?;
     let gran = if gran == 0 {
         default_granularity(&g, tgt)
     } else {
@@ -805,6 +799,34 @@ pub async fn blockdev_mirror(mon: &Arc<Monitor>, a: &Map<String, Value>) -> QmpR
         },
     )
     .await
+}
+
+/// QEMU's `check_to_replace_node` for a mirror of `src`: `replaces` must name an existing
+/// node, and the only node diskstream can replace at completion is the source itself (QEMU
+/// also accepts a node below a filter source; diskstream refuses that with its own text).
+fn check_replaces(g: &Graph, src: NodeId, replaces: Option<&str>) -> QmpResult<()> {
+    let Some(r) = replaces else { return Ok(()) };
+    let Some(n) = g.find(r) else {
+        return Err(QmpError::generic(format!(
+            "Failed to find node with node-name='{r}'"
+        )));
+    };
+    if n.id == src {
+        return Ok(());
+    }
+    // QEMU's op blockers (BLOCK_OP_TYPE_REPLACE): a job's node, a backing node.
+    crate::snapshot_cmd::check_not_busy(g, n.id)?;
+    let src_node = g.get(src);
+    if src_node.is_some_and(|s| s.driver.is_filter()) && chain(g, src).contains(&n.id) {
+        return Err(QmpError::generic(
+            "diskstream does not support 'replaces' other than the device",
+        ));
+    }
+    Err(QmpError::generic(format!(
+        "Cannot replace '{r}' by a node mirrored from '{}', because it cannot be guaranteed \
+         that doing so would not lead to an abrupt change of visible data",
+        src_node.map(|s| s.name.as_str()).unwrap_or_default()
+    )))
 }
 
 /// `drive-mirror`: like `blockdev-mirror` with a target file diskstream creates (unless
@@ -921,7 +943,11 @@ pub async fn drive_mirror(mon: &Arc<Monitor>, a: &Map<String, Value>) -> QmpResu
     } else {
         gran
     };
-    let buf = match buf_size(a, gran) {
+    let buf = match buf_size(a, gran).and_then(|b| {
+        // As QEMU's blockdev_mirror_common: after the target was created and opened.
+        check_replaces(&g, src, s(a, "replaces"))?;
+        Ok(b)
+    }) {
         Ok(b) => b,
         Err(e) => {
             g.remove_tree(tgt).await;

@@ -19,6 +19,7 @@ use crate::graph::{Driver, Graph, NodeId};
 use crate::monitor::Monitor;
 use diskstream_block::backend::Drained;
 use diskstream_block::format::qcow2::create::{create, CreateOptions};
+use diskstream_block::node::same_node;
 use serde_json::{json, Map, Value};
 use std::path::Path;
 use std::sync::Arc;
@@ -61,14 +62,72 @@ pub(crate) fn check_not_busy(g: &Graph, id: NodeId) -> QmpResult<()> {
     Ok(())
 }
 
-/// Drain every user attached to `id`, in a fixed order (only the graph holder drains, so
-/// the order cannot deadlock).
-pub(crate) async fn drain_users(g: &Graph, id: NodeId) -> Vec<Drained> {
+/// Users held drained by a graph change, each with its user id (its node may move).
+pub(crate) type DrainedUsers = Vec<(String, Drained)>;
+
+/// Drain every user that sees `id` as its device: those attached to `id` and to the
+/// copy-on-read filters stacked above it, in a fixed order (only the graph holder drains,
+/// so the order cannot deadlock).
+pub(crate) async fn drain_users(g: &Graph, id: NodeId) -> DrainedUsers {
+    let above = g.filters_above(id);
     let mut out = Vec::new();
-    for u in g.users().iter().filter(|u| u.node == id) {
-        out.push(u.backend.drain().await);
+    for u in g.users().iter().filter(|u| above.contains(&u.node)) {
+        out.push((u.id.clone(), u.backend.drain().await));
     }
     out
+}
+
+/// Point every drained user's backend at its node's current image.
+fn reroot(g: &Graph, drained: &mut DrainedUsers) {
+    for (uid, d) in drained.iter_mut() {
+        let b = g.user(uid).and_then(|u| g.effective_block(u.node));
+        if let Some(b) = b {
+            if !same_node(&d.root(), &b) {
+                d.set_root(b);
+            }
+        }
+    }
+}
+
+/// QEMU's `bdrv_replace_node(old, new)` with every affected user held drained (see
+/// [`drain_users`]): users of `old` and its parent nodes (copy-on-read filters' `file`
+/// child, overlays' backing child; see [`Graph::move_parents`]) move to `new`; with
+/// `reopen_old` the old image is then reopened read-only (it became `new`'s backing file);
+/// filters above are rebuilt over their child's current image and every drained backend
+/// gets its node's image before any of them resumes (the caller drops `drained`).
+pub(crate) async fn replace_node_drained(
+    g: &mut Graph,
+    old: NodeId,
+    new: NodeId,
+    drained: &mut DrainedUsers,
+    reopen_old: bool,
+) {
+    let old_block = g.effective_block(old);
+    let moved = g.move_parents(old, new);
+    g.move_users(old, new);
+    // The filters' copies in flight into the old image land before it changes.
+    g.quiesce_filters(&g.filters_above(new)).await;
+    reroot(g, drained);
+    let mut remap = Vec::new();
+    if reopen_old {
+        // Still drained: nothing reads through the old image while it is swapped for its
+        // read-only reopen (the overlay's backing pointer follows).
+        crate::stream_cmd::reopen_read_only(g, old).await;
+        if let (Some(a), Some(b)) = (old_block, g.effective_block(old)) {
+            remap.push((a, b));
+        }
+    }
+    let stale = g.refresh_filters(&remap);
+    reroot(g, drained);
+    if !moved.is_empty() {
+        tracing::info!(
+            "{} parent node(s) of '{}' now use '{}'",
+            moved.len(),
+            g.get(old).map(|n| n.name.as_str()).unwrap_or("?"),
+            g.get(new).map(|n| n.name.as_str()).unwrap_or("?")
+        );
+    }
+    drop(stale);
 }
 
 /// Flush a writable node (QEMU flushes the old image before the overlay is created).
@@ -92,7 +151,7 @@ async fn append(
     g: &mut Graph,
     old: NodeId,
     overlay: NodeId,
-    mut drained: Vec<Drained>,
+    mut drained: DrainedUsers,
 ) -> QmpResult<()> {
     let old_block = g
         .effective_block(old)
@@ -117,13 +176,7 @@ async fn append(
         n.backing_from_header = recorded.is_some() && recorded == shown;
         n.backing_file_str = shown;
     }
-    g.move_users(old, overlay);
-    for d in drained.iter_mut() {
-        d.set_root(Arc::clone(&new_block));
-    }
-    // Still drained: nothing reads through the old image while it is swapped for its
-    // read-only reopen (the overlay's backing pointer follows).
-    crate::stream_cmd::reopen_read_only(g, old).await;
+    replace_node_drained(g, old, overlay, &mut drained, true).await;
     drop(drained);
     Ok(())
 }

@@ -294,7 +294,9 @@ async fn check_and_switch(
             new_block.size()
         )));
     }
-    let writers = g.users().iter().any(|u| u.node == old && u.write);
+    // Writers through the copy-on-read filters above `old` move with it.
+    let above = g.filters_above(old);
+    let writers = g.users().iter().any(|u| above.contains(&u.node) && u.write);
     if writers {
         if g.get(new).is_some_and(|n| n.read_only) {
             return Err(QmpError::generic(format!(
@@ -314,15 +316,10 @@ async fn check_and_switch(
             .await
             .map_err(|_| QmpError::generic("An IO error has occurred"))?;
     }
-    g.move_users(old, new);
-    for d in drained.iter_mut() {
-        d.set_root(Arc::clone(&new_block));
-    }
-    if linked == Some(old) {
-        // Still drained: the old image becomes a read-only backing file (the new image
-        // takes the writes), its reopen swapped in under the new image's backing pointer.
-        crate::stream_cmd::reopen_read_only(g, old).await;
-    }
+    // Users and parent nodes (filters, overlays) move together, as QEMU's bdrv_replace_node;
+    // when the new image is backed by the old one, the old one becomes a read-only backing
+    // file (the new image takes the writes).
+    crate::snapshot_cmd::replace_node_drained(g, old, new, &mut drained, linked == Some(old)).await;
     drop(drained);
     // Keep every backend equal to its node's image (a reopen above may have changed one).
     g.sync_users().await;

@@ -689,6 +689,119 @@ def test_switch_under_io(exe, d):
 
 
 
+def test_mirror_pivot_under_io(exe, d):
+    """Pivot under continuous guest writes through the NBD export (one libnbd connection,
+    never dropped): a mirror in each copy mode and an active commit run while the guest
+    writes, and the guest keeps writing across block-job-complete and after it. The export
+    ends on the new node, whose image equals the original disk plus every acknowledged
+    write (before, during and after the pivot); every image passes qemu-img check."""
+    cases = [("mirror background", "tgt", {"copy-mode": "background"}),
+             ("mirror write-blocking", "tgt", {"copy-mode": "write-blocking"}),
+             ("active commit", "base", None)]
+    for n, (label, new, mode) in enumerate(cases):
+        mkchain(d)
+        ref = open(f"{d}/ref.raw", "rb").read()
+        run("qemu-img", "create", "-q", "-f", "qcow2", f"{d}/tgt.qcow2", "64M")
+        dm = Daemon(exe, d, ["--blockdev", TOP] + nbd_args(d))
+        try:
+            q = dm.qmp()
+            w = Writer(f"nbd+unix:///top?socket={d}/nbd.sock", d, 400 + n)
+            if mode is None:
+                new_node = node_by_file(q, "base.qcow2")
+                q.cmd("block-commit", {"job-id": "j", "device": "top", "base-node": new_node})
+            else:
+                q.cmd("blockdev-add", {"driver": "qcow2", "node-name": "tgt", "file": {
+                    "driver": "file", "filename": f"{d}/tgt.qcow2"}})
+                new_node = "tgt"
+                q.cmd("blockdev-mirror", dict({"job-id": "j", "device": "top", "target": "tgt",
+                                               "sync": "full"}, **mode))
+            q.wait_event("BLOCK_JOB_READY", device="j")
+            time.sleep(0.3)  # the guest keeps writing in READY
+            before = len(w.lines)
+            q.cmd("block-job-complete", {"device": "j"})
+            e = q.wait_event("BLOCK_JOB_COMPLETED", device="j")
+            assert "error" not in e["data"], (label, e)
+            t_pivot = time.time()
+            time.sleep(0.5)  # and after the pivot
+            after = w.acked_since(t_pivot)
+            acked, _, _ = w.finish()
+            exports = q.cmd("query-block-exports")
+            assert [x["node-name"] for x in exports] == [new_node], (label, exports)
+            q.cmd("quit")
+            assert dm.wait() == 0
+        finally:
+            if dm.p.poll() is None:
+                dm.kill9()
+        print(f"     {label}: {len(acked)} slots written, {before} writer lines before "
+              f"complete, {after} writes acknowledged after the pivot")
+        assert after > 0, f"{label}: the guest made no write after the pivot"
+        for img in ("base", "mid", "top") + (("tgt",) if mode else ()):
+            check_clean(f"{d}/{img}.qcow2")
+        got = image_bytes(f"{d}/{new}.qcow2")
+        assert got == apply_slots(ref, acked), \
+            f"{label}: {new}.qcow2 is not the disk plus every acknowledged write"
+
+
+def test_switch_under_cor(exe, d):
+    """x-blockdev-switch of a node under a copy-on-read filter exported writable: the filter's
+    file child moves to the new image with the export (QEMU's bdrv_replace_node moves every
+    parent), so guest writes after the switch land in the new image (not in the old one, now
+    read-only), reads still copy into the active layer, and a second switch to a named node
+    moves the filter again."""
+    run("qemu-img", "create", "-q", "-f", "qcow2", f"{d}/src.qcow2", "32M")
+    run("qemu-io", "-c", "write -P 0x11 0 8M", f"{d}/src.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "src.qcow2", "-F", "qcow2", f"{d}/dst.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", f"{d}/other.qcow2", "32M")
+    url = f"nbd+unix:///cor?socket={d}/nbd.sock"
+
+    def io(*cmds):
+        args = ["qemu-io", "-f", "raw"]
+        for c in cmds:
+            args += ["-c", c]
+        r = run(*(args + [url]), check=False)
+        out = r.stdout + r.stderr
+        assert r.returncode == 0 and "failed" not in out, f"{cmds}: {out}"
+
+    dm = Daemon(exe, d, ["--blockdev", "driver=qcow2,node-name=src,file.driver=file,file.filename=src.qcow2",
+                         "--nbd-server", f"addr.type=unix,addr.path={d}/nbd.sock"])
+    try:
+        q = dm.qmp()
+        q.cmd("blockdev-add", {"driver": "copy-on-read", "node-name": "cor", "file": "src"})
+        q.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "cor", "writable": True})
+        io("write -P 0x55 0 1M")
+        q.cmd("x-blockdev-switch", {"device": "src", "filename": f"{d}/dst.qcow2",
+                                    "format": "qcow2", "node-name": "dst"})
+        nodes = {n["node-name"]: n for n in q.cmd("query-named-block-nodes", {"flat": True})}
+        assert nodes["src"]["ro"] is True, nodes["src"]
+        assert "dst.qcow2" in nodes["cor"]["file"], nodes["cor"]
+        io("write -P 0x66 1M 1M", "read -P 0x55 0 1M", "read -P 0x11 4M 1M")
+        # To a named node: the filter (and the export through it) moves again.
+        q.cmd("blockdev-add", {"driver": "qcow2", "node-name": "other",
+                               "file": {"driver": "file", "filename": f"{d}/other.qcow2"}})
+        q.cmd("x-blockdev-switch", {"device": "dst", "target": "other"})
+        nodes = {n["node-name"]: n for n in q.cmd("query-named-block-nodes", {"flat": True})}
+        assert "other.qcow2" in nodes["cor"]["file"], nodes["cor"]
+        io("write -P 0x77 2M 1M", "read -P 0x77 2M 1M", "read -P 0 0 1M")
+        q.cmd("quit")
+        assert dm.wait() == 0
+    finally:
+        if dm.p.poll() is None:
+            dm.kill9()
+    for img in ("src", "dst", "other"):
+        check_clean(f"{d}/{img}.qcow2")
+    # src holds the write before the first switch only; dst the one after it and the copy
+    # its read made; other the write after the second switch.
+    run("qemu-io", "-f", "qcow2", "-r", "-c", "read -P 0x55 0 1M", "-c", "read -P 0x11 1M 1M",
+        f"{d}/src.qcow2")
+    m = json.loads(run("qemu-img", "map", "--output=json", f"{d}/dst.qcow2").stdout)
+    own = [(e["start"], e["length"]) for e in m if e["depth"] == 0 and e["data"]]
+    assert any(s <= MiB < s + n for s, n in own), f"the write after the switch is not in dst: {own}"
+    r = run("qemu-io", "-f", "qcow2", "-r", "-c", "read -P 0x66 1M 1M", f"{d}/dst.qcow2")
+    assert "failed" not in r.stdout, r.stdout
+    r = run("qemu-io", "-f", "qcow2", "-r", "-c", "read -P 0x77 2M 1M", f"{d}/other.qcow2")
+    assert "failed" not in r.stdout, r.stdout
+
+
 def test_copy_helper(exe, d):
     """`diskstream copy` (live block copy via streaming) while a guest writes and reads over
     NBD: with --base the destination ends up backed by the base only, without it
@@ -902,12 +1015,18 @@ def test_kill_during_snapshot(exe, d):
         check_slots(image_bytes(chain), ref, state, f"attempt {attempt} ({os.path.basename(chain)})")
 
 
+# Cancel under load must finish well within this (the goal is < 1 s; see the test).
+CANCEL_BOUND_MS = 5000
+
+
 def test_cancel_latency_under_load(exe, d):
     """Cancel a mirror while a guest writes over NBD (two libnbd writers): force cancel
     mid-copy, non-force cancel after READY in write-blocking mode (completes without pivot),
     job-cancel after READY in background mode. Prints each latency (command to final event;
-    the issue's goal is < 1 s). No timing is asserted (the project keeps timed assertions
-    out of tests); the event must arrive and the guest must keep its connection."""
+    the issue's goal is < 1 s, measured figures in docs/RELIABILITY.md) and asserts only a
+    generous bound, 5 s, far above what any run measured: it catches a cancel that waits for
+    the copy or the guest instead of stopping, not a slow machine. The event must arrive and
+    the guest must keep its connection."""
     mkchain(d)
     run("qemu-img", "create", "-q", "-f", "qcow2", f"{d}/tgt.qcow2", "64M")
     dm = Daemon(exe, d, ["--blockdev", TOP] + nbd_args(d))
@@ -935,6 +1054,7 @@ def test_cancel_latency_under_load(exe, d):
             ms = 1000 * (time.time() - t0)
             print(f"     {label}: {ms:.0f} ms")
             assert "error" not in e["data"], e
+            assert ms < CANCEL_BOUND_MS, f"{label}: cancel took {ms:.0f} ms (bound {CANCEL_BOUND_MS} ms)"
             while any(j["id"] == "m" for j in q.cmd("query-jobs")):
                 time.sleep(0.01)
         for w in ws:

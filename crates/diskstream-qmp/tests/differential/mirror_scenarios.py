@@ -130,6 +130,9 @@ async def sc_mirror(p):
     await p.cmd("blockdev-mirror", dict(m, **{"buf-size": -1}))
     await p.cmd("blockdev-mirror", dict(m, speed=-1))
     await p.cmd("blockdev-mirror", dict(m, **{"job-id": "bad id"}))
+    await p.cmd("blockdev-mirror", dict(m, replaces="nope"))
+    await p.cmd("blockdev-mirror", dict(m, replaces="mid"))
+    await p.cmd("blockdev-mirror", dict(m, replaces="small"))
     await p.cmd("query-jobs")
     await p.cmd("blockdev-mirror", dict(m, target="small", **{"job-id": "msmall"}))
     await p.wait_job_gone("msmall")
@@ -192,8 +195,17 @@ async def sc_mirror_export(p):
     await p.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "nbd.sock"}}})
     await p.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "top", "writable": True})
     await p.io("top", "write -P 0x55 0 2M")
+    # replaces: only the device itself (QEMU's check_to_replace_node), after the target
+    # was created and opened; a refused target is closed again.
+    dm = {"job-id": "dm", "device": "top", "target": "r.qcow2", "sync": "top"}
+    await p.cmd("drive-mirror", dict(dm, replaces="top"))
+    await p.cmd("drive-mirror", dict(dm, replaces="nope", **{"node-name": "r"}))
+    await p.cmd("drive-mirror", dict(dm, replaces="mid", **{"node-name": "r"}))
+    await p.cmd("drive-mirror", dict(dm, replaces="base", **{"node-name": "r"}))
+    await p.cmd("query-named-block-nodes", {"flat": True})
     await p.cmd("drive-mirror", {"job-id": "dm", "device": "top", "target": "dm.qcow2",
-                                 "sync": "top", "node-name": "dmnode", "granularity": 65536})
+                                 "sync": "top", "node-name": "dmnode", "granularity": 65536,
+                                 "replaces": "top"})
     await p.wait_event("BLOCK_JOB_READY", device="dm")
     await p.io("top", "write -P 0x66 4M 1M", "read -P 0x55 0 2M")
     await p.cmd("block-job-complete", {"device": "dm"})
@@ -308,13 +320,205 @@ async def sc_odd_sizes(p):
     await p.cmd("query-named-block-nodes", {"flat": True})
 
 
+def mk_snap_cor(d):
+    imgs = H.mkchain(d)
+    H.create(f"{d}/snap2.qcow2", 64 * MiB)
+    return imgs + ["s0.qcow2", "snap2.qcow2"]
+
+
+async def sc_snapshot_under_cor(p):
+    """External snapshots of a node under a copy-on-read filter that is exported writable:
+    the filter's file child moves to the overlay (QEMU's bdrv_replace_node moves every
+    parent), so guest writes after the snapshot land in the overlay, reads still copy into
+    the active layer, and the old image, now read-only, is untouched."""
+    await H.add_chain(p)
+    await p.cmd("blockdev-add", {"driver": "copy-on-read", "node-name": "cor", "file": "top"})
+    await p.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "nbd.sock"}}})
+    await p.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "cor",
+                                     "writable": True})
+    await p.io("cor", "write -P 0x55 0 1M")
+    await p.cmd("blockdev-snapshot-sync", {"node-name": "top", "snapshot-file": "s0.qcow2",
+                                           "snapshot-node-name": "s0"})
+    await p.cmd("query-named-block-nodes", {"flat": True})
+    await p.io("cor", "read -P 0x55 0 1M", "write -P 0x66 1M 1M", "read -P 0x44 48M 1M",
+               "read -P 0x33 8M 1M")
+    await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": "snap2", "backing": None,
+                                 "file": {"driver": "file", "filename": "snap2.qcow2"}})
+    await p.cmd("blockdev-snapshot", {"node": "s0", "overlay": "snap2"})
+    await p.cmd("query-named-block-nodes", {"flat": True})
+    await p.io("cor", "read -P 0x66 1M 1M", "write -P 0x77 2M 1M", "read -P 0x22 32M 1M")
+    await p.cmd("query-block-exports")
+    await p.cmd("block-export-del", {"id": "e"})
+    await p.wait_event("BLOCK_EXPORT_DELETED")
+    await p.cmd("blockdev-del", {"node-name": "cor"})
+    await p.cmd("query-named-block-nodes", {"flat": True})
+
+
+async def note_filter(p, name):
+    """The fields of job filter `name` that name it in query-named-block-nodes."""
+    for flat in (True, False):
+        nodes = await p.cmd("query-named-block-nodes", {"flat": flat}, record=False)
+        got = [{"drv": n["drv"], "file": n["file"], "ro": n["ro"],
+                "image-filename": n["image"]["filename"],
+                "backing_file_depth": n["backing_file_depth"]}
+               for n in nodes.get("return", []) if n["node-name"] == name]
+        p.note(f"filter {name} flat={flat}", got)
+
+
+def mk_filter_name(d):
+    # The force-cancelled jobs copy a timing-dependent amount: no offline image comparison.
+    mk_mirror(d)
+    return []
+
+
+async def sc_mirror_filter_name(p):
+    """filter-node-name of blockdev-mirror and of an active block-commit: the named job filter
+    is listed with the source's file name (QEMU's mirror_top/commit_top take their file name
+    from the filtered node and carry no options of their own)."""
+    await H.add_chain(p)
+    await add_target(p)
+    await p.cmd("blockdev-mirror", {"job-id": "m", "device": "top", "target": "tgt",
+                                    "sync": "full", "speed": MiB, "filter-node-name": "mf"})
+    await note_filter(p, "mf")
+    await p.cmd("block-job-cancel", {"device": "m", "force": True})
+    await p.wait_job_gone("m")
+    await p.cmd("block-commit", {"job-id": "c", "device": "top", "speed": MiB,
+                                 "filter-node-name": "cf"})
+    await note_filter(p, "cf")
+    await p.cmd("block-job-cancel", {"device": "c", "force": True})
+    await p.wait_job_gone("c")
+    await note_filter(p, "cf")
+
+
+# --- 041 checklist items: small buffers, granularity, unbacked sources, existing targets,
+# images larger than their backing; blkdebug errors for mirror and commit ---
+
+
+def mk_041(d):
+    H.create(f"{d}/src.qcow2", 4 * MiB)
+    H.qemu_io(f"{d}/src.qcow2", "qcow2", "write -P 0x5a 0 1M", "write -P 0x6b 2M 512k",
+              "write -z 3M 64k")
+    for t in ("t1", "t2", "t3", "t4", "t5", "t6"):
+        H.create(f"{d}/{t}.qcow2", 4 * MiB)
+    # A pre-filled existing target: mirroring must overwrite all of it.
+    H.qemu_io(f"{d}/t6.qcow2", "qcow2", "write -P 0xee 0 4M")
+    # An overlay larger than its backing file (041 TestLargerOverlay-style).
+    H.create(f"{d}/small.qcow2", 2 * MiB)
+    H.qemu_io(f"{d}/small.qcow2", "qcow2", "write -P 0x21 0 2M")
+    H.create(f"{d}/big.qcow2", 4 * MiB, backing="small.qcow2")
+    H.qemu_io(f"{d}/big.qcow2", "qcow2", "write -P 0x43 3M 512k")
+    H.create(f"{d}/bigt.qcow2", 4 * MiB)
+    return ["src.qcow2", "t1.qcow2", "t2.qcow2", "t3.qcow2", "t4.qcow2", "t5.qcow2",
+            "t6.qcow2", "small.qcow2", "big.qcow2", "bigt.qcow2"]
+
+
+async def mirror_to_end(p, job, args):
+    await p.cmd("blockdev-mirror", dict({"job-id": job}, **args))
+    await p.wait_event("BLOCK_JOB_READY", device=job)
+    await p.cmd("query-block-jobs")
+    await p.cmd("block-job-cancel", {"device": job})
+    await p.wait_job_gone(job)
+
+
+async def sc_mirror_041(p):
+    """041: buf-size 4096 (TestSingleDrive test_small_buffer2), granularity 8192
+    (test_large_cluster... with a small granularity), an unbacked source with sync
+    full/top/none (TestSingleDrive with no backing file), an existing target pre-filled with
+    other data, and an overlay larger than its backing file. Each ends READY then a soft
+    cancel (the target is a point-in-time copy, compared offline with QSD's)."""
+    await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": "src",
+                                 "file": {"driver": "file", "filename": "src.qcow2"}})
+    for t in ("t1", "t2", "t3", "t4", "t5", "t6", "bigt"):
+        await add_target(p, t, f"{t}.qcow2")
+    await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": "big",
+                                 "file": {"driver": "file", "filename": "big.qcow2"}})
+    m = {"device": "src", "sync": "full"}
+    await mirror_to_end(p, "buf", dict(m, target="t1", **{"buf-size": 4096}))
+    await mirror_to_end(p, "gran", dict(m, target="t2", granularity=8192))
+    await mirror_to_end(p, "full", dict(m, target="t3"))
+    await mirror_to_end(p, "top", dict(m, target="t4", sync="top"))
+    await mirror_to_end(p, "none", dict(m, target="t5", sync="none"))
+    await mirror_to_end(p, "prefilled", dict(m, target="t6"))
+    await mirror_to_end(p, "larger", {"device": "big", "target": "bigt", "sync": "full"})
+    await p.cmd("query-named-block-nodes", {"flat": True})
+
+
+def mk_job_eio(d):
+    H.create(f"{d}/src.qcow2", 2 * MiB)
+    H.qemu_io(f"{d}/src.qcow2", "qcow2", "write -P 0x11 0 2M")
+    H.create(f"{d}/tgt.qcow2", 2 * MiB)
+    H.create(f"{d}/ctop.qcow2", None, "src.qcow2")
+    H.qemu_io(f"{d}/ctop.qcow2", "qcow2", "write -P 0x22 0 2M")
+    return ["src.qcow2", "tgt.qcow2", "ctop.qcow2"]
+
+
+def mirror_eio_scenario(side, on_error, resume=False):
+    """The harness's blkdebug eio scenarios for mirror: with on-source-error a read of the
+    source fails once, with on-target-error a write to the target does."""
+    async def body(p):
+        event = "read_aio" if side == "source" else "write_aio"
+        rule = {"event": event, "once": True, "errno": 5, "sector": 2048}
+        dbg, plain = ("src", "tgt") if side == "source" else ("tgt", "src")
+        await p.cmd("blockdev-add", {"driver": "file", "node-name": "dbg-file",
+                                     "filename": f"{dbg}.qcow2"})
+        await p.cmd("blockdev-add", {"driver": "blkdebug", "node-name": "dbg",
+                                     "image": "dbg-file", "inject-error": [rule]})
+        await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": dbg, "file": "dbg",
+                                     "backing": None})
+        await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": plain, "backing": None,
+                                     "file": {"driver": "file", "filename": f"{plain}.qcow2"}})
+        await p.cmd("blockdev-mirror", {"job-id": "j", "device": "src", "target": "tgt",
+                                        "sync": "full", f"on-{side}-error": on_error})
+        await finish_eio_job(p, on_error, resume)
+    return body
+
+
+async def finish_eio_job(p, on_error, resume):
+    if resume:
+        await p.wait_event("JOB_STATUS_CHANGE", id="j", status="paused")
+        await p.cmd("query-block-jobs", masked=("offset",))
+        await p.cmd("block-job-resume", {"device": "j"})
+    if on_error != "report":
+        await p.wait_event("BLOCK_JOB_READY", device="j")
+        await p.cmd("block-job-complete", {"device": "j"})
+    await p.wait_job_gone("j")
+    await p.cmd("query-block-jobs")
+
+
+def commit_eio_scenario(on_error, resume=False):
+    """An active commit of ctop into its backing src whose writes fail once (blkdebug
+    write_aio on the base), with block-commit's on-error."""
+    async def body(p):
+        rule = {"event": "write_aio", "once": True, "errno": 5, "sector": 2048}
+        await p.cmd("blockdev-add", {"driver": "file", "node-name": "dbg-file",
+                                     "filename": "src.qcow2"})
+        await p.cmd("blockdev-add", {"driver": "blkdebug", "node-name": "dbg",
+                                     "image": "dbg-file", "inject-error": [rule]})
+        await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": "src", "file": "dbg",
+                                     "backing": None})
+        await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": "ctop", "backing": "src",
+                                     "file": {"driver": "file", "filename": "ctop.qcow2"}})
+        await p.cmd("block-commit", {"job-id": "j", "device": "ctop", "on-error": on_error})
+        await finish_eio_job(p, on_error, resume)
+    return body
+
 SCENARIOS = {
     "snapshot": (mk_snap, sc_snapshot),
+    "snapshot_under_cor": (mk_snap_cor, sc_snapshot_under_cor),
     "commit": (H.mkchain, sc_commit),
     "mirror": (mk_mirror, sc_mirror),
     "mirror_cancel": (mk_mirror, sc_mirror_cancel),
     "mirror_export": (mk_mirror_export, sc_mirror_export),
     "mirror_existing": (mk_mirror_existing, sc_mirror_existing),
     "odd_sizes": (mk_odd_sizes, sc_odd_sizes),
+    "mirror_filter_name": (mk_filter_name, sc_mirror_filter_name),
+    "mirror_041": (mk_041, sc_mirror_041),
+    "mirror_eio_source_report": (mk_job_eio, mirror_eio_scenario("source", "report")),
+    "mirror_eio_source_stop": (mk_job_eio, mirror_eio_scenario("source", "stop", resume=True)),
+    "mirror_eio_source_ignore": (mk_job_eio, mirror_eio_scenario("source", "ignore")),
+    "mirror_eio_target_report": (mk_job_eio, mirror_eio_scenario("target", "report")),
+    "mirror_eio_target_stop": (mk_job_eio, mirror_eio_scenario("target", "stop", resume=True)),
+    "commit_eio_report": (mk_job_eio, commit_eio_scenario("report")),
+    "commit_eio_stop": (mk_job_eio, commit_eio_scenario("stop", resume=True)),
 }
-NO_MAP_COMPARE = {"mirror", "mirror_cancel", "mirror_export", "mirror_existing"}
+NO_MAP_COMPARE = {"mirror", "mirror_cancel", "mirror_filter_name", "mirror_export", "mirror_existing"}

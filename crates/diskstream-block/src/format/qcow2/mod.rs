@@ -713,6 +713,7 @@ impl Qcow2 {
                     self.file
                         .write_zeroes(host_now + s0 * unit, stop - start, false)
                         .await?;
+                    self.file.debug_event(DebugEvent::WriteAio);
                     self.file
                         .write_vec(
                             host_now + (off - gc * cs),
@@ -727,6 +728,7 @@ impl Qcow2 {
                     self.read_current(end, &mut buf[tail..]).await?;
                     buf[(off - start) as usize..tail]
                         .copy_from_slice(&data[..(end - off) as usize]);
+                    self.file.debug_event(DebugEvent::WriteAio);
                     self.file.write_vec(host_now + s0 * unit, buf).await?;
                 }
                 let mut m = self.meta.lock().await;
@@ -797,6 +799,7 @@ impl Qcow2 {
         let res = async {
             if wstart == off && wstop == end {
                 // Nothing to copy on write around the data: it goes out as it is.
+                self.file.debug_event(DebugEvent::WriteAio);
                 return src
                     .write_to(
                         &*self.file,
@@ -814,6 +817,7 @@ impl Qcow2 {
                 self.file
                     .write_zeroes(host + (wstart - start), wstop - wstart, false)
                     .await?;
+                self.file.debug_event(DebugEvent::WriteAio);
                 return self
                     .file
                     .write_vec(
@@ -831,6 +835,9 @@ impl Qcow2 {
             }
             buf[(off - wstart) as usize..tail]
                 .copy_from_slice(&src.bytes()[pos..pos + (end - off) as usize]);
+            // QEMU's qcow2 announces the event before every guest-data write, allocating
+            // (with copy-on-write) or not.
+            self.file.debug_event(DebugEvent::WriteAio);
             self.file.write_vec(host + (wstart - start), buf).await
         }
         .await;
