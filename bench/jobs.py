@@ -17,6 +17,11 @@ which passes its Harness `h`; see run.py's docstring for the A B alternation and
   `nbdkit curl` as an `nbd://` backing. Measured: `img rebase -b ""` (the offline stream: all
   backing data copied into the overlay) and `img convert -O qcow2` of the overlay against
   qemu-img, and a plain `curl -o` download of the raw file as the line rate.
+* http-stream: the daemon's `block-stream` of an empty qcow2 overlay whose backing file is a
+  1 GiB qcow2 (random data) on `http://`, served by the test range server (sendfile, a thread
+  per connection) with +N ms before every response (--delay-ms); against qemu-storage-daemon
+  streaming the same overlay over an `nbd://` backing from `nbdkit curl` on the same URL, and
+  `curl -o` of the same object through the same delay (the issue's target: within 1.2x of it).
 """
 import json
 import os
@@ -294,12 +299,12 @@ def sc_commit(h):
 
 
 # ---- http --------------------------------------------------------------------------------------
-def http_server(h, root):
+def http_server(h, root, *extra):
     """The Range-capable static server of the HTTP protocol tests; stops when its stdin closes
     (or when the harness stops its process group)."""
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                           "crates", "diskstream-http", "tests", "servers.py")
-    proc = subprocess.Popen([sys.executable, script, "range", root], stdin=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, script, "range", root, *extra], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
     proc.log = None
     h.procs.append(proc)
@@ -380,6 +385,84 @@ def sc_http(h):
                      rss[("convert", "diskstream")], rss[("convert", "qemu-img")])
         h.add_result("http", f"img rebase -b '' vs plain download (curl -o) of the {gib_label(size)} raw",
                      "s", rb_ds, dl, "curl -o", rss[("rebase", "diskstream")], rss["curl"])
+    finally:
+        for p in (kit, srv):
+            h.stop(p)
+        h.keep_procs.clear()
+
+
+def sc_http_stream(h):
+    size = 32 * MiB if h.quick else h.args.http_stream_size * MiB
+    delay = h.args.delay_ms
+    root = h.p("http-stream")
+    os.makedirs(root, exist_ok=True)
+    base = os.path.join(root, "base.qcow2")
+    if not os.path.exists(base) or json.loads(h.sh("qemu-img", "info", "--output=json", base))[
+            "virtual-size"] != size:
+        raw = base + ".raw"
+        make_random_raw(h, raw, size, seed=23)
+        h.sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, base, timeout=1800)
+        os.unlink(raw)
+    srv, port = http_server(h, root, "--delay-ms", str(delay))
+    h.keep_procs.append(srv)
+    url = f"http://127.0.0.1:{port}/base.qcow2"
+    kport = free_port()
+    kit = h.spawn(["nbdkit", "-f", "--exit-with-parent", "-r", "-i", "127.0.0.1", "-p", str(kport),
+                   "curl", f"url={url}"], log="nbdkit-curl-stream.log")
+    h.keep_procs.append(kit)
+    try:
+        h.wait_port(kport, kit)
+        ov = {"diskstream": h.p("http-stream-ds.orig.qcow2"), QSD: h.p("http-stream-q.orig.qcow2")}
+        # -u: qemu-img cannot open http:// here (no curl block driver).
+        h.sh("qemu-img", "create", "-q", "-u", "-f", "qcow2", "-b", url, "-F", "qcow2",
+             ov["diskstream"], str(size))
+        h.sh("qemu-img", "create", "-q", "-u", "-f", "qcow2", "-b", f"nbd://127.0.0.1:{kport}",
+             "-F", "qcow2", ov[QSD], str(size))
+        rss = {}
+
+        def stream(side):
+            def f(i):
+                work = h.p(f"http-stream-{side}.qcow2")
+                h.sh("cp", ov[side], work)
+                d = Daemon(h, side, f"http-stream-{side}", [node("top", work)])
+                try:
+                    os.sync()
+                    t0 = time.perf_counter()
+                    d.cmd("block-stream", **{"job-id": "s", "device": "top"})
+                    ev = d.wait_event({"BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"}, 1800)
+                    dt = time.perf_counter() - t0
+                    if ev["event"] != "BLOCK_JOB_COMPLETED" or "error" in ev["data"]:
+                        raise BenchError(f"{side} block-stream failed: {ev}")
+                    rss[side] = max(rss.get(side, 0), d.rss() or 0)
+                finally:
+                    d.close()
+                info = json.loads(h.sh("qemu-img", "info", "--output=json", work))
+                if "backing-filename" in info:
+                    raise BenchError(f"{side}: the stream left a backing file")
+                h.sh("qemu-img", "check", "-q", work)
+                compare(h, work, base)
+                os.unlink(work)
+                return dt
+            return f
+
+        def download(i):
+            out = h.p("http-stream-curl.qcow2")
+            dt, r = h.timed(["curl", "-sS", "--fail", "-o", out, url], timeout=1800)
+            rss["curl"] = max(rss.get("curl", 0), r)
+            h.sh("cmp", out, base)
+            os.unlink(out)
+            return dt
+        ds, q, dl = h.alternate_n([stream("diskstream"), stream(QSD), download])
+        lab = (f"daemon block-stream of an empty qcow2 overlay over a {gib_label(size)} qcow2 on "
+               f"http:// (+{delay} ms per response)")
+        h.add_result("http-stream", lab, "s", ds, q, f"{QSD} (nbd:// via nbdkit curl)",
+                     rss["diskstream"], rss[QSD],
+                     extra={"mib_per_s_ours": size / MiB / statistics.median(ds),
+                            "mib_per_s_theirs": size / MiB / statistics.median(q)})
+        h.add_result("http-stream", f"{lab} vs plain download (curl -o, same delay)", "s", ds, dl,
+                     "curl -o", rss["diskstream"], rss["curl"],
+                     extra={"mib_per_s_ours": size / MiB / statistics.median(ds),
+                            "mib_per_s_theirs": size / MiB / statistics.median(dl)})
     finally:
         for p in (kit, srv):
             h.stop(p)

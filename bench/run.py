@@ -12,7 +12,7 @@ scenario), docs/BENCHMARKS.md and the plots under docs/bench/.
                                               # work dir; checks the harness, not the timings
 
 Scenarios (--only names): convert, map, nbd, stream, stream-nbd, latency, cor, mirror,
-mirror-latency, commit, http (the last four are in bench/jobs.py).
+mirror-latency, commit, http, http-stream (the last five are in bench/jobs.py).
 
 Hook for bench/cor.py (copy-on-read; written separately): if the file exists it is imported
 and `cor.run(h)` is called with the Harness `h` (see the class: `h.quick`, `h.rounds`,
@@ -38,7 +38,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
 SCENARIOS = ["convert", "map", "nbd", "stream", "stream-nbd", "latency", "cor", "mirror", "mirror-latency",
-             "commit", "http"]
+             "commit", "http", "http-stream"]
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -776,7 +776,8 @@ def job_runner(name):
 RUNNERS = {"convert": sc_convert, "map": sc_map, "nbd": sc_nbd, "stream": sc_stream,
            "stream-nbd": sc_stream_nbd, "latency": sc_latency, "cor": sc_cor,
            "mirror": job_runner("sc_mirror"), "mirror-latency": job_runner("sc_mirror_latency"),
-           "commit": job_runner("sc_commit"), "http": job_runner("sc_http")}
+           "commit": job_runner("sc_commit"), "http": job_runner("sc_http"),
+           "http-stream": job_runner("sc_http_stream")}
 
 
 # ---- report --------------------------------------------------------------------------------
@@ -970,8 +971,14 @@ def report(h, data, out_md, plot_dir, rel_plot_dir):
           "  (`crates/diskstream-http/tests/servers.py`). diskstream reads the `http://` backing itself;",
           "  QEMU here has no curl block driver, so qemu-img reads the same URL through `nbdkit curl` as",
           "  an `nbd://` backing. `img rebase -b ''` (the offline stream) and `img convert -O qcow2`,",
-          "  results compared with the raw file; `curl -o` of the raw file is the line rate. The",
-          "  daemon is not measured: `diskstream daemon` opens no `http://` backing (see the analysis).",
+          "  results compared with the raw file; `curl -o` of the raw file is the line rate (the",
+          "  server adds no delay here; the daemon's own HTTP streaming is **http-stream**).",
+          "- **http-stream**: `block-stream` in the daemon of an empty qcow2 overlay whose header names",
+          "  a 1 GiB qcow2 (random data) on `http://`, served by the same test server using sendfile",
+          "  with +5 ms (--delay-ms) before every response; qemu-storage-daemon streams the same",
+          "  overlay over an `nbd://` backing from `nbdkit curl` on that URL; `curl -o` of the object",
+          "  through the same delay is the download it is held to (target: within 1.2x). Each round's",
+          "  overlay must then have no backing file, pass `qemu-img check` and equal the base.",
           ""]
     # Hand-written reading of the numbers (diagnoses of slow cases), kept next to the harness.
     analysis = os.path.join(BENCH, "analysis.md")
@@ -1019,6 +1026,8 @@ def main():
     ap.add_argument("--mirror-lat-iops", type=int, default=200, help="guest writes per second during the mirror")
     ap.add_argument("--commit-size", type=int, default=1024, help="MiB, active commit overlay")
     ap.add_argument("--http-size", type=int, default=512, help="MiB, raw image served over HTTP")
+    ap.add_argument("--http-stream-size", type=int, default=1024,
+                    help="MiB, qcow2 base streamed over HTTP (+--delay-ms per response)")
     ap.add_argument("--daemon-arg", action="append", default=[],
                     help="extra argument for diskstream daemon (experiments, e.g. --daemon-arg=--stream-parallel=2)")
     ap.add_argument("--out", help="report (default docs/BENCHMARKS.md; quick: in the work dir)")

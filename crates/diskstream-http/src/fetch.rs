@@ -10,6 +10,7 @@
 
 use crate::config::HttpConfig;
 use crate::error::HttpError;
+use bytes::{Bytes, BytesMut};
 use diskstream_block::image::percent_decode;
 use reqwest::header::{
     HeaderMap, CONTENT_LENGTH, CONTENT_RANGE, ETAG, IF_MATCH, LAST_MODIFIED, RANGE,
@@ -393,7 +394,7 @@ impl Fetcher {
     }
 
     /// One attempt at `[offset, offset+len)`; returns a prefix (servers may shorten ranges).
-    async fn fetch_once(&self, offset: u64, len: u64) -> Result<Vec<u8>, HttpError> {
+    async fn fetch_once(&self, offset: u64, len: u64) -> Result<Bytes, HttpError> {
         let last = offset + len - 1;
         let resp = self.get(&format!("bytes={offset}-{last}"), true).await?;
         let status = resp.status();
@@ -442,7 +443,7 @@ impl Fetcher {
                 end - start
             )));
         }
-        Ok(body.to_vec())
+        Ok(body)
     }
 
     /// Run `op` until it succeeds, fails for good, or transient failures used up the retries.
@@ -476,9 +477,18 @@ impl Fetcher {
         }
     }
 
-    /// The bytes `[offset, offset+len)` (inside the object), with retries.
-    pub async fn fetch(&self, offset: u64, len: u64) -> Result<Vec<u8>, HttpError> {
-        let mut out = Vec::with_capacity(len as usize);
+    /// The bytes `[offset, offset+len)` (inside the object), with retries. A whole response
+    /// is handed back as received (no copy); only a body that needed several requests is
+    /// joined.
+    pub async fn fetch(&self, offset: u64, len: u64) -> Result<Bytes, HttpError> {
+        let first = self
+            .retrying(offset, len, |f| f.fetch_once(offset, len))
+            .await?;
+        if first.len() as u64 >= len {
+            return Ok(first);
+        }
+        let mut out = BytesMut::with_capacity(len as usize);
+        out.extend_from_slice(&first);
         while (out.len() as u64) < len {
             let pos = offset + out.len() as u64;
             let rest = len - out.len() as u64;
@@ -487,7 +497,7 @@ impl Fetcher {
                 .await?;
             out.extend_from_slice(&part);
         }
-        Ok(out)
+        Ok(out.freeze())
     }
 }
 

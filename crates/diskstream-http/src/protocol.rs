@@ -20,37 +20,38 @@ use crate::config::HttpConfig;
 use crate::error::HttpError;
 use crate::fetch::Fetcher;
 use async_trait::async_trait;
+use bytes::Bytes;
 use diskstream_block::protocol::Protocol;
 use diskstream_block::{BlockError, Result};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::watch;
 
-type BlockResult = Option<std::result::Result<Arc<Vec<u8>>, HttpError>>;
+type BlockResult = Option<std::result::Result<Bytes, HttpError>>;
 
 /// A small LRU of blocks.
 #[derive(Default)]
 struct Lru {
-    blocks: HashMap<u64, (Arc<Vec<u8>>, u64)>,
+    blocks: HashMap<u64, (Bytes, u64)>,
     order: BTreeMap<u64, u64>,
     tick: u64,
 }
 
 impl Lru {
-    fn get(&mut self, b: u64) -> Option<Arc<Vec<u8>>> {
+    fn get(&mut self, b: u64) -> Option<Bytes> {
         let (data, t) = self.blocks.get_mut(&b)?;
         self.order.remove(t);
         self.tick += 1;
         *t = self.tick;
         self.order.insert(self.tick, b);
-        Some(Arc::clone(data))
+        Some(data.clone())
     }
 
     fn contains(&self, b: u64) -> bool {
         self.blocks.contains_key(&b)
     }
 
-    fn insert(&mut self, b: u64, data: Arc<Vec<u8>>, cap: usize) {
+    fn insert(&mut self, b: u64, data: Bytes, cap: usize) {
         self.tick += 1;
         if let Some((_, t)) = self.blocks.insert(b, (data, self.tick)) {
             self.order.remove(&t);
@@ -145,8 +146,13 @@ impl Inner {
             let (a, e) = self.block_range(b);
             let r = match &res {
                 Ok(data) => {
-                    let d = Arc::new(data[(a - start) as usize..(e - start) as usize].to_vec());
-                    st.cache.insert(b, Arc::clone(&d), self.cfg.cache_blocks());
+                    // A slice of the response: the blocks share its buffer (no copy). A
+                    // response's buffer is freed when its last cached block is evicted, so
+                    // the cache holds at most `cache_bytes` worth of blocks but, in the worst
+                    // case (one block of each merged response kept), up to
+                    // `max_request / block_size` times that in memory.
+                    let d = data.slice((a - start) as usize..(e - start) as usize);
+                    st.cache.insert(b, d.clone(), self.cfg.cache_blocks());
                     Ok(d)
                 }
                 Err(err) => Err(err.clone()),
@@ -188,7 +194,7 @@ impl Inner {
         let bs = self.cfg.block_size;
         let (b0, b1) = (offset / bs, (end - 1) / bs);
         let last_block = (self.size - 1) / bs;
-        let mut have: Vec<(u64, Arc<Vec<u8>>)> = Vec::new();
+        let mut have: Vec<(u64, Bytes)> = Vec::new();
         let mut waits: Vec<(u64, watch::Receiver<BlockResult>)> = Vec::new();
         {
             let mut st = self.lock();
@@ -335,11 +341,11 @@ mod tests {
     fn lru_evicts_least_recent() {
         let mut l = Lru::default();
         for b in 0..3 {
-            l.insert(b, Arc::new(vec![b as u8]), 2);
+            l.insert(b, Bytes::from(vec![b as u8]), 2);
         }
         assert!(!l.contains(0));
         assert!(l.get(1).is_some());
-        l.insert(3, Arc::new(vec![3]), 2);
+        l.insert(3, Bytes::from(vec![3]), 2);
         assert!(l.contains(1) && l.contains(3) && !l.contains(2));
     }
 }

@@ -1,16 +1,21 @@
 //! The S3 protocol against moto's S3 server (`tests/servers.py s3`): signed ranged reads of
 //! an object, a qcow2 overlay whose backing file is `s3://bucket/key` (reads and maps equal
 //! QEMU's view over a local copy), a missing key, and an object replaced underneath (a new
-//! ETag) refused. moto also serves objects over plain path-style HTTP, read here too.
+//! ETag) refused. moto also serves objects over plain path-style HTTP, read here too. Then a
+//! stream job and a copy-on-read filter over `s3://images/base.qcow2` make overlays that hold
+//! every byte themselves (`qemu-img check` and `compare` against the source).
 
 mod common;
 
 use common::*;
+use diskstream_block::filter::cor::{CopyOnRead, CorConfig};
 use diskstream_block::format::Format;
-use diskstream_block::image::{open_image, OpenOptions};
+use diskstream_block::image::{chain_layers, open_image, OpenOptions};
+use diskstream_block::node::BlockNode;
 use diskstream_block::protocol::Protocol;
 use diskstream_block::status::map_range;
 use diskstream_http::{HttpConfig, HttpProtocol};
+use std::sync::Arc;
 use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
@@ -139,4 +144,135 @@ async fn s3_objects_and_backing_files() {
     s3_put(d, srv.port, "other.raw", "images", "base.raw");
     let e = q.read_vec(2 * MIB, 10).await.expect_err("changed");
     assert!(e.to_string().contains("changed since it was opened"), "{e}");
+
+    // The base as the overlays see it: the object's bytes, then zeroes up to 6 MiB.
+    let mut view = data.clone();
+    view.resize(6 * MIB as usize, 0);
+    std::fs::write(d.join("view.raw"), &view).expect("write");
+    stream_over_s3(d, &view).await;
+    copy_on_read_over_s3(d, &view).await;
+}
+
+/// A fresh 6 MiB overlay of `s3://images/base.qcow2` named `name`, opened read-write.
+async fn s3_overlay(d: &std::path::Path, name: &str) -> Arc<dyn BlockNode> {
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "s3://images/base.qcow2",
+            "-F",
+            "qcow2",
+            name,
+            "6M",
+        ],
+        d,
+    );
+    let opts = OpenOptions {
+        read_only: false,
+        format: Some(Format::Qcow2),
+        ..Default::default()
+    };
+    open_image(&d.join(name), &opts)
+        .await
+        .expect("open overlay")
+}
+
+async fn read_all(n: &Arc<dyn BlockNode>) -> Vec<u8> {
+    let mut v = vec![0u8; n.size() as usize];
+    n.read(0, &mut v).await.expect("read");
+    v
+}
+
+/// block-stream of an overlay over S3: afterwards it has no backing file, reads the source
+/// and passes qemu-img check and compare.
+async fn stream_over_s3(d: &std::path::Path, view: &[u8]) {
+    let top = s3_overlay(d, "streamed.qcow2").await;
+    let layers = chain_layers(&top);
+    assert_eq!(layers.len(), 2);
+    let driver = Arc::new(diskstream_jobs::StreamJob::new(
+        Arc::clone(&top),
+        Arc::clone(&layers[1]),
+        None,
+        diskstream_jobs::StreamConfig::default(),
+        Arc::new(diskstream_jobs::stream::NoHooks),
+    ));
+    struct Quiet;
+    impl diskstream_jobs::job::EventSink for Quiet {
+        fn emit(&self, _ev: diskstream_jobs::job::JobEvent) {}
+    }
+    let mgr = diskstream_jobs::JobManager::new(Arc::new(Quiet));
+    let job = mgr
+        .create(
+            "s",
+            diskstream_jobs::JobType::Stream,
+            driver,
+            &Default::default(),
+        )
+        .expect("job");
+    mgr.start(&job);
+    tokio::time::timeout(Duration::from_secs(60), job.wait_concluded())
+        .await
+        .expect("stream finishes");
+    assert!(top.backing().is_none(), "backing link dropped");
+    assert!(read_all(&top).await == view, "contents after the stream");
+    top.close().await.expect("close");
+    drop((top, layers));
+    run("qemu-img", &["check", "streamed.qcow2"], d);
+    run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "streamed.qcow2",
+            "view.raw",
+        ],
+        d,
+    );
+}
+
+/// One full read through a copy-on-read filter over an S3-backed overlay copies every byte
+/// into it: the overlay alone (backing link cut in a copy) equals the source for qemu-img.
+async fn copy_on_read_over_s3(d: &std::path::Path, view: &[u8]) {
+    let top = s3_overlay(d, "cor.qcow2").await;
+    let cor = CopyOnRead::new(Arc::clone(&top), None, CorConfig::default()).expect("filter");
+    let node: Arc<dyn BlockNode> = cor.clone();
+    assert!(read_all(&node).await == view, "read through the filter");
+    cor.close().await.expect("close filter");
+    let st = cor.stats();
+    assert!(st.misses > 0 && st.bytes_copied > 0, "{st:?}");
+    let map = map_range(&top, 0, top.size()).await.expect("map");
+    for e in serde_json::to_value(&map)
+        .expect("json")
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    {
+        assert_eq!(e["depth"], 0, "{e}");
+    }
+    top.close().await.expect("close");
+    drop((node, cor, top));
+    std::fs::copy(d.join("cor.qcow2"), d.join("cor-flat.qcow2")).expect("copy");
+    run("qemu-img", &["rebase", "-u", "-b", "", "cor-flat.qcow2"], d);
+    run("qemu-img", &["check", "cor-flat.qcow2"], d);
+    run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "cor-flat.qcow2",
+            "view.raw",
+        ],
+        d,
+    );
 }

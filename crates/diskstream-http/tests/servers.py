@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
 """Local servers for the HTTP/S3 protocol tests (loopback only; they stop when stdin closes).
 
-  servers.py range DIR [--fail-every N] [--truncate-every N] [--tls CERT KEY]
+  servers.py range DIR [--fail-every N] [--truncate-every N] [--tls CERT KEY] [--port N]
+                       [--delay-ms N]
       A static file server with HTTP Range support (206 with Content-Range, 416, HEAD, ETag
       from size+mtime, Last-Modified). /forbidden/* answers 403. With --fail-every N every
       Nth GET answers 503; with --truncate-every N every Nth ranged GET sends half its body
       and drops the connection (a reset mid-transfer). With --tls it serves HTTPS with the
-      PEM certificate CERT and key KEY.
+      PEM certificate CERT and key KEY. --port N listens on port N (default: any free port),
+      so a test can stop the server and start it again at the same URL. --delay-ms N waits N ms
+      before answering each request (a distant server; used by bench/jobs.py). Bodies are sent
+      with sendfile, one thread per connection, so loopback reads reach several GB/s.
   servers.py s3 DIR BUCKET
       moto's S3 server with BUCKET holding every file of DIR (key = file name).
 
@@ -17,6 +21,7 @@ import http.server
 import os
 import sys
 import threading
+import time
 
 
 class Counters:
@@ -24,7 +29,7 @@ class Counters:
     lock = threading.Lock()
 
 
-def range_handler(root, fail_every, truncate_every):
+def range_handler(root, fail_every, truncate_every, delay=0.0):
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -52,7 +57,13 @@ def range_handler(root, fail_every, truncate_every):
         def do_HEAD(self):
             self.do_GET(head=True)
 
+        def _send_file(self, path, offset, count):
+            with open(path, "rb") as f:
+                self.connection.sendfile(f, offset, count)
+
         def do_GET(self, head=False):
+            if delay:
+                time.sleep(delay)
             if self.path.startswith("/forbidden/"):
                 return self._simple(403)
             path, st = self._file()
@@ -71,8 +82,7 @@ def range_handler(root, fail_every, truncate_every):
                 self.send_header("Content-Length", str(size))
                 self.end_headers()
                 if not head:
-                    with open(path, "rb") as f:
-                        self.wfile.write(f.read())
+                    self._send_file(path, 0, size)
                 return
             spec = rng.strip().split("=", 1)[1]
             a, b = spec.split("-", 1)
@@ -84,21 +94,22 @@ def range_handler(root, fail_every, truncate_every):
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
-            with open(path, "rb") as f:
-                f.seek(a)
-                body = f.read(b - a + 1)
             self.send_response(206)
             self._headers(st)
             self.send_header("Content-Range", "bytes %d-%d/%d" % (a, b, size))
-            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Length", str(b - a + 1))
             self.end_headers()
-            if truncate_every and n % truncate_every == 0 and len(body) > 1:
-                self.wfile.write(body[: len(body) // 2])
-                self.wfile.flush()
-                self.close_connection = True
-                self.connection.shutdown(2)
+            if not (truncate_every and n % truncate_every == 0 and b > a):
+                self._send_file(path, a, b - a + 1)
                 return
-            self.wfile.write(body)
+            # Every Nth ranged GET: half the body, then the connection drops.
+            with open(path, "rb") as f:
+                f.seek(a)
+                body = f.read(b - a + 1)
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(2)
 
     return Handler
 
@@ -110,7 +121,11 @@ def main():
         args = sys.argv[3:]
         fail = int(args[args.index("--fail-every") + 1]) if "--fail-every" in args else 0
         trunc = int(args[args.index("--truncate-every") + 1]) if "--truncate-every" in args else 0
-        srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), range_handler(root, fail, trunc))
+        port = int(args[args.index("--port") + 1]) if "--port" in args else 0
+        http.server.ThreadingHTTPServer.allow_reuse_address = True
+        delay = int(args[args.index("--delay-ms") + 1]) / 1000 if "--delay-ms" in args else 0.0
+        srv = http.server.ThreadingHTTPServer(("127.0.0.1", port),
+                                              range_handler(root, fail, trunc, delay))
         srv.daemon_threads = True
         if "--tls" in args:
             import ssl

@@ -3,7 +3,7 @@
 //!
 //! Every layer is a node with a name (the user's `node-name`, or an automatic `#blockN` for
 //! implicit nodes: inline children, backing files opened from an image header, job filters).
-//! Protocol nodes (`file`, `blkdebug`) hold a [`Protocol`]; format nodes (`raw`, `qcow2`) hold
+//! Protocol nodes (`file`, `blkdebug`) hold a [`Protocol`]; format nodes (`raw`, `qcow2`, `qed`) hold
 //! the [`BlockNode`] built on their `file` child and link to their `backing` node.
 //! `copy-on-read` filter nodes hold the block layer's [`CopyOnRead`] filter over their `file`
 //! child: users attached to them (exports) read through it. They are added by `blockdev-add`
@@ -30,9 +30,10 @@ use crate::blkdebug::{BlkdebugProtocol, InjectRule};
 use crate::error::{QmpError, QmpResult};
 use diskstream_block::filter::cor::{CopyOnRead, CorConfig};
 use diskstream_block::format::qcow2::Qcow2;
+use diskstream_block::format::qed::Qed;
 use diskstream_block::format::raw::RawNode;
 use diskstream_block::image::resolve_backing;
-use diskstream_block::node::same_node;
+use diskstream_block::node::{same_node, BackingFormatHint};
 use diskstream_block::protocol::file::FileProtocol;
 use diskstream_block::protocol::Protocol;
 use diskstream_block::{BlockBackend, BlockNode};
@@ -58,6 +59,8 @@ pub enum Driver {
     Raw,
     /// Format: qcow2.
     Qcow2,
+    /// Format: QED.
+    Qed,
     /// Filter: the copy-on-read filter (`blockdev-add`, or inserted by a stream job).
     CopyOnRead,
     /// Protocol: an NBD export (QEMU's `nbd` driver); also usable directly as an image.
@@ -82,6 +85,7 @@ impl Driver {
             Driver::Blkdebug => "blkdebug",
             Driver::Raw => "raw",
             Driver::Qcow2 => "qcow2",
+            Driver::Qed => "qed",
             Driver::CopyOnRead => "copy-on-read",
             Driver::Nbd => "nbd",
             Driver::MirrorTop => "mirror_top",
@@ -94,6 +98,11 @@ impl Driver {
     /// Whether the node is a remote object read through diskstream-http.
     pub fn is_remote_object(self) -> bool {
         matches!(self, Driver::Http | Driver::Https | Driver::S3)
+    }
+
+    /// Whether the node is an image format with a backing file (qcow2, QED).
+    pub fn is_cow(self) -> bool {
+        matches!(self, Driver::Qcow2 | Driver::Qed)
     }
 
     /// Whether the node is a filter (transparent for chain walks).
@@ -654,7 +663,8 @@ impl Graph {
             };
             // A format's (or blkdebug's) storage never shares write; a filter (raw without
             // offset, copy-on-read) and a backing link share what the parent's parents share.
-            let storage = role == "file" && matches!(p.driver, Driver::Qcow2 | Driver::Blkdebug);
+            let storage = role == "file"
+                && matches!(p.driver, Driver::Qcow2 | Driver::Qed | Driver::Blkdebug);
             if storage || self.write_unshared_depth(p.id, depth + 1).is_some() {
                 return Some(format!(
                     "node '{}' (uses node '{}' as '{role}' child)",
@@ -780,17 +790,13 @@ impl Graph {
         }
         for id in added {
             let Some(n) = self.get(id) else { continue };
-            if n.driver != Driver::Qcow2 {
+            if !n.driver.is_cow() {
                 continue;
             }
             let shown = match n.backing.and_then(|b| self.get(b)) {
                 Some(b) => Some(self.display_filename(b).await),
-                None => match n
-                    .block
-                    .as_ref()
-                    .and_then(|b| b.as_any().downcast_ref::<Qcow2>())
-                {
-                    Some(q) => q.header().await.backing_file,
+                None => match &n.block {
+                    Some(b) => b.backing_link().await.map(|l| l.name),
                     None => None,
                 },
             };
@@ -931,7 +937,7 @@ impl Graph {
                     node.filename = filename;
                     node.proto = Some(proto);
                 }
-                "raw" | "qcow2" => {
+                "raw" | "qcow2" | "qed" => {
                     let file = opts.get("file").cloned().unwrap_or(Value::Null);
                     let child = self.open_ref(st, &file, read_only).await?;
                     let proto = self.protocol_of(st, child)?;
@@ -945,15 +951,19 @@ impl Graph {
                         let r = RawNode::open(proto).await.map_err(block_err)?;
                         node.block = Some(Arc::new(r));
                     } else {
-                        node.driver = Driver::Qcow2;
-                        if opts.contains_key("data-file") {
-                            return Err(QmpError::generic(
-                                "diskstream does not support qcow2 external data files",
-                            ));
-                        }
-                        let q = Arc::new(Qcow2::open(proto).await.map_err(block_err)?);
-                        let b: Arc<dyn BlockNode> = q.clone();
-                        node.block = Some(Arc::clone(&b));
+                        let q: Arc<dyn BlockNode> = if driver == "qed" {
+                            node.driver = Driver::Qed;
+                            Arc::new(Qed::open(proto).await.map_err(block_err)?)
+                        } else {
+                            node.driver = Driver::Qcow2;
+                            if opts.contains_key("data-file") {
+                                return Err(QmpError::generic(
+                                    "diskstream does not support qcow2 external data files",
+                                ));
+                            }
+                            Arc::new(Qcow2::open(proto).await.map_err(block_err)?)
+                        };
+                        node.block = Some(Arc::clone(&q));
                         let from_header = !opts.contains_key("backing");
                         node.backing_from_header = from_header;
                         let filename = node.filename.clone();
@@ -1106,17 +1116,17 @@ impl Graph {
         }
     }
 
-    /// Open the backing chain recorded in a qcow2 header as implicit read-only nodes.
+    /// Open the backing chain recorded in a qcow2 or QED header as implicit read-only nodes.
     async fn open_header_backing(
         &mut self,
         st: &mut Staging,
-        q: &Arc<Qcow2>,
+        q: &Arc<dyn BlockNode>,
         overlay_filename: &str,
     ) -> QmpResult<Option<NodeId>> {
-        let h = q.header().await;
-        let Some(name) = h.backing_file.clone() else {
+        let Some(link) = q.backing_link().await else {
             return Ok(None);
         };
+        let name = link.name;
         let remote_file = if name.contains("://") {
             match remote_object_options(&name).or_else(|| nbd_url_options(&name)) {
                 Some(f) => Some(f),
@@ -1133,17 +1143,45 @@ impl Graph {
         } else {
             None
         };
-        let Some(fmt) = h.backing_format.clone() else {
-            return Err(QmpError::generic(format!(
-                "Could not open backing file: '{overlay_filename}' does not record the format of its backing file '{name}' and diskstream never probes; pass 'backing' explicitly"
-            )));
+        let resolved = resolve_backing(Path::new(overlay_filename), &name);
+        let fmt = match link.format {
+            BackingFormatHint::Named(f) => f,
+            BackingFormatHint::Unrecorded => {
+                return Err(QmpError::generic(format!(
+                    "Could not open backing file: '{overlay_filename}' does not record the format of its backing file '{name}' and diskstream never probes; pass 'backing' explicitly"
+                )))
+            }
+            // A QED image only records whether its backing file is raw: an image format is
+            // recognised by its magic (as QEMU probes it), a raw file is never guessed.
+            BackingFormatHint::NotRaw => {
+                diskstream_block::image::check_backing_allowed(&name, &resolved)
+                    .map_err(|e| QmpError::generic(format!("Could not open backing file: {e}")))?;
+                let target = if remote_file.is_some() {
+                    PathBuf::from(&name)
+                } else {
+                    resolved.clone()
+                };
+                match probe_image_format(&target).await {
+                    Ok(Some(f)) => f.to_string(),
+                    Ok(None) => {
+                        return Err(QmpError::generic(format!(
+                            "Could not open backing file: '{name}' is neither qcow2 nor QED and '{overlay_filename}' does not record its format; diskstream never guesses raw, pass 'backing' explicitly"
+                        )))
+                    }
+                    Err(e) => {
+                        return Err(QmpError::generic(format!(
+                            "Could not open backing file: {}",
+                            block_err(e).desc
+                        )))
+                    }
+                }
+            }
         };
-        if fmt != "qcow2" && fmt != "raw" {
+        if fmt != "qcow2" && fmt != "raw" && fmt != "qed" {
             return Err(QmpError::generic(format!(
                 "Could not open backing file: unsupported backing format '{fmt}'"
             )));
         }
-        let resolved = resolve_backing(Path::new(overlay_filename), &name);
         diskstream_block::image::check_backing_allowed(&name, &resolved)
             .map_err(|e| QmpError::generic(format!("Could not open backing file: {e}")))?;
         let file = match remote_file {
@@ -1462,8 +1500,8 @@ impl Graph {
             for n in &self.nodes {
                 if let Some(b) = &n.block {
                     let points_at_old = b.backing().is_some_and(|x| same_node(&x, &old));
-                    if let (true, Some(q)) = (points_at_old, b.as_any().downcast_ref::<Qcow2>()) {
-                        q.set_backing_node(Some(Arc::clone(&block)));
+                    if points_at_old && n.driver.is_cow() {
+                        b.set_backing_node(Some(Arc::clone(&block)));
                     }
                 }
             }
@@ -1507,20 +1545,16 @@ impl Graph {
         }
     }
 
-    /// Whether a qcow2 node's backing differs from what its header names (QEMU then shows a
-    /// `json:` pseudo-filename holding the options).
+    /// Whether a qcow2 or QED node's backing differs from what its header names (QEMU then
+    /// shows a `json:` pseudo-filename holding the options).
     async fn backing_overridden(&self, n: &GraphNode) -> bool {
-        if n.driver != Driver::Qcow2 || n.backing_from_header {
+        if !n.driver.is_cow() || n.backing_from_header {
             return false;
         }
-        let Some(q) = n
-            .block
-            .as_ref()
-            .and_then(|b| b.as_any().downcast_ref::<Qcow2>())
-        else {
+        let Some(q) = &n.block else {
             return false;
         };
-        let recorded = q.header().await.backing_file;
+        let recorded = q.backing_link().await.map(|l| l.name);
         match (n.backing.and_then(|b| self.get(b)), recorded) {
             (None, rec) => rec.is_some(),
             (Some(b), Some(rec)) => Box::pin(self.display_filename(b)).await != rec,
@@ -1554,9 +1588,9 @@ impl Graph {
                     }
                     Value::Object(m)
                 }
-                Driver::Qcow2 => {
+                Driver::Qcow2 | Driver::Qed => {
                     let mut m = Map::new();
-                    m.insert("driver".into(), json!("qcow2"));
+                    m.insert("driver".into(), json!(n.driver.as_str()));
                     if let Some(c) = child(n.file) {
                         m.insert("file".into(), self.full_options(c).await);
                     }
@@ -1587,7 +1621,7 @@ impl Graph {
                 // node and carry no options of their own: a named job filter shows the
                 // source's file name too.
                 Driver::MirrorTop => false,
-                Driver::Qcow2 => self.backing_overridden(n).await,
+                Driver::Qcow2 | Driver::Qed => self.backing_overridden(n).await,
                 Driver::Raw | Driver::Blkdebug | Driver::Nbd => false,
                 Driver::Http | Driver::Https | Driver::S3 => false,
             };
@@ -1664,6 +1698,26 @@ impl Graph {
                     }
                 }
             }
+            Driver::Qed => {
+                if let Some(q) = n
+                    .block
+                    .as_ref()
+                    .and_then(|b| b.as_any().downcast_ref::<Qed>())
+                {
+                    let h = q.header().await;
+                    img.insert("virtual-size".into(), json!(h.image_size));
+                    img.insert("cluster-size".into(), json!(h.cluster_size));
+                    // QED records of its backing format only whether it is raw.
+                    insert_backing_names(&mut img, n, h.backing_file.clone(), q.backing_format());
+                }
+                if !flat {
+                    if let Some(b) = n.backing.and_then(|id| self.get(id)) {
+                        let b = self.skip_filters(b);
+                        let bi = Box::pin(self.image_info(b, flat)).await;
+                        img.insert("backing-image".into(), bi);
+                    }
+                }
+            }
             Driver::Qcow2 => {
                 if let Some(q) = n
                     .block
@@ -1701,21 +1755,7 @@ impl Graph {
                         json!({"type": "qcow2", "data": data}),
                     );
                     // ImageInfo shows the header's backing name (BlockDeviceInfo the node's).
-                    let (bf, bfmt) = (h.backing_file.clone(), h.backing_format.clone());
-                    if let Some(bf) = &bf {
-                        img.insert("backing-filename".into(), json!(bf));
-                        let full = if bf.contains(':') || bf.starts_with('/') {
-                            bf.clone()
-                        } else {
-                            resolve_backing(Path::new(&n.filename), bf)
-                                .display()
-                                .to_string()
-                        };
-                        img.insert("full-backing-filename".into(), json!(full));
-                        if let Some(f) = &bfmt {
-                            img.insert("backing-filename-format".into(), json!(f));
-                        }
-                    }
+                    insert_backing_names(&mut img, n, h.backing_file.clone(), h.backing_format);
                 }
                 if !flat {
                     if let Some(b) = n.backing.and_then(|id| self.get(id)) {
@@ -1863,6 +1903,89 @@ fn nbd_url_options(url: &str) -> Option<Value> {
         o["export"] = json!(u.export);
     }
     Some(o)
+}
+
+/// Open the image of a format node of `driver` (raw, qcow2, QED) again over `proto` (a
+/// reopen read-only or read-write), keeping `backing` as its backing node.
+pub async fn reopen_format(
+    driver: Driver,
+    proto: Arc<dyn Protocol>,
+    backing: Option<Arc<dyn BlockNode>>,
+) -> diskstream_block::Result<Arc<dyn BlockNode>> {
+    let b: Arc<dyn BlockNode> = match driver {
+        Driver::Raw => return Ok(Arc::new(RawNode::open(proto).await?)),
+        Driver::Qed => Arc::new(Qed::open(proto).await?),
+        _ => Arc::new(Qcow2::open(proto).await?),
+    };
+    b.set_backing_node(backing);
+    Ok(b)
+}
+
+/// Create an image of `format` (`qcow2` or `qed`) at `path` with qemu-img's defaults: the
+/// overlay or target that `blockdev-snapshot-sync` and `drive-mirror` create.
+pub async fn create_cow_image(
+    format: &str,
+    path: &Path,
+    size: u64,
+    backing_file: Option<String>,
+    backing_fmt: Option<String>,
+) -> diskstream_block::Result<()> {
+    if format == "qed" {
+        use diskstream_block::format::qed::create::{create, CreateOptions};
+        let opts = CreateOptions {
+            size,
+            backing_file,
+            backing_fmt,
+            ..CreateOptions::default()
+        };
+        create(path, &opts).await
+    } else {
+        use diskstream_block::format::qcow2::create::{create, CreateOptions};
+        let opts = CreateOptions {
+            size,
+            backing_file,
+            backing_fmt,
+            ..CreateOptions::default()
+        };
+        create(path, &opts).await
+    }
+}
+
+/// ImageInfo's backing names: the name the header records, its resolved form and the
+/// recorded format.
+fn insert_backing_names(
+    img: &mut Map<String, Value>,
+    n: &GraphNode,
+    bf: Option<String>,
+    bfmt: Option<String>,
+) {
+    if let Some(bf) = &bf {
+        img.insert("backing-filename".into(), json!(bf));
+        let full = if bf.contains(':') || bf.starts_with('/') {
+            bf.clone()
+        } else {
+            resolve_backing(Path::new(&n.filename), bf)
+                .display()
+                .to_string()
+        };
+        img.insert("full-backing-filename".into(), json!(full));
+        if let Some(f) = &bfmt {
+            img.insert("backing-filename-format".into(), json!(f));
+        }
+    }
+}
+
+/// The image format (qcow2 or QED) recognised by the magic of the file or URL `target`;
+/// `None` for anything else (never guessed as raw).
+async fn probe_image_format(target: &Path) -> diskstream_block::Result<Option<&'static str>> {
+    let f = diskstream_block::image::open_protocol(target, true).await?;
+    let len = f.len().await?;
+    let head = f.read_vec(0, len.min(512) as usize).await?;
+    Ok(match diskstream_block::image::format_of_head(&head) {
+        diskstream_block::format::Format::Qcow2 => Some("qcow2"),
+        diskstream_block::format::Format::Qed => Some("qed"),
+        diskstream_block::format::Format::Raw => None,
+    })
 }
 
 #[cfg(test)]

@@ -15,8 +15,6 @@ use crate::graph::{Driver, Graph, NodeId};
 use crate::monitor::Monitor;
 use crate::schema::{opt, req, Member, Ty, ON_ERROR};
 use async_trait::async_trait;
-use diskstream_block::format::qcow2::create::{create, CreateOptions};
-use diskstream_block::format::qcow2::Qcow2;
 use diskstream_block::protocol::file::FileProtocol;
 use diskstream_block::protocol::Protocol;
 use diskstream_block::{BlockError, BlockNode};
@@ -197,13 +195,13 @@ async fn reopen_rw(g: &mut Graph, id: NodeId) -> QmpResult<bool> {
             .map_err(|_| QmpError::generic("Block node is read-only"))?,
     );
     let block: Arc<dyn BlockNode> = match driver {
-        Driver::Raw => {
-            Arc::new(diskstream_block::format::raw::RawNode::open(Arc::clone(&proto)).await?)
-        }
-        Driver::Qcow2 => {
-            let q = Qcow2::open(Arc::clone(&proto)).await?;
-            q.set_backing_node(old.as_ref().and_then(|o| o.backing()));
-            Arc::new(q)
+        Driver::Raw | Driver::Qcow2 | Driver::Qed => {
+            crate::graph::reopen_format(
+                driver,
+                Arc::clone(&proto),
+                old.as_ref().and_then(|o| o.backing()),
+            )
+            .await?
         }
         _ => return Err(QmpError::generic("Block node is read-only")),
     };
@@ -337,6 +335,7 @@ pub async fn block_commit(mon: &Arc<Monitor>, a: &Map<String, Value>) -> QmpResu
                 held: span,
                 target_backing: None,
                 target_owned: false,
+                target_fresh: false,
             },
         )
         .await;
@@ -508,6 +507,9 @@ struct MirrorSetup {
     target_backing: Option<NodeId>,
     /// drive-mirror created (and owns) the target node.
     target_owned: bool,
+    /// drive-mirror created the target image just now, so it reads as zeroes (QEMU's
+    /// `bdrv_has_zero_init`): a full sync copies only what the source's chain allocates.
+    target_fresh: bool,
 }
 
 fn policy(s: Option<&str>) -> OnError {
@@ -532,6 +534,7 @@ async fn start_mirror(
         tgt_block
     };
     let sync = match m.sync {
+        Sync::Full if m.target_fresh => SyncMode::Above(None),
         Sync::Full => SyncMode::Full,
         Sync::None => SyncMode::None,
         Sync::Top => SyncMode::Above(src_block.backing()),
@@ -796,6 +799,7 @@ pub async fn blockdev_mirror(mon: &Arc<Monitor>, a: &Map<String, Value>) -> QmpR
             held: vec![src],
             target_backing: None,
             target_owned: false,
+            target_fresh: false,
         },
     )
     .await
@@ -862,22 +866,24 @@ pub async fn drive_mirror(mon: &Arc<Monitor>, a: &Map<String, Value>) -> QmpResu
         _ => None,
     };
     if !existing {
-        if format != "qcow2" {
+        if format != "qcow2" && format != "qed" {
             return Err(QmpError::generic(format!(
-                "diskstream can only create qcow2 mirror targets, not '{format}'"
+                "diskstream can only create qcow2 or qed mirror targets, not '{format}'"
             )));
         }
         let backing = match target_backing.and_then(|b| g.get(b)) {
             Some(b) => Some((g.display_filename(b).await, b.driver.as_str().to_string())),
             None => None,
         };
-        let opts = CreateOptions {
-            size: src_block.size(),
-            backing_fmt: backing.as_ref().map(|b| b.1.clone()),
-            backing_file: backing.map(|b| b.0),
-            ..CreateOptions::default()
-        };
-        if let Err(e) = create(Path::new(target), &opts).await {
+        let created = crate::graph::create_cow_image(
+            &format,
+            Path::new(target),
+            src_block.size(),
+            backing.as_ref().map(|b| b.0.clone()),
+            backing.map(|b| b.1),
+        )
+        .await;
+        if let Err(e) = created {
             let why = match &e {
                 BlockError::Io { source, .. } => {
                     diskstream_jobs::error::strerror(source.raw_os_error().unwrap_or(5))
@@ -896,7 +902,7 @@ pub async fn drive_mirror(mon: &Arc<Monitor>, a: &Map<String, Value>) -> QmpResu
     let mut opts = Map::new();
     opts.insert("driver".into(), json!(format));
     opts.insert("node-name".into(), json!(node_name));
-    if format == "qcow2" {
+    if format == "qcow2" || format == "qed" {
         opts.insert("backing".into(), Value::Null);
     }
     opts.insert("file".into(), json!({"driver": "file", "filename": target}));
@@ -978,6 +984,7 @@ pub async fn drive_mirror(mon: &Arc<Monitor>, a: &Map<String, Value>) -> QmpResu
                 target_backing
             },
             target_owned: true,
+            target_fresh: !existing,
         },
     )
     .await;

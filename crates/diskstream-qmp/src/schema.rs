@@ -178,6 +178,12 @@ const QCOW2: &[Member] = &[
     opt("data-file", Ty::BlockdevRef),
 ];
 
+/// `BlockdevOptionsGenericCOWFormat`, what QEMU's `qed` takes.
+const GENERIC_COW: &[Member] = &[
+    req("file", Ty::BlockdevRef),
+    opt("backing", Ty::BlockdevRefOrNull),
+];
+
 const INJECT_ERROR: &[Member] = &[
     req("event", Ty::Str),
     opt(
@@ -304,6 +310,7 @@ pub fn driver_members(driver: &str) -> Option<&'static [Member]> {
         "file" => FILE,
         "raw" => RAW,
         "qcow2" => QCOW2,
+        "qed" => GENERIC_COW,
         "blkdebug" => BLKDEBUG,
         "copy-on-read" => COPY_ON_READ,
         "nbd" => NBD,

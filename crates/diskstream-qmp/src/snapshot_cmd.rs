@@ -15,10 +15,9 @@
 //! monitor-owned (QEMU's `blockdev-del` refuses them), exactly as in QSD.
 
 use crate::error::{QmpError, QmpResult};
-use crate::graph::{Driver, Graph, NodeId};
+use crate::graph::{Graph, NodeId};
 use crate::monitor::Monitor;
 use diskstream_block::backend::Drained;
-use diskstream_block::format::qcow2::create::{create, CreateOptions};
 use diskstream_block::node::same_node;
 use serde_json::{json, Map, Value};
 use std::path::Path;
@@ -217,7 +216,7 @@ pub async fn blockdev_snapshot_sync(
             (b.size(), shown, o.driver.as_str())
         };
         match format {
-            "qcow2" => {}
+            "qcow2" | "qed" => {}
             "raw" => {
                 return Err(QmpError::generic(
                     "Backing file not supported for file format 'raw'",
@@ -225,17 +224,19 @@ pub async fn blockdev_snapshot_sync(
             }
             other => {
                 return Err(QmpError::generic(format!(
-                    "diskstream cannot create '{other}' overlays (qcow2 only)"
+                    "diskstream cannot create '{other}' overlays (qcow2 or qed only)"
                 )))
             }
         }
-        let opts = CreateOptions {
+        let created = crate::graph::create_cow_image(
+            format,
+            Path::new(file),
             size,
-            backing_file: Some(backing),
-            backing_fmt: Some(bfmt.to_string()),
-            ..CreateOptions::default()
-        };
-        if let Err(e) = create(Path::new(file), &opts).await {
+            Some(backing),
+            Some(bfmt.to_string()),
+        )
+        .await;
+        if let Err(e) = created {
             let why = match &e {
                 diskstream_block::BlockError::Io { source, .. } => {
                     diskstream_jobs::error::strerror(source.raw_os_error().unwrap_or(5))
@@ -289,7 +290,7 @@ fn check_overlay(g: &Graph, overlay: NodeId) -> QmpResult<()> {
     if o.backing.is_some() {
         return Err(QmpError::generic("The overlay already has a backing image"));
     }
-    if o.driver != Driver::Qcow2 {
+    if !o.driver.is_cow() {
         return Err(QmpError::generic(
             "The overlay does not support backing images",
         ));

@@ -15,7 +15,6 @@ use crate::graph::{Driver, NodeId};
 use crate::monitor::Monitor;
 use async_trait::async_trait;
 use diskstream_block::filter::cor::{CopyOnRead, CorConfig};
-use diskstream_block::format::qcow2::Qcow2;
 use diskstream_block::protocol::file::FileProtocol;
 use diskstream_block::protocol::Protocol;
 use diskstream_block::BlockNode;
@@ -214,9 +213,9 @@ pub async fn block_stream(mon: &Arc<Monitor>, a: &Map<String, Value>) -> QmpResu
             FileProtocol::open(Path::new(&path), false)
                 .map_err(|_| QmpError::generic("Block node is read-only"))?,
         );
-        let q = Qcow2::open(Arc::clone(&proto)).await?;
-        q.set_backing_node(top_block.backing());
-        let q: Arc<dyn BlockNode> = Arc::new(q);
+        let q =
+            crate::graph::reopen_format(dev_node.driver, Arc::clone(&proto), top_block.backing())
+                .await?;
         g.replace_image(dev, proto, Arc::clone(&q), false).await;
         top_block = q;
         if above_base == dev {
@@ -380,16 +379,8 @@ pub(crate) async fn reopen_read_only(g: &mut crate::graph::Graph, dev: NodeId) {
             return;
         }
     };
-    let reopened: Result<Arc<dyn BlockNode>, _> = if node.driver == Driver::Raw {
-        diskstream_block::format::raw::RawNode::open(Arc::clone(&proto))
-            .await
-            .map(|r| Arc::new(r) as Arc<dyn BlockNode>)
-    } else {
-        Qcow2::open(Arc::clone(&proto)).await.map(|q| {
-            q.set_backing_node(old.backing());
-            Arc::new(q) as Arc<dyn BlockNode>
-        })
-    };
+    let reopened =
+        crate::graph::reopen_format(node.driver, Arc::clone(&proto), old.backing()).await;
     match reopened {
         Ok(q) => {
             g.replace_image(dev, proto, q, true).await;

@@ -86,15 +86,17 @@ fn node_path(g: &Graph, id: NodeId) -> Option<PathBuf> {
     None
 }
 
-/// The backing file and format recorded in the header of qcow2 node `id` (None for other
-/// formats and for images without a backing file).
+/// The backing file and format recorded in the header of qcow2 or QED node `id` (None for
+/// other formats and for images without a backing file). A QED image that only says its
+/// backing file is not raw records no format.
 pub(crate) async fn header_backing(g: &Graph, id: NodeId) -> Option<(String, Option<String>)> {
     let q = g.effective_block(id)?;
-    let q = q
-        .as_any()
-        .downcast_ref::<diskstream_block::format::qcow2::Qcow2>()?;
-    let h = q.header().await;
-    h.backing_file.map(|f| (f, h.backing_format))
+    let link = q.backing_link().await?;
+    let fmt = match link.format {
+        diskstream_block::node::BackingFormatHint::Named(f) => Some(f),
+        _ => None,
+    };
+    Some((link.name, fmt))
 }
 
 /// The format node of `old`'s chain (filters skipped, `old` included) that is the file

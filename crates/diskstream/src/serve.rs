@@ -31,7 +31,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Arguments of `diskstream serve` (qemu-nbd's spelling).
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// Image format (raw, qcow2); probed from the image when omitted, as qemu-nbd does.
+    /// Image format (raw, qcow2, qed); probed from the image when omitted, as qemu-nbd does.
     #[arg(short = 'f', long = "format")]
     format: Option<String>,
     /// Export read-only (writes fail with EPERM).

@@ -1160,6 +1160,63 @@ def test_http_backing_stream(exe, d):
                for i in untouched)
 
 
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_http_server_stopped_mid_stream(exe, d):
+    """The HTTP server of a backing file stops during a throttled block-stream with
+    on-error=stop: once its retries are spent the job reports BLOCK_JOB_ERROR (read, stop) and
+    pauses; the server comes back at the same URL, the job is resumed and completes; the overlay
+    then has no backing, equals the source (qemu-img compare) and passes qemu-img check."""
+    base = http_base(d)
+    port = free_port()
+    srv = ObjectServer("range", f"{d}/objects", "--port", str(port))
+    url = f"http://127.0.0.1:{port}/base.raw"
+    run("qemu-img", "create", "-q", "-u", "-f", "qcow2", "-b", url, "-F", "raw",
+        f"{d}/top.qcow2", str(len(base)))
+    env = {"DISKSTREAM_BACKING_ALLOW": f"{d}:http://", "DISKSTREAM_HTTP_BLOCK_SIZE": "65536",
+           "DISKSTREAM_HTTP_READAHEAD": "0", "DISKSTREAM_HTTP_RETRIES": "2",
+           "DISKSTREAM_HTTP_RETRY_DELAY_MS": "50"}
+    dm = Daemon(exe, d, ["--nbd-server", "none", "--blockdev", TOP], env=env)
+    try:
+        q = dm.qmp()
+        q.cmd("block-stream", {"job-id": "s", "device": "top", "speed": 4 * MiB,
+                               "on-error": "stop"})
+        time.sleep(0.5)
+        srv.stop()
+        e = q.wait_event("BLOCK_JOB_ERROR", device="s", timeout=60)
+        assert e["data"]["operation"] == "read" and e["data"]["action"] == "stop", e
+        for _ in range(100):
+            jobs = q.cmd("query-block-jobs")
+            if jobs and jobs[0]["paused"]:
+                break
+            time.sleep(0.05)
+        assert jobs and jobs[0]["paused"] and jobs[0]["io-status"] == "failed", jobs
+        assert 0 < jobs[0]["offset"] < jobs[0]["len"], jobs
+        srv = ObjectServer("range", f"{d}/objects", "--port", str(port))
+        q.cmd("block-job-set-speed", {"device": "s", "speed": 0})
+        q.cmd("block-job-resume", {"device": "s"})
+        e = q.wait_event("BLOCK_JOB_COMPLETED", device="s", timeout=120)
+        assert "error" not in e["data"] and e["data"]["offset"] == e["data"]["len"], e
+        q.cmd("quit")
+        assert dm.wait() == 0
+    finally:
+        if dm.p.poll() is None:
+            dm.kill9()
+        if srv.p.poll() is None:
+            srv.stop()
+    assert backing_of(f"{d}/top.qcow2") is None
+    check_clean(f"{d}/top.qcow2")
+    r = run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", f"{d}/objects/base.raw",
+            f"{d}/top.qcow2", check=False)
+    assert r.returncode == 0, f"overlay differs from the source: {r.stdout}{r.stderr}"
+
+
 def test_http_blockdev_and_cor(exe, d):
     """QEMU's curl driver names through blockdev-add: `http` nodes with url, readahead and
     timeout (read-only; QEMU's texts for a writable request, a bad readahead or timeout, a URL

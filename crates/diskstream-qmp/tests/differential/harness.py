@@ -1411,8 +1411,9 @@ def offline_checks(name, images, dq, do, maps=True):
     problems = []
     for img in images:
         a, b = os.path.join(dq, img), os.path.join(do, img)
-        fmt = "raw" if img.endswith(".img") and open(a, "rb").read(4) != b"QFI\xfb" else "qcow2"
-        if fmt == "qcow2":
+        magic = open(a, "rb").read(4) if os.path.exists(a) else b""
+        fmt = {b"QFI\xfb": "qcow2", b"QED\0": "qed"}.get(magic, "raw")
+        if fmt != "raw":
             for who, path in (("qsd", a), ("ours", b)):
                 r = qemu_img("check", "-U", path, check=False)
                 if r.returncode != 0:
@@ -1423,7 +1424,7 @@ def offline_checks(name, images, dq, do, maps=True):
         ma, mb = norm_map(a), norm_map(b)
         if maps and ma != mb:
             problems.append(f"{name}: map of {img} differs:\n  qsd  {ma}\n  ours {mb}")
-        if fmt == "qcow2":
+        if fmt != "raw":
             ia, ib = backing_of(a, dq), backing_of(b, do)
             if ia != ib:
                 problems.append(f"{name}: backing of {img} differs: qsd {ia} ours {ib}")
@@ -1514,10 +1515,12 @@ async def main():
     if not os.access(args.ours, os.X_OK):
         print(f"FATAL: diskstream binary '{args.ours}' not found", file=sys.stderr)
         return 2
-    # Snapshot, commit and mirror scenarios live in their own module.
+    # Snapshot, commit and mirror scenarios, and the QED ones, live in their own modules.
     import mirror_scenarios
-    SCENARIOS.update(mirror_scenarios.SCENARIOS)
-    NO_MAP_COMPARE.update(mirror_scenarios.NO_MAP_COMPARE)
+    import qed_scenarios
+    for mod in (mirror_scenarios, qed_scenarios):
+        SCENARIOS.update(mod.SCENARIOS)
+        NO_MAP_COMPARE.update(mod.NO_MAP_COMPARE)
     failures = 0
     passed = 0
     names = args.only or ["raw"] + list(SCENARIOS)

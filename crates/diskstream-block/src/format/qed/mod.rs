@@ -79,6 +79,8 @@ pub struct Qed {
     file: Arc<dyn Protocol>,
     meta: Mutex<Meta>,
     backing: RwLock<Option<Arc<dyn BlockNode>>>,
+    /// The backing format as known in memory (see [`Qed::backing_format`]).
+    backing_format: RwLock<Option<String>>,
     size: AtomicU64,
     cluster_size: u64,
     closed: AtomicBool,
@@ -140,6 +142,9 @@ impl Qed {
             file,
             meta: Mutex::new(meta),
             backing: RwLock::new(None),
+            backing_format: RwLock::new(
+                (h.features & F_BACKING_FORMAT_NO_PROBE != 0).then(|| "raw".to_string()),
+            ),
             closed: AtomicBool::new(false),
         })
     }
@@ -147,6 +152,14 @@ impl Qed {
     /// The header as currently in memory.
     pub async fn header(&self) -> Header {
         self.meta.lock().await.header.clone()
+    }
+
+    /// The backing file's format as known in memory: `raw` when the header's no-probe flag
+    /// says so, else the format given when the backing link was last rewritten in this
+    /// process (the header records only whether the backing file is raw; QEMU shows the same
+    /// in-memory value in its image info).
+    pub fn backing_format(&self) -> Option<String> {
+        self.backing_format.read().ok().and_then(|f| f.clone())
     }
 
     /// The protocol under the image.
@@ -693,6 +706,7 @@ impl BlockNode for Qed {
                 self.file.name()
             )));
         }
+        let fmt = file.as_ref().and_then(|(_, f)| f.clone());
         h.backing_file = file.map(|(n, _)| n);
         m.flush().await?;
         let mut bytes = h.serialize().to_vec();
@@ -700,6 +714,9 @@ impl BlockNode for Qed {
         self.file.write_vec(0, bytes).await?;
         self.file.flush().await?;
         m.header = h;
+        if let Ok(mut f) = self.backing_format.write() {
+            *f = fmt;
+        }
         Ok(())
     }
 
