@@ -629,6 +629,10 @@ impl BlockNode for CopyOnRead {
     /// flushes the top. The top itself stays open: it is a node of its own (QEMU's
     /// `blockdev-del` of a filter leaves its child in the graph); whoever opened it closes it.
     async fn close(&self) -> Result<()> {
+        // Fetches still running finish first, copies included: their data was read from the
+        // (maybe slow) backing already, and a read that returned before its unit's copy must
+        // still leave the unit in the top. Only then do copies and read-ahead stop.
+        self.inner.quiesce().await;
         self.inner.closed.store(true, Ordering::Release);
         self.inner.quiesce().await;
         // The summary is routine (info: `DISKSTREAM_LOG=diskstream_block::filter::cor=info`
