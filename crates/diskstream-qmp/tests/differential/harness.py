@@ -1208,6 +1208,103 @@ async def sc_cor_stream(p):
     await p.cmd("blockdev-del", {"node-name": "mid"})
 
 
+COR_FULL_SIZE = 5 * MiB + 512
+# Every fetch unit copied here holds data, and both streams write the holes as zero clusters,
+# so the maps agree on zero/data too (host offsets are not compared).
+COR_FULL_MAP_FLAGS = ("depth", "present", "zero", "data")
+
+
+def mk_cor_full(d):
+    """A 5 MiB + 512 B chain: raw base.raw (0x11 @0-1M, 0x22 @3M-3.5M, 0x55 in the last 512 B)
+    <- qcow2 mid.qcow2 (0x33 @1M+4k for 200 KiB, cluster-unaligned, and @4M-4.25M) <- qcow2
+    top.qcow2 (0x44 @512k-576k, a zero write @3M+128k-3M+256k over base's data). expect.raw is
+    the chain's contents, flattened by qemu-img before any daemon runs."""
+    with open(f"{d}/base.raw", "wb") as f:
+        f.truncate(COR_FULL_SIZE)
+    qemu_io(f"{d}/base.raw", "raw", "write -P 0x11 0 1M", "write -P 0x22 3M 512k",
+            "write -P 0x55 5M 512")
+    create(f"{d}/mid.qcow2", None, "base.raw", bfmt="raw")
+    qemu_io(f"{d}/mid.qcow2", "qcow2", f"write -P 0x33 {MiB + 4096} 200k",
+            "write -P 0x33 4M 256k")
+    create(f"{d}/top.qcow2", None, "mid.qcow2")
+    qemu_io(f"{d}/top.qcow2", "qcow2", "write -P 0x44 512k 64k",
+            f"write -z {3 * MiB + 131072} 128k")
+    qemu_img("convert", "-f", "qcow2", "-O", "raw", f"{d}/top.qcow2", f"{d}/expect.raw")
+    return ["base.raw", "mid.qcow2", "top.qcow2", "copy.raw"]
+
+
+async def read_export_whole(p, export, out):
+    """qemu-img convert of the whole export to a raw file, then its contents against
+    expect.raw (both outcomes recorded in the transcript)."""
+    loop = asyncio.get_running_loop()
+    r = await loop.run_in_executor(None, lambda: qemu_img(
+        "convert", "-f", "raw", "-O", "raw", p.nbd_url(export), f"{p.dir}/{out}", check=False))
+    p.note(f"qemu-img convert {export} -> {out}", r.returncode)
+    r = qemu_img("compare", "-f", "raw", "-F", "raw", f"{p.dir}/expect.raw", f"{p.dir}/{out}",
+                 check=False)
+    p.note(f"qemu-img compare expect.raw {out}", r.returncode)
+
+
+async def sc_cor_full_then_stream(p):
+    """Read a whole copy-on-read export once, then stream. A copy-on-read filter over the top
+    of a 3-deep chain (raw base, odd size) is exported over NBD and read end to end by
+    qemu-img convert, whose copy must equal the chain. convert is a structured-reply client:
+    it asks for block status first and reads only what is reported as data. So the ranges
+    holding data somewhere in the chain are copied into the top (whole clusters around them;
+    the partial last cluster too), while the ranges that read as zeros (holes of the raw base
+    no layer above covers, and the top's own zero clusters) are never read and not copied:
+    QEMU behaves the same, so a stream after one whole read is not a no-op. After a flush
+    through the export, the top's map (depth, zero/data) must be QSD's. The stream job then
+    copies what is left (those holes, as zero clusters on both sides; its events and lengths
+    compared), the top loses its backing and equals the chain as flattened before the run.
+
+    diskstream's filter gets a 64 KiB fetch unit (the top's cluster: QEMU copies the clusters
+    a read touches) and no read-ahead. With its defaults (1 MiB units, read-ahead) the map
+    after the read would differ by design, not by content: whole 1 MiB units around the data
+    ([0, 2M) and [3M, end) here), their holes copied as zero clusters."""
+    for c, a in [
+        ("blockdev-add", {"driver": "raw", "node-name": "base",
+                          "file": {"driver": "file", "filename": "base.raw"}}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "mid", "backing": "base",
+                          "file": {"driver": "file", "filename": "mid.qcow2"}}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "top", "backing": "mid",
+                          "file": {"driver": "file", "filename": "top.qcow2"}}),
+        ("blockdev-add", {"driver": "copy-on-read", "node-name": "c0", "file": "top",
+                          **({"x-granularity": 65536, "x-readahead": 0}
+                             if p.kind == "ours" else {})}),
+        NBD_START,
+        ("block-export-add", {"type": "nbd", "id": "e", "node-name": "c0", "writable": True,
+                              "name": "cor"}),
+    ]:
+        await p.cmd(c, a)
+    await read_export_whole(p, "cor", "copy.raw")
+    # QEMU's qcow2 keeps new L2 entries in its metadata cache until a flush; diskstream
+    # answers a read before its unit is written into the top.
+    await p.io("cor", "flush")
+    p.note("map of top after one whole read", norm_map(f"{p.dir}/top.qcow2", COR_FULL_MAP_FLAGS))
+    if p.kind == "ours":
+        # What QEMU copies too: [0, 1.25M) but the top's own cluster at 512k, [3M, 3.5M) but
+        # the top's zero clusters, [4M, 4.25M) and the 512 B tail; every unit holds data.
+        st = (await p.cmd("x-query-cor-stats", record=False))["return"]
+        want = (5 * MiB // 4 - 65536) + (512 - 128) * 1024 + 256 * 1024 + 512
+        if len(st) != 1 or st[0]["bytes-copied"] != want or st[0]["bytes-zeroed"] != 0:
+            raise RuntimeError(f"copy-on-read counters {st}, expected {want} bytes copied")
+    await p.cmd("block-stream", {"job-id": "s", "device": "top"})
+    await p.wait_job_gone("s")
+    await p.cmd("query-block-jobs")
+    await p.cmd("query-named-block-nodes", {"flat": True})
+    await read_export_whole(p, "cor", "copy2.raw")
+    await p.cmd("block-export-del", {"id": "e"})
+    await p.wait_event("BLOCK_EXPORT_DELETED", id="e")
+    for n in ("c0", "top", "mid", "base"):
+        await p.cmd("blockdev-del", {"node-name": n})
+    r = qemu_img("compare", "-f", "raw", "-F", "qcow2", f"{p.dir}/expect.raw",
+                 f"{p.dir}/top.qcow2", check=False)
+    p.note("qemu-img compare expect.raw top.qcow2 after the stream", r.returncode)
+    p.note("backing of top after the stream", backing_of(f"{p.dir}/top.qcow2", p.dir))
+    p.note("map of top after the stream", norm_map(f"{p.dir}/top.qcow2", COR_FULL_MAP_FLAGS))
+
+
 NO_MAP_COMPARE = {"t3", "paused_cancel", "030_stream_stop", "030_errors_set_speed", "eio_report",
                   "eio_ignore", "eio_enospc_eio"}
 
@@ -1264,6 +1361,7 @@ SCENARIOS = {
     "cor_export": (mkchain, sc_cor_export),
     "cor_bottom": (mkchain, sc_cor_bottom),
     "cor_stream": (mkchain, sc_cor_stream),
+    "cor_full_then_stream": (mk_cor_full, sc_cor_full_then_stream),
     "http_schema": (mkchain, sc_http_schema),
 }
 
@@ -1384,17 +1482,18 @@ async def run_raw(peer):
 # Offline checks
 
 
-def norm_map(path):
+def norm_map(path, flags=("depth", "present")):
     """Allocation map: which layer provides each range. Whether an allocated range is stored as
-    data or as zero clusters is not compared: diskstream copies zero extents as zero clusters
-    where QEMU's copy-on-read writes whole buffers as data (contents are compared exactly)."""
+    data or as zero clusters is not compared by default (add "zero" and "data" to `flags` to
+    compare it): diskstream copies zero extents as zero clusters where QEMU's copy-on-read
+    writes whole buffers as data (contents are compared exactly)."""
     r = qemu_img("map", "--output=json", "-U", path)
     ext = json.loads(r.stdout)
     out = []
     for e in ext:
-        e = {k: e[k] for k in ("start", "length", "depth", "present")}
+        e = {k: e[k] for k in ("start", "length") + tuple(flags)}
         if out and out[-1]["start"] + out[-1]["length"] == e["start"] and \
-                all(out[-1][k] == e[k] for k in ("depth", "present")):
+                all(out[-1][k] == e[k] for k in flags):
             out[-1]["length"] += e["length"]
         else:
             out.append(e)
