@@ -134,10 +134,21 @@ class Peer:
             await asyncio.sleep(0.01)
 
     async def connect(self):
-        self.client = QMPClient(self.kind)
-        self.listener = EventListener()
-        self.client.register_listener(self.listener)
-        await self.client.connect(self.sock)
+        # The socket file appears at bind(), a moment before listen(): a refused connection
+        # right after start is retried briefly (it made scenarios fail under load).
+        deadline = time.time() + 10
+        while True:
+            self.client = QMPClient(self.kind)
+            self.listener = EventListener()
+            self.client.register_listener(self.listener)
+            try:
+                await self.client.connect(self.sock)
+                break
+            except Exception as e:  # noqa: BLE001 - qemu.qmp's ConnectError wraps the OSError
+                exited = self.proc is not None and self.proc.poll() is not None
+                if "refused" not in str(e).lower() or exited or time.time() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
         self.pump = asyncio.get_running_loop().create_task(self._pump())
 
     async def _pump(self):
