@@ -4,50 +4,24 @@
 //! job's filter. The final contents equal a model, the top's header records the base after the
 //! intermediate commit, and `qemu-img check`/`compare` agree.
 
+mod common;
+
+use common::*;
+
 use async_trait::async_trait;
 use diskstream_block::format::Format;
 use diskstream_block::image::{chain_layers, open_image, OpenOptions};
 use diskstream_block::node::BlockNode;
 use diskstream_block::BlockError;
 use diskstream_jobs::commit::{CommitHooks, CommitJob};
-use diskstream_jobs::job::{EventSink, JobEvent, JobOptions};
+use diskstream_jobs::job::JobOptions;
 use diskstream_jobs::mirror::{CopyMode, MirrorConfig, MirrorHooks, MirrorJob, SyncMode};
 use diskstream_jobs::{JobManager, JobType, OnError};
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-const MIB: u64 = 1 << 20;
 const SIZE: u64 = 8 * MIB;
-
-struct Quiet;
-impl EventSink for Quiet {
-    fn emit(&self, _ev: JobEvent) {}
-}
-
-fn run(cmd: &str, args: &[&str], dir: &Path) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-async fn read_all(n: &Arc<dyn BlockNode>) -> Vec<u8> {
-    let mut v = vec![0u8; n.size() as usize];
-    for (i, c) in v.chunks_mut(MIB as usize).enumerate() {
-        n.read(i as u64 * MIB, c).await.expect("read");
-    }
-    v
-}
 
 /// base.qed (0x11 everywhere) <- mid.qed (0x22 @1-3M, zeroes @4-5M) <- top.qed (4 KiB
 /// clusters, 0x33 @6M+100k), all QED, made by qemu-img/qemu-io; the top opened read-write.

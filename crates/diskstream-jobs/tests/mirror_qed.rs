@@ -4,54 +4,28 @@
 //! The target must equal the source plus every acknowledged write; `qemu-img check` and
 //! `qemu-img compare` agree.
 
+mod common;
+
+use common::*;
+
 use async_trait::async_trait;
 use diskstream_block::format::qed::create::{create, CreateOptions};
 use diskstream_block::format::Format;
 use diskstream_block::image::{chain_layers, open_image, OpenOptions};
 use diskstream_block::node::BlockNode;
-use diskstream_jobs::job::{EventSink, JobEvent, JobOptions};
+use diskstream_jobs::job::JobOptions;
 use diskstream_jobs::mirror::{CopyMode, MirrorConfig, MirrorHooks, MirrorJob, SyncMode};
 use diskstream_jobs::{JobManager, JobType, OnError};
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-const MIB: u64 = 1 << 20;
 const SIZE: u64 = 8 * MIB;
-
-struct Quiet;
-impl EventSink for Quiet {
-    fn emit(&self, _ev: JobEvent) {}
-}
 
 struct NoHooks;
 #[async_trait]
 impl MirrorHooks for NoHooks {
     async fn finish(&self, _pivot: bool) {}
-}
-
-fn run(cmd: &str, args: &[&str], dir: &Path) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-async fn read_all(n: &Arc<dyn BlockNode>) -> Vec<u8> {
-    let mut v = vec![0u8; n.size() as usize];
-    for (i, c) in v.chunks_mut(MIB as usize).enumerate() {
-        n.read(i as u64 * MIB, c).await.expect("read");
-    }
-    v
 }
 
 async fn open(path: &Path, read_only: bool) -> Arc<dyn BlockNode> {

@@ -3,46 +3,18 @@
 //! backing link is rewritten in the QED header (intermediate streams record the new backing
 //! with its format, raw ones with QED's no-probe flag), and `qemu-img check`/`compare` agree.
 
+mod common;
+
+use common::*;
+
 use diskstream_block::format::Format;
 use diskstream_block::image::{chain_layers, open_image, OpenOptions};
-use diskstream_block::node::BlockNode;
-use diskstream_jobs::job::{EventSink, JobEvent, JobOptions};
+use diskstream_jobs::job::JobOptions;
 use diskstream_jobs::stream::NoHooks;
 use diskstream_jobs::{JobManager, JobType, StreamConfig, StreamJob};
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
-
-const MIB: u64 = 1 << 20;
-
-struct Quiet;
-impl EventSink for Quiet {
-    fn emit(&self, _ev: JobEvent) {}
-}
-
-fn run(cmd: &str, args: &[&str], dir: &Path) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-async fn read_all(n: &Arc<dyn BlockNode>) -> Vec<u8> {
-    let mut v = vec![0u8; n.size() as usize];
-    for (i, c) in v.chunks_mut(MIB as usize).enumerate() {
-        n.read(i as u64 * MIB, c).await.expect("read");
-    }
-    v
-}
 
 async fn stream(dir: &Path, mid_fmt: &str, intermediate: bool) {
     let size = 8 * MIB;

@@ -1,5 +1,6 @@
-//! Helpers shared by the stream job's integration tests: a random three-layer qcow2 chain,
-//! deterministic data patterns, an event recorder and `qemu-img check`.
+//! Helpers shared by the jobs' integration tests: a random three-layer qcow2 chain,
+//! deterministic data patterns, an event recorder (or a sink that drops events), a checked
+//! command runner and `qemu-img check`.
 #![allow(dead_code)]
 
 use diskstream_block::format::qcow2::create::{create, CreateOptions};
@@ -15,6 +16,28 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 
 pub const MIB: u64 = 1 << 20;
+
+/// An event sink that drops everything (tests that only look at the data).
+pub struct Quiet;
+impl EventSink for Quiet {
+    fn emit(&self, _ev: JobEvent) {}
+}
+
+/// Run `cmd args` in `dir`; panics with its output unless it succeeds; returns its stdout.
+pub fn run(cmd: &str, args: &[&str], dir: &Path) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
 
 #[derive(Default)]
 pub struct Events(pub Mutex<Vec<JobEvent>>);
