@@ -151,6 +151,37 @@ pub struct GraphNode {
 }
 
 impl GraphNode {
+    /// A filter node over `target` (a job's or an export's copy-on-read filter): no image of
+    /// its own beyond `block`, no backing, not monitor-owned. The one place both kinds of
+    /// filter nodes are built.
+    fn filter(
+        id: NodeId,
+        name: String,
+        read_only: bool,
+        filename: String,
+        block: Option<Arc<dyn BlockNode>>,
+        target: NodeId,
+    ) -> GraphNode {
+        GraphNode {
+            id,
+            name,
+            driver: Driver::CopyOnRead,
+            read_only,
+            explicit_ro: false,
+            monitor_owned: false,
+            filename,
+            proto: None,
+            block,
+            file: Some(target),
+            backing: None,
+            blocker: None,
+            intermediate_of: None,
+            backing_from_header: false,
+            backing_file_str: None,
+            lock_path: None,
+        }
+    }
+
     /// The next node down a chain: a filter's child, a format node's backing.
     pub fn chain_next(&self) -> Option<NodeId> {
         match self.driver {
@@ -1356,24 +1387,9 @@ impl Graph {
                 u.node = id;
             }
         }
-        self.nodes.push(GraphNode {
-            id,
-            name,
-            driver: Driver::CopyOnRead,
-            read_only,
-            explicit_ro: false,
-            monitor_owned: false,
-            filename,
-            proto: None,
-            block,
-            file: Some(target),
-            backing: None,
-            blocker: None,
-            intermediate_of: None,
-            backing_from_header: false,
-            backing_file_str: None,
-            lock_path: None,
-        });
+        self.nodes.push(GraphNode::filter(
+            id, name, read_only, filename, block, target,
+        ));
         self.sync_users().await;
         Ok(id)
     }
@@ -1406,24 +1422,14 @@ impl Graph {
             filter.unit(),
             filter.config().readahead
         );
-        self.nodes.push(GraphNode {
+        self.nodes.push(GraphNode::filter(
             id,
             name,
-            driver: Driver::CopyOnRead,
             read_only,
-            explicit_ro: false,
-            monitor_owned: false,
             filename,
-            proto: None,
-            block: Some(filter),
-            file: Some(target),
-            backing: None,
-            blocker: None,
-            intermediate_of: None,
-            backing_from_header: false,
-            backing_file_str: None,
-            lock_path: None,
-        });
+            Some(filter),
+            target,
+        ));
         Ok(Some(id))
     }
 
