@@ -449,6 +449,14 @@ pub trait MirrorHooks: Send + Sync {
     async fn clean(&self) {}
 }
 
+/// Hooks that do nothing (library use, tests): nobody to move at the end of the job.
+pub struct NoHooks;
+
+#[async_trait]
+impl MirrorHooks for NoHooks {
+    async fn finish(&self, _pivot: bool) {}
+}
+
 /// The mirror job driver.
 pub struct MirrorJob {
     source: Arc<dyn BlockNode>,

@@ -15,7 +15,7 @@ use diskstream_block::node::BlockNode;
 use diskstream_block::BlockError;
 use diskstream_jobs::commit::{CommitHooks, CommitJob};
 use diskstream_jobs::job::JobOptions;
-use diskstream_jobs::mirror::{CopyMode, MirrorConfig, MirrorHooks, MirrorJob, SyncMode};
+use diskstream_jobs::mirror::{CopyMode, MirrorConfig, MirrorJob, NoHooks, SyncMode};
 use diskstream_jobs::{JobManager, JobType, OnError};
 use std::path::Path;
 use std::sync::Arc;
@@ -189,12 +189,6 @@ async fn commit_qed_intermediate() {
     check_and_compare(d, "top.qed", &model);
 }
 
-struct NoMirrorHooks;
-#[async_trait]
-impl MirrorHooks for NoMirrorHooks {
-    async fn finish(&self, _pivot: bool) {}
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commit_qed_active() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -218,7 +212,7 @@ async fn commit_qed_active() {
             on_target_error: OnError::Report,
             grow_target: true,
         },
-        Arc::new(NoMirrorHooks),
+        Arc::new(NoHooks),
     ));
     let filter = driver.filter();
     let mgr = JobManager::new(Arc::new(Quiet));

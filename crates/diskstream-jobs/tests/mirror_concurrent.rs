@@ -4,13 +4,12 @@
 //! cancel the target must equal the source as it was at the cancel. Both copy modes; images
 //! pass `qemu-img check` and `qemu-img compare` agrees with our reads.
 
-use async_trait::async_trait;
 use diskstream_block::format::qcow2::create::{create, CreateOptions};
 use diskstream_block::format::Format;
 use diskstream_block::image::{open_image, OpenOptions};
 use diskstream_block::node::BlockNode;
 use diskstream_jobs::job::{EventSink, JobEvent, JobOptions};
-use diskstream_jobs::mirror::{CopyMode, MirrorConfig, MirrorHooks, MirrorJob, SyncMode};
+use diskstream_jobs::mirror::{CopyMode, MirrorConfig, MirrorJob, NoHooks, SyncMode};
 use diskstream_jobs::{JobManager, JobType, OnError};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -26,12 +25,6 @@ const SIZE: u64 = 16 * MIB;
 struct NoEvents;
 impl EventSink for NoEvents {
     fn emit(&self, _ev: JobEvent) {}
-}
-
-struct NoHooks;
-#[async_trait]
-impl MirrorHooks for NoHooks {
-    async fn finish(&self, _pivot: bool) {}
 }
 
 fn qemu_img(args: &[&str]) -> (bool, String) {

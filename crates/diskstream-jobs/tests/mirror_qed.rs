@@ -8,25 +8,18 @@ mod common;
 
 use common::*;
 
-use async_trait::async_trait;
 use diskstream_block::format::qed::create::{create, CreateOptions};
 use diskstream_block::format::Format;
 use diskstream_block::image::{chain_layers, open_image, OpenOptions};
 use diskstream_block::node::BlockNode;
 use diskstream_jobs::job::JobOptions;
-use diskstream_jobs::mirror::{CopyMode, MirrorConfig, MirrorHooks, MirrorJob, SyncMode};
+use diskstream_jobs::mirror::{CopyMode, MirrorConfig, MirrorJob, NoHooks, SyncMode};
 use diskstream_jobs::{JobManager, JobType, OnError};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 const SIZE: u64 = 8 * MIB;
-
-struct NoHooks;
-#[async_trait]
-impl MirrorHooks for NoHooks {
-    async fn finish(&self, _pivot: bool) {}
-}
 
 async fn open(path: &Path, read_only: bool) -> Arc<dyn BlockNode> {
     open_image(
