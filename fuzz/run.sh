@@ -3,6 +3,8 @@
 # the corpora first. A crash, leak, timeout or OOM fails the script and leaves the reproducer in
 # fuzz/artifacts/<target>/. Usage: bash fuzz/run.sh [SECONDS] [TARGET...]
 # CI runs it briefly; for a soak: bash fuzz/run.sh 3600
+# FUZZ_BUILD_ONLY=1 builds the targets and stops (CI builds them in the background while the
+# tests run, then runs them).
 #
 # With cargo-fuzz installed the targets are built by `cargo fuzz` with AddressSanitizer (the
 # soak setup). Without it (CI, or FUZZ_DIRECT=1) they are built by plain cargo with the same
@@ -32,6 +34,10 @@ else
     for t in "${targets[@]}"; do bins+=(--bin "$t"); done
     cargo build --release --quiet --target "$triple" --target-dir target/direct "${bins[@]}"
     run_target() { "target/direct/$triple/release/$1" -artifact_prefix="artifacts/$1/" "corpus/$1" "${@:2}"; }
+fi
+if [ "${FUZZ_BUILD_ONLY:-0}" = 1 ]; then
+    echo "fuzz targets built: ${targets[*]}"
+    exit 0
 fi
 for t in "${targets[@]}"; do
     mkdir -p "corpus/$t" "artifacts/$t"
