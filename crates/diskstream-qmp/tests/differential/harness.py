@@ -937,8 +937,10 @@ async def sc_export_ro_stream(p):
     await p.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "top",
                                      "writable": True})
     await p.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "top"})
+    # Slow enough that the job is still running after the reads on a loaded machine (at
+    # 4 MiB/s QSD's job once finished first there).
     await p.cmd("block-stream", {"job-id": "s", "device": "top", "base-node": "base",
-                                 "speed": 4 * MiB})
+                                 "speed": 1 * MiB})
     await p.cmd("query-block-exports", masked=("node-name",))
     await p.io("top", "read -P 0x33 8M 8M", "read -P 0x44 48M 1M", ro=True)
     await p.cmd("block-job-set-speed", {"device": "s", "speed": 0})
