@@ -109,6 +109,19 @@ pub trait BlockNode: Send + Sync + 'static {
         self.read(offset, &mut buf[at..]).await?;
         Ok(buf)
     }
+    /// `[offset, offset+len)` of this node as one range of a local file that the page cache
+    /// holds now, when the node stores the whole range there as plain data (no backing file,
+    /// no compression, no zeroes, no filter in between); else `None`, and the caller reads as
+    /// usual. Lets the NBD server send cached data with `sendfile` (one copy fewer). The slice
+    /// is what [`BlockNode::read_append`] would read at this moment: like a read, it races
+    /// only with writes the client issued concurrently to the same range.
+    async fn resident_slice(
+        &self,
+        _offset: u64,
+        _len: u64,
+    ) -> Result<Option<crate::protocol::FileSlice>> {
+        Ok(None)
+    }
     /// Write `data` at `offset`.
     async fn write(&self, offset: u64, data: &[u8]) -> Result<()>;
     /// Write an owned buffer and hand it back for reuse. Bulk copies (mirror, commit) use it

@@ -32,6 +32,8 @@
 mod handshake;
 mod transmission;
 
+pub use transmission::sendfile_bytes;
+
 use crate::proto;
 use diskstream_block::node::BlockNode;
 use diskstream_block::BlockBackend;
@@ -303,20 +305,27 @@ impl Listener {
         }
     }
 
-    async fn accept(&self) -> io::Result<BoxStream> {
+    async fn accept(&self) -> io::Result<Accepted> {
         match self {
             Listener::Tcp(l) => {
                 let (s, _) = l.accept().await?;
                 // Replies are written whole by one writer; Nagle would only add latency.
                 let _ = s.set_nodelay(true);
-                Ok(Box::new(s))
+                Ok(Accepted::Tcp(s))
             }
             Listener::Unix(l, _) => {
                 let (s, _) = l.accept().await?;
-                Ok(Box::new(s))
+                Ok(Accepted::Unix(s))
             }
         }
     }
+}
+
+/// A connection a listener accepted, still of its concrete type (so that [`Server::handle`]
+/// can find its socket for `sendfile`).
+enum Accepted {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
 }
 
 /// Connection counters, observable through [`Server::counts`].
@@ -645,7 +654,10 @@ impl Server {
             };
             let me = self.clone();
             tokio::spawn(async move {
-                me.handle(stream).await;
+                match stream {
+                    Accepted::Tcp(s) => me.handle(s).await,
+                    Accepted::Unix(s) => me.handle(s).await,
+                }
                 drop(permit);
             });
         }
@@ -663,6 +675,9 @@ impl Server {
         if *stop.borrow() {
             return;
         }
+        // A plain socket (not a TLS stream, not an in-memory pipe) can take file pages
+        // straight from the page cache; see `transmission`.
+        let socket = transmission::SendfileSocket::of(&stream);
         let boxed: BoxStream = Box::new(stream);
         let neg = tokio::time::timeout(
             self.shared.handshake_timeout,
@@ -681,7 +696,8 @@ impl Server {
             Ok(Ok(None)) => return,
             Ok(Ok(Some(t))) => t,
         };
-        transmission::run(&self.shared, stream, session, stop).await;
+        let socket = if session.tls { None } else { socket };
+        transmission::run(&self.shared, stream, session, stop, socket).await;
     }
 
     /// Stop accepting, let every connection finish the requests it has read (their replies are

@@ -110,6 +110,15 @@ impl BlockNode for RawNode {
         self.file.read_append(offset, buf, len).await
     }
 
+    async fn resident_slice(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<crate::protocol::FileSlice>> {
+        check_bounds(offset, len, self.size())?;
+        Ok(self.file.resident_slice(offset, len))
+    }
+
     async fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
         check_bounds(offset, data.len() as u64, self.size())?;
         self.guard_first_sector(offset, data.len() as u64, Some(data))

@@ -4,6 +4,7 @@
 //! protocol each and translate guest offsets into protocol ("host") offsets.
 
 pub mod crash;
+pub use file::FileSlice;
 pub mod file;
 pub mod mem;
 
@@ -68,6 +69,16 @@ pub trait Protocol: Send + Sync {
 
     /// Announce a driver event (see [`DebugEvent`]); ordinary storage ignores it.
     fn debug_event(&self, _event: DebugEvent) {}
+
+    /// `[offset, offset+len)` as a range of a local file whose pages the page cache holds
+    /// right now, or `None`. A front end that sends reads to a socket (the NBD server) can
+    /// then have the kernel send those pages (`sendfile`) instead of copying them out and back
+    /// in. Only a plain local file answers; wrappers that watch or alter reads (blkdebug, the
+    /// crash simulator) keep the default, so their reads take the ordinary path. Must not
+    /// block: the check runs on the caller's thread.
+    fn resident_slice(&self, _offset: u64, _len: u64) -> Option<FileSlice> {
+        None
+    }
 
     /// Read `len` bytes at `offset` and append them to `buf`, handing the buffer back. This is
     /// the copy-free read: a driver that owns its I/O (the file protocol) reads straight into

@@ -63,6 +63,9 @@ pub(crate) struct Session {
     pub(crate) size: u64,
     /// Transmission flags advertised.
     pub(crate) flags: u16,
+    /// Whether the connection runs over TLS (then the socket carries records, and replies
+    /// must go through the TLS stream, never straight to the socket).
+    pub(crate) tls: bool,
 }
 
 /// Why negotiation ended without a transmission phase.
@@ -390,6 +393,7 @@ impl Conn<'_> {
                 contexts,
                 size,
                 flags,
+                tls: self.st.tls,
             },
         ))
     }
@@ -534,6 +538,7 @@ impl Conn<'_> {
                 contexts,
                 size,
                 flags,
+                tls: self.st.tls,
             },
         )))
     }

@@ -47,6 +47,7 @@ use super::{BoxStream, Shared, MAX_EXTENTS};
 use crate::proto::*;
 use diskstream_block::format::qcow2::Qcow2;
 use diskstream_block::node::BlockNode;
+use diskstream_block::protocol::FileSlice;
 use diskstream_block::status::map_extent;
 use diskstream_block::{BlockBackend, BlockError};
 use std::io;
@@ -119,8 +120,114 @@ struct Permits {
 
 /// A complete reply (every chunk of it), queued for the writer.
 struct Reply {
-    bufs: Vec<Vec<u8>>,
+    parts: Vec<Part>,
     _permits: Permits,
+}
+
+/// A piece of a reply, in wire order.
+enum Part {
+    /// Bytes to write as they are.
+    Bytes(Vec<u8>),
+    /// A header, then data the page cache holds, sent from the file with `sendfile`.
+    File { head: Vec<u8>, data: FileSlice },
+}
+
+fn bytes(bufs: Vec<Vec<u8>>) -> Vec<Part> {
+    bufs.into_iter().map(Part::Bytes).collect()
+}
+
+/// Bytes sent with `sendfile` by every server of this process (see [`sendfile_bytes`]).
+static SENDFILE_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Read data sent straight from the page cache (`sendfile`) since the process started, all
+/// servers together: how much of the read traffic skipped the copy through a buffer.
+pub fn sendfile_bytes() -> u64 {
+    SENDFILE_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Smallest read whose cached data is sent with `sendfile`. Below it the copy is cheap and
+/// one write (header and data together) beats two system calls.
+const SENDFILE_MIN: usize = 64 * 1024;
+
+/// The socket of a plain (not TLS) TCP or unix connection, registered with the runtime for
+/// write readiness, so the writer can `sendfile` cached image data into it: the kernel then
+/// hands the page-cache pages to the socket, where a read into a buffer and a write out of it
+/// would copy every byte twice. Profiles of nbdcopy reading a cached image showed the two
+/// copies as 58 % of the server's CPU, half of it the read.
+///
+/// It is a duplicate descriptor of the connection's socket: the tokio stream keeps writing
+/// headers and ordinary replies, and this one only the file data, always after the writer
+/// flushed everything before it, so the byte order on the wire is the reply order.
+pub(crate) struct SendfileSocket {
+    fd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
+}
+
+impl SendfileSocket {
+    /// The socket under `stream` if it is a plain TCP or unix stream, else `None`.
+    pub(crate) fn of<S: 'static>(stream: &S) -> Option<SendfileSocket> {
+        use std::os::fd::AsFd;
+        let any = stream as &dyn std::any::Any;
+        let fd = if let Some(t) = any.downcast_ref::<tokio::net::TcpStream>() {
+            t.as_fd().try_clone_to_owned()
+        } else if let Some(u) = any.downcast_ref::<tokio::net::UnixStream>() {
+            u.as_fd().try_clone_to_owned()
+        } else {
+            return None;
+        };
+        let fd = fd.ok()?;
+        // SAFETY: an OwnedFd is a valid open descriptor that stays open, and always returns
+        // the same raw fd, until the AsyncFd that owns it drops it.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::WRITABLE)
+        };
+        fd.ok().map(|fd| SendfileSocket { fd })
+    }
+
+    /// Send `head` (with `MSG_MORE`, so it leaves in the same segments as the data instead
+    /// of a packet of its own), then `data` from its file, waiting for socket space as a
+    /// write would.
+    async fn send(&self, head: &[u8], data: &FileSlice) -> io::Result<()> {
+        let mut pos = 0;
+        while pos < head.len() {
+            let mut ready = self.fd.writable().await?;
+            let r = ready.try_io(|fd| {
+                let flags = rustix::net::SendFlags::MORE | rustix::net::SendFlags::NOSIGNAL;
+                rustix::net::send(fd.get_ref(), &head[pos..], flags).map_err(io::Error::from)
+            });
+            match r {
+                Ok(Ok(n)) => pos += n,
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => {}
+            }
+        }
+        let end = data.offset + data.len;
+        let mut off = data.offset;
+        while off < end {
+            let mut ready = self.fd.writable().await?;
+            let r = ready.try_io(|fd| {
+                let want = usize::try_from(end - off)
+                    .unwrap_or(usize::MAX)
+                    .min(1 << 30);
+                rustix::fs::sendfile(fd.get_ref(), &*data.file, Some(&mut off), want)
+                    .map_err(io::Error::from)
+            });
+            match r {
+                Ok(Ok(0)) => {
+                    // The file shrank under the reply: the client cannot be given the rest.
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "image file ended in the middle of a read reply",
+                    ));
+                }
+                Ok(Ok(n)) => {
+                    SENDFILE_BYTES.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => {}
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A request's failure: the NBD errno and a message for structured error chunks.
@@ -162,6 +269,8 @@ struct Conn {
     writethrough: bool,
     contexts: Vec<Context>,
     bufs: BufPool,
+    /// Whether read replies may carry file slices ([`SendfileSocket`]).
+    sendfile: bool,
 }
 
 /// Run the transmission phase until the connection ends.
@@ -170,6 +279,7 @@ pub(crate) async fn run(
     stream: BoxStream,
     session: Session,
     mut stop: watch::Receiver<bool>,
+    socket: Option<SendfileSocket>,
 ) {
     let e = &session.export.export;
     let mut kill = session.export.kill.subscribe();
@@ -182,6 +292,7 @@ pub(crate) async fn run(
         writethrough: e.writethrough,
         contexts: session.contexts.clone(),
         bufs: BufPool::default(),
+        sendfile: socket.is_some(),
     });
     tracing::debug!(
         "NBD client on export '{}': {} headers, flags {:#x}, contexts {:?}",
@@ -194,7 +305,7 @@ pub(crate) async fn run(
     let mut rd = BufReader::with_capacity(64 * 1024, rd);
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
     let (dead_tx, mut dead) = watch::channel(false);
-    let writer = tokio::spawn(writer(wr, rx, dead_tx, Arc::clone(&conn)));
+    let writer = tokio::spawn(writer(wr, rx, dead_tx, Arc::clone(&conn), socket));
     let max_requests = shared.max_requests.min(Semaphore::MAX_PERMITS) as u32;
     let requests = Arc::new(Semaphore::new(max_requests as usize));
     let byte_units = (shared.max_buffered / BYTE_UNIT).min(Semaphore::MAX_PERMITS);
@@ -273,10 +384,10 @@ pub(crate) async fn run(
         let c = Arc::clone(&conn);
         let tx = tx.clone();
         tokio::spawn(async move {
-            let bufs = c.handle(&req, payload).await;
+            let parts = c.handle(&req, payload).await;
             // A closed channel means the client is gone: the reply and permits just drop.
             let _ = tx.send(Reply {
-                bufs,
+                parts,
                 _permits: permits,
             });
         });
@@ -307,14 +418,16 @@ async fn writer(
     mut rx: mpsc::UnboundedReceiver<Reply>,
     dead: watch::Sender<bool>,
     conn: Arc<Conn>,
+    socket: Option<SendfileSocket>,
 ) {
     let mut w = BufWriter::with_capacity(256 * 1024, wr);
+    let socket = socket.as_ref();
     let r: io::Result<()> = async {
         while let Some(first) = rx.recv().await {
-            write_reply(&mut w, first, &conn.bufs).await?;
+            write_reply(&mut w, first, &conn.bufs, socket).await?;
             // Everything already queued goes out with a single flush.
             while let Ok(next) = rx.try_recv() {
-                write_reply(&mut w, next, &conn.bufs).await?;
+                write_reply(&mut w, next, &conn.bufs, socket).await?;
             }
             w.flush().await?;
         }
@@ -332,11 +445,25 @@ async fn write_reply(
     w: &mut BufWriter<WriteHalf<BoxStream>>,
     r: Reply,
     pool: &BufPool,
+    socket: Option<&SendfileSocket>,
 ) -> io::Result<()> {
-    for b in r.bufs {
-        w.write_all(&b).await?;
-        // Once in the writer (or the socket), the bytes are no longer needed.
-        pool.put(b);
+    for p in r.parts {
+        match p {
+            Part::Bytes(b) => {
+                w.write_all(&b).await?;
+                // Once in the writer (or the socket), the bytes are no longer needed.
+                pool.put(b);
+            }
+            Part::File { head, data } => {
+                // Everything before this part must be on the socket first.
+                w.flush().await?;
+                match socket {
+                    Some(s) => s.send(&head, &data).await?,
+                    // Only connections with a socket get file parts.
+                    None => return Err(io::Error::other("file reply part without a socket")),
+                }
+            }
+        }
     }
     Ok(())
 }
@@ -355,7 +482,7 @@ impl std::ops::Deref for Req<'_> {
 }
 
 impl Conn {
-    async fn handle(&self, req: &Request, payload: Option<Vec<u8>>) -> Vec<Vec<u8>> {
+    async fn handle(&self, req: &Request, payload: Option<Vec<u8>>) -> Vec<Part> {
         // Join the backend's in-flight set: a node swap waits for this request to finish.
         let node = self.backend.acquire().await;
         Req {
@@ -372,10 +499,10 @@ impl Req<'_> {
         self.mode == Mode::Extended
     }
 
-    async fn handle(&self, req: &Request, payload: Option<Vec<u8>>) -> Vec<Vec<u8>> {
+    async fn handle(&self, req: &Request, payload: Option<Vec<u8>>) -> Vec<Part> {
         match self.execute(req, payload).await {
-            Ok(Some(bufs)) => bufs,
-            Ok(None) => self.done_reply(req),
+            Ok(Some(parts)) => parts,
+            Ok(None) => bytes(self.done_reply(req)),
             Err(e) => {
                 tracing::debug!(
                     "NBD {} at {} length {} on '{}' failed: errno {}: {}",
@@ -386,7 +513,7 @@ impl Req<'_> {
                     e.errno,
                     e.msg
                 );
-                self.error_reply(req, e)
+                bytes(self.error_reply(req, e))
             }
         }
     }
@@ -443,7 +570,7 @@ impl Req<'_> {
         &self,
         req: &Request,
         payload: Option<Vec<u8>>,
-    ) -> Result<Option<Vec<Vec<u8>>>, ReqError> {
+    ) -> Result<Option<Vec<Part>>, ReqError> {
         let ext = self.extended();
         let cmd = req.command;
         let mut allowed = CMD_FLAG_FUA;
@@ -547,27 +674,41 @@ impl Req<'_> {
                 }
                 Ok(None)
             }
-            _ => self.block_status(req, len, ids).await.map(Some),
+            _ => self
+                .block_status(req, len, ids)
+                .await
+                .map(|b| Some(bytes(b))),
         }
     }
 
-    async fn read(&self, req: &Request, len: u64) -> Result<Vec<Vec<u8>>, ReqError> {
+    async fn read(&self, req: &Request, len: u64) -> Result<Vec<Part>, ReqError> {
         if req.flags & CMD_FLAG_FUA != 0 {
             self.node.flush().await?;
         }
         let n = len as usize;
         if self.mode == Mode::Simple {
-            let mut b = self.bufs.take(SimpleReply::LEN + n);
+            let resident = self.resident(req.offset, n).await;
+            let mut b = self.bufs.take(match resident {
+                Some(_) => SimpleReply::LEN,
+                None => SimpleReply::LEN + n,
+            });
             SimpleReply {
                 error: 0,
                 cookie: req.cookie,
             }
             .encode(&mut b);
+            if let Some(data) = resident {
+                return Ok(vec![Part::File { head: b, data }]);
+            }
             let b = self.node.read_append(req.offset, b, n).await?;
-            return Ok(vec![b]);
+            return Ok(vec![Part::Bytes(b)]);
         }
         if n == 0 {
-            return Ok(vec![self.chunk(req, REPLY_FLAG_DONE, &Chunk::None)?]);
+            return Ok(vec![Part::Bytes(self.chunk(
+                req,
+                REPLY_FLAG_DONE,
+                &Chunk::None,
+            )?)]);
         }
         if req.flags & CMD_FLAG_DF != 0 {
             return Ok(vec![self.data_chunk(req, req.offset, n, true).await?]);
@@ -582,7 +723,7 @@ impl Req<'_> {
                     offset: start,
                     length: rlen as u32,
                 };
-                out.push(self.chunk(req, flags, &c)?);
+                out.push(Part::Bytes(self.chunk(req, flags, &c)?));
             } else {
                 out.push(
                     self.data_chunk(req, start, rlen as usize, i == last)
@@ -613,21 +754,41 @@ impl Req<'_> {
         runs
     }
 
-    /// One `OFFSET_DATA` chunk, read straight into the reply buffer (no copy, no zero-fill).
+    /// The file range to `sendfile` for a read of `n` bytes at `offset`, when the connection
+    /// can, the read is large enough to be worth it and the node has the data cached in one
+    /// file range; else `None` (the read goes into the reply buffer).
+    async fn resident(&self, offset: u64, n: usize) -> Option<FileSlice> {
+        if !self.sendfile || n < SENDFILE_MIN {
+            return None;
+        }
+        // An error here only means the ordinary read path (which reports it).
+        self.node
+            .resident_slice(offset, n as u64)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// One `OFFSET_DATA` chunk: its data sent from the page cache when it is there (see
+    /// [`SendfileSocket`]), else read straight into the reply buffer (no copy, no zero-fill).
     async fn data_chunk(
         &self,
         req: &Request,
         offset: u64,
         n: usize,
         done: bool,
-    ) -> Result<Vec<u8>, ReqError> {
+    ) -> Result<Part, ReqError> {
         let ext = self.extended();
         let hl = if ext {
             ChunkHeader::EXTENDED_LEN
         } else {
             ChunkHeader::STRUCTURED_LEN
         };
-        let mut b = self.bufs.take(hl + 8 + n);
+        let resident = self.resident(offset, n).await;
+        let mut b = self.bufs.take(match resident {
+            Some(_) => hl + 8,
+            None => hl + 8 + n,
+        });
         ChunkHeader {
             flags: if done { REPLY_FLAG_DONE } else { 0 },
             kind: REPLY_TYPE_OFFSET_DATA,
@@ -637,7 +798,10 @@ impl Req<'_> {
         }
         .encode(ext, &mut b)?;
         b.extend_from_slice(&offset.to_be_bytes());
-        Ok(self.node.read_append(offset, b, n).await?)
+        if let Some(data) = resident {
+            return Ok(Part::File { head: b, data });
+        }
+        Ok(Part::Bytes(self.node.read_append(offset, b, n).await?))
     }
 
     /// Prefetch: read the data extents (not the zero ones) of at most 32 MiB of the range, so

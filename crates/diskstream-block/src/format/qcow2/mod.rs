@@ -1297,6 +1297,28 @@ impl BlockNode for Qcow2 {
         Ok(buf)
     }
 
+    /// The condition of [`BlockNode::read_append`]'s direct path (one data run in this
+    /// image's file covering the request), then the file's own residency check.
+    async fn resident_slice(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<crate::protocol::FileSlice>> {
+        check_bounds(offset, len, self.size())?;
+        let Ok(n) = usize::try_from(len) else {
+            return Ok(None);
+        };
+        let runs = self.map_read(offset, n).await?;
+        if let [(0, run)] = runs[..] {
+            if let (Kind::Data, Some(host)) = (run.kind, run.host) {
+                if run.len == len {
+                    return Ok(self.file.resident_slice(host, len));
+                }
+            }
+        }
+        Ok(None)
+    }
+
     async fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
         check_bounds(offset, data.len() as u64, self.size())?;
         let mut src = WriteSrc::Borrowed(data);
