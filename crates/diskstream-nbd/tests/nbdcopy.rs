@@ -9,6 +9,11 @@ use common::*;
 use diskstream_nbd::proto::{Mode, CMD_READ};
 use std::process::Command;
 
+/// `qemu-img compare` of two images (fails the test if they differ).
+fn compare(fa: &str, a: &str, fb: &str, b: &str) {
+    qemu_img(&["compare", "-q", "-f", fa, "-F", fb, a, b]);
+}
+
 fn nbdcopy(args: &[&str]) {
     require("nbdcopy");
     run(Command::new("nbdcopy").args(args));
@@ -72,16 +77,7 @@ fn nbdcopy_both_directions() {
     // Export → file.
     let out = dir.path().join("out.raw");
     nbdcopy(&[&srv.tcp_uri("chain"), out.to_str().unwrap()]);
-    qemu_img(&[
-        "compare",
-        "-q",
-        "-f",
-        "raw",
-        "-F",
-        "qcow2",
-        out.to_str().unwrap(),
-        top.to_str().unwrap(),
-    ]);
+    compare("raw", out.to_str().unwrap(), "qcow2", top.to_str().unwrap());
 
     // File → export, over 4 connections (multi-conn), with a final flush.
     nbdcopy(&["--flush", "-C", "4", s, &srv.unix_uri("dst")]);
@@ -98,17 +94,8 @@ fn nbdcopy_both_directions() {
 
     qemu_img(&["check", "-q", d]);
     qemu_img(&["check", "-q", d2]);
-    qemu_img(&["compare", "-q", "-f", "raw", "-F", "qcow2", s, d]);
-    qemu_img(&[
-        "compare",
-        "-q",
-        "-f",
-        "qcow2",
-        "-F",
-        "qcow2",
-        top.to_str().unwrap(),
-        d2,
-    ]);
+    compare("raw", s, "qcow2", d);
+    compare("qcow2", top.to_str().unwrap(), "qcow2", d2);
     // Holes of the source stayed holes (nbdcopy zeroed them sparsely).
     let map = qemu_img(&["map", "--output=json", d]);
     let v: serde_json::Value = serde_json::from_str(&map).unwrap();
@@ -206,27 +193,9 @@ fn cached_reads_are_sent_from_the_page_cache() {
     );
     let out = dir.path().join("out.raw");
     nbdcopy(&[&srv.unix_uri("q"), out.to_str().unwrap()]);
-    qemu_img(&[
-        "compare",
-        "-q",
-        "-f",
-        "raw",
-        "-F",
-        "qcow2",
-        out.to_str().unwrap(),
-        qs,
-    ]);
+    compare("raw", out.to_str().unwrap(), "qcow2", qs);
     let out2 = dir.path().join("out2.raw");
     nbdcopy(&[&srv.unix_uri("r"), out2.to_str().unwrap()]);
-    qemu_img(&[
-        "compare",
-        "-q",
-        "-f",
-        "raw",
-        "-F",
-        "raw",
-        out2.to_str().unwrap(),
-        rs,
-    ]);
+    compare("raw", out2.to_str().unwrap(), "raw", rs);
     srv.stop();
 }

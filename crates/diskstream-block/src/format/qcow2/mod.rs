@@ -1242,6 +1242,15 @@ impl Qcow2 {
     }
 }
 
+/// The host offset of a request of `len` bytes whose mapping `runs` is one data run in this
+/// image's file (the usual case for allocated clusters), so it can be read in one piece.
+fn one_data_run(runs: &[(usize, Run)], len: u64) -> Option<u64> {
+    match runs {
+        [(0, run)] if run.kind == Kind::Data && run.len == len => run.host,
+        _ => None,
+    }
+}
+
 #[async_trait]
 impl BlockNode for Qcow2 {
     fn format_name(&self) -> &'static str {
@@ -1283,13 +1292,9 @@ impl BlockNode for Qcow2 {
     async fn read_append(&self, offset: u64, mut buf: Vec<u8>, len: usize) -> Result<Vec<u8>> {
         check_bounds(offset, len as u64, self.size())?;
         let runs = self.map_read(offset, len).await?;
-        if let [(0, run)] = runs[..] {
-            if let (Kind::Data, Some(host)) = (run.kind, run.host) {
-                if run.len == len as u64 {
-                    self.file.debug_event(DebugEvent::ReadAio);
-                    return self.file.read_append(host, buf, len).await;
-                }
-            }
+        if let Some(host) = one_data_run(&runs, len as u64) {
+            self.file.debug_event(DebugEvent::ReadAio);
+            return self.file.read_append(host, buf, len).await;
         }
         let at = buf.len();
         buf.resize(at + len, 0);
@@ -1309,14 +1314,7 @@ impl BlockNode for Qcow2 {
             return Ok(None);
         };
         let runs = self.map_read(offset, n).await?;
-        if let [(0, run)] = runs[..] {
-            if let (Kind::Data, Some(host)) = (run.kind, run.host) {
-                if run.len == len {
-                    return Ok(self.file.resident_slice(host, len));
-                }
-            }
-        }
-        Ok(None)
+        Ok(one_data_run(&runs, len).and_then(|host| self.file.resident_slice(host, len)))
     }
 
     async fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
