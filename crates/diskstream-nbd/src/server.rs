@@ -128,6 +128,11 @@ pub struct ServerConfig {
     pub max_requests: usize,
     /// Payload bytes one connection may hold in flight (at least [`proto::MAX_PAYLOAD`]).
     pub max_buffered: usize,
+    /// Send cached read data with `sendfile` on plain TCP/unix connections (see
+    /// `transmission::SendfileSocket`). Off by default: on loopback it halves the server's CPU
+    /// per byte and speeds up multi-connection copies, but a single connection reading 1 MiB
+    /// requests got slower (docs/BENCHMARKS.md). `DISKSTREAM_SENDFILE=1` turns it on.
+    pub sendfile: bool,
 }
 
 impl ServerConfig {
@@ -140,6 +145,7 @@ impl ServerConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_requests: DEFAULT_MAX_REQUESTS,
             max_buffered: DEFAULT_MAX_BUFFERED,
+            sendfile: std::env::var_os("DISKSTREAM_SENDFILE").is_some_and(|v| v == "1"),
         }
     }
 }
@@ -489,6 +495,7 @@ pub(crate) struct Shared {
     pub(crate) handshake_timeout: Duration,
     pub(crate) max_requests: usize,
     pub(crate) max_buffered: usize,
+    sendfile: bool,
     slots: Arc<Semaphore>,
     shutdown: watch::Sender<bool>,
     counts: watch::Sender<ConnCounts>,
@@ -572,6 +579,7 @@ impl Server {
                 handshake_timeout: config.handshake_timeout,
                 max_requests: config.max_requests,
                 max_buffered: config.max_buffered,
+                sendfile: config.sendfile,
                 slots: Arc::new(Semaphore::new(
                     config.max_connections.min(Semaphore::MAX_PERMITS),
                 )),
@@ -677,7 +685,11 @@ impl Server {
         }
         // A plain socket (not a TLS stream, not an in-memory pipe) can take file pages
         // straight from the page cache; see `transmission`.
-        let socket = transmission::SendfileSocket::of(&stream);
+        let socket = if self.shared.sendfile {
+            transmission::SendfileSocket::of(&stream)
+        } else {
+            None
+        };
         let boxed: BoxStream = Box::new(stream);
         let neg = tokio::time::timeout(
             self.shared.handshake_timeout,
