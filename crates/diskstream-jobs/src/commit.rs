@@ -27,8 +27,9 @@ use diskstream_block::status::{allocated_above, map_extent};
 use diskstream_block::BlockError;
 use std::sync::Arc;
 
-/// Bytes copied per step.
-const CHUNK: u64 = 1 << 20;
+/// Bytes copied per step: QEMU's `COMMIT_BUFFER_SIZE`, so a job that fails reports the same
+/// progress as QEMU's (the chunks before the failing one).
+const CHUNK: u64 = 512 << 10;
 
 /// Callbacks into the graph owner.
 #[async_trait]

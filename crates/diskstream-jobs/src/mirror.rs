@@ -12,6 +12,14 @@
 //! whole (partly covered chunks keep their state). The mode can switch from background to
 //! write-blocking while the job runs (`block-job-change`).
 //!
+//! # Requests
+//! As QEMU's `mirror_iteration`: the job claims a run of up to `buf_size` dirty chunks, clears
+//! their bits, and cuts the run by the source's block status into data copies of up to
+//! `max(buf_size / 16, 1 MiB)` and one zero write per hole of whole granules (a hole shorter
+//! than a granule is copied with its granule as data), at most 16 requests in flight. A full
+//! sync into a target that writes zeroes cheaply first zeroes the whole target and then only
+//! copies what the source's chain allocates ([`SyncMode::FullZeroed`], QEMU's `zero_target`).
+//!
 //! # READY, complete, cancel
 //! When nothing is dirty and no copy is in flight the target is flushed and the job becomes
 //! READY. `complete` (or a soft cancel) then *quiesces* the filter: guest writes in flight
@@ -230,6 +238,18 @@ impl Shared {
         }
     }
 
+    /// Cut the claimed range `(off, len)` into `(off, n)` and the rest (still claimed), in
+    /// one step: no other request can slip in between.
+    fn split_claim(&self, off: u64, len: u64, n: u64) {
+        let mut b = lock(&self.busy);
+        if let Some(i) = b.iter().position(|&r| r == (off, len)) {
+            b[i] = (off, n);
+            if len > n {
+                b.push((off + n, len - n));
+            }
+        }
+    }
+
     fn unlock_range(&self, off: u64, len: u64) {
         let mut b = lock(&self.busy);
         if let Some(i) = b.iter().position(|&r| r == (off, len)) {
@@ -410,8 +430,14 @@ impl BlockNode for MirrorFilter {
 /// Which data the job copies at start (QAPI `MirrorSyncMode`, the supported ones).
 #[derive(Clone)]
 pub enum SyncMode {
-    /// The whole disk as the guest sees it (the target is fully overwritten).
+    /// The whole disk as the guest sees it (the target is fully overwritten): every chunk
+    /// starts dirty, holes of the source become zero writes of up to `buf_size`.
     Full,
+    /// The whole disk into a target that writes zeroes cheaply (QEMU's `zero_target` when
+    /// the target can write zeroes with unmap): zero the whole target first with large
+    /// write-zeroes (not counted as progress), then copy what the source's whole chain
+    /// allocates.
+    FullZeroed,
     /// What is allocated above this node (exclusive): `top` (the source's backing) and
     /// active commit (the base).
     Above(Option<Arc<dyn BlockNode>>),
@@ -437,6 +463,9 @@ pub struct MirrorConfig {
     /// Grow the target to the source's size first (active commit) instead of requiring
     /// equal sizes.
     pub grow_target: bool,
+    /// The target writes zeroes cheaply (QEMU's `bdrv_can_write_zeroes_with_unmap`): zero
+    /// writes of holes are not charged to the speed limit.
+    pub zeroes_free: bool,
 }
 
 /// Callbacks into the graph owner.
@@ -545,7 +574,11 @@ impl MirrorJob {
             SyncMode::Full => {
                 bm.set(0, size);
             }
-            SyncMode::Above(base) => {
+            SyncMode::FullZeroed | SyncMode::Above(_) => {
+                let base = match &self.cfg.sync {
+                    SyncMode::Above(b) => b.clone(),
+                    _ => None,
+                };
                 let mut pos = 0;
                 while pos < size {
                     let (alloc, n) =
@@ -558,6 +591,86 @@ impl MirrorJob {
             }
         }
         Ok(())
+    }
+
+    /// `FullZeroed`: zero the whole target before the initial scan, in requests of up to
+    /// 2 GiB (QEMU's `INT_MAX` rounded down to the granularity), at most `MAX_IN_FLIGHT` at
+    /// a time; not counted as progress. A failed request leaves its range dirty, so it is
+    /// copied (zeroes included) later unless the error policy ends the job. Stops early when
+    /// the job is cancelled.
+    async fn zero_whole_target(&self, job: &Job) -> Result<(), JobFailure> {
+        let size = self.source.size();
+        let g = self.cfg.granularity;
+        let step = (i32::MAX as u64 / g * g).max(g);
+        let mut set: JoinSet<(u64, u64, BlockResult<()>)> = JoinSet::new();
+        let mut failure = None;
+        let mut pos = 0;
+        let harvest = |r: Result<(u64, u64, BlockResult<()>), tokio::task::JoinError>,
+                       failure: &mut Option<JobFailure>| match r {
+            Ok((_, _, Ok(()))) => {}
+            Ok((off, len, Err(e))) => {
+                self.handle_error(job, off, len, IoOperation::Write, &e, failure)
+            }
+            Err(_) => {
+                failure.get_or_insert(JobFailure::from_errno(5));
+            }
+        };
+        while pos < size && failure.is_none() && !job.is_cancelled() {
+            if job.pause_requested() {
+                while let Some(r) = set.join_next().await {
+                    harvest(r, &mut failure);
+                }
+                job.settled();
+                job.pause_point().await;
+                continue;
+            }
+            if set.len() >= MAX_IN_FLIGHT {
+                if let Some(r) = set.join_next().await {
+                    harvest(r, &mut failure);
+                }
+                continue;
+            }
+            let n = step.min(size - pos);
+            let tgt = Arc::clone(&self.target);
+            set.spawn(async move {
+                let r = tgt.write_zeroes(pos, n, true).await;
+                (pos, n, r)
+            });
+            pos += n;
+        }
+        while let Some(r) = set.join_next().await {
+            harvest(r, &mut failure);
+        }
+        match failure {
+            Some(f) => Err(f),
+            None => Ok(()),
+        }
+    }
+
+    /// The next request of a claimed run at `pos` (at most `max` bytes), cut as QEMU's
+    /// `mirror_iteration` cuts it from the source's block status: data up to `max_io`
+    /// bytes; a hole (reads as zeroes) rounded down to whole granules and, when it starts
+    /// and ends on the target's allocation units, one zero write however long; anything
+    /// shorter than a granule is copied as one whole granule (zeroes as data). A failed
+    /// status query plans a copy, whose read reports the error. Returns (length, zero).
+    async fn plan(&self, pos: u64, max: u64, max_io: u64) -> (u64, bool) {
+        let g = self.cfg.granularity;
+        let (mut n, hole) = match map_extent(&self.source, pos, max).await {
+            Ok(e) if e.zero || !e.present => (e.length.min(max), true),
+            Ok(e) => (e.length.min(max).min(max_io), false),
+            Err(_) => (max.min(max_io), false),
+        };
+        n -= n % g;
+        let mut zero = false;
+        if n < g {
+            n = g;
+        } else if hole {
+            zero = match self.target.allocation_unit() {
+                Some(u) if u > 0 => pos % u == 0 && (pos + n) % u == 0,
+                _ => true,
+            };
+        }
+        (n.min(max), zero)
     }
 
     fn update_total(&self, job: &Job, inflight: u64) {
@@ -618,7 +731,31 @@ impl MirrorJob {
     }
 }
 
-type CopyResult = (u64, u64, Result<(), (IoOperation, BlockError)>);
+/// A finished request: offset, length, buffer bytes it held, outcome.
+type CopyResult = (u64, u64, u64, Result<(), (IoOperation, BlockError)>);
+
+/// Read `[off, off+len)` of the source and write it to the target as data (QEMU's
+/// `MIRROR_METHOD_COPY`: zeroes inside the range are copied as they read). `spare` is the
+/// data buffer, handed back for the next copy.
+async fn copy_data(
+    source: &Arc<dyn BlockNode>,
+    target: &Arc<dyn BlockNode>,
+    off: u64,
+    len: u64,
+    spare: &mut Vec<u8>,
+) -> Result<(), (IoOperation, BlockError)> {
+    let mut buf = std::mem::take(spare);
+    buf.clear();
+    let buf = source
+        .read_append(off, buf, len as usize)
+        .await
+        .map_err(|e| (IoOperation::Read, e))?;
+    *spare = target
+        .write_owned(off, buf)
+        .await
+        .map_err(|e| (IoOperation::Write, e))?;
+    Ok(())
+}
 
 /// Copy `[off, off+len)` of what the source shows to the target: data is read and written,
 /// ranges that read as zeroes become zero writes. `spare` is the data buffer, read into and
@@ -678,6 +815,12 @@ impl JobDriver for MirrorJob {
         }
         let sh = Arc::clone(&self.filter.shared);
         sh.active.store(true, Ordering::Release);
+        if matches!(self.cfg.sync, SyncMode::FullZeroed) {
+            if let Err(f) = self.zero_whole_target(job).await {
+                sh.active.store(false, Ordering::Release);
+                return Err(f);
+            }
+        }
         if let Err(e) = self.initial_dirty().await {
             return Err(JobFailure::from_block(&e));
         }
@@ -686,17 +829,33 @@ impl JobDriver for MirrorJob {
             .max(1 << 20)
             .min(self.cfg.buf_size.max(self.cfg.granularity));
         let mut inflight: JoinSet<CopyResult> = JoinSet::new();
+        // Bytes of the requests in flight (progress), and of the copies among them (buffer).
         let mut inflight_bytes = 0u64;
+        let mut buffered = 0u64;
         let mut failure: Option<JobFailure> = None;
         let mut cursor = 0u64;
         loop {
             // Harvest finished copies.
             while let Some(r) = inflight.try_join_next() {
-                self.harvest(job, &sh, r, &mut inflight_bytes, &mut failure);
+                self.harvest(
+                    job,
+                    &sh,
+                    r,
+                    &mut inflight_bytes,
+                    &mut buffered,
+                    &mut failure,
+                );
             }
             if failure.is_some() || job.is_cancelled() || job.pause_requested() {
                 while let Some(r) = inflight.join_next().await {
-                    self.harvest(job, &sh, r, &mut inflight_bytes, &mut failure);
+                    self.harvest(
+                        job,
+                        &sh,
+                        r,
+                        &mut inflight_bytes,
+                        &mut buffered,
+                        &mut failure,
+                    );
                 }
                 if failure.is_some() || job.is_cancelled() {
                     break;
@@ -775,12 +934,11 @@ impl JobDriver for MirrorJob {
                 job.set_busy(true);
                 continue;
             }
-            if inflight.len() >= MAX_IN_FLIGHT || inflight_bytes >= self.cfg.buf_size || dirty == 0
-            {
+            if inflight.len() >= MAX_IN_FLIGHT || buffered >= self.cfg.buf_size || dirty == 0 {
                 job.settled();
                 tokio::select! {
                     Some(r) = inflight.join_next() => {
-                        self.harvest(job, &sh, r, &mut inflight_bytes, &mut failure);
+                        self.harvest(job, &sh, r, &mut inflight_bytes, &mut buffered, &mut failure);
                     }
                     _ = job.wake_notified() => {}
                 }
@@ -795,7 +953,7 @@ impl JobDriver for MirrorJob {
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     Some(r) = inflight.join_next(), if !inflight.is_empty() => {
-                        self.harvest(job, &sh, r, &mut inflight_bytes, &mut failure);
+                        self.harvest(job, &sh, r, &mut inflight_bytes, &mut buffered, &mut failure);
                     }
                     _ = job.wake_notified() => {}
                 }
@@ -803,7 +961,7 @@ impl JobDriver for MirrorJob {
                 continue;
             }
             let limit = match job.speed() {
-                0 => max_io,
+                0 => self.cfg.buf_size.max(self.cfg.granularity),
                 s => (s / 10).clamp(self.cfg.granularity, max_io.max(self.cfg.granularity)),
             };
             let run = sh.bitmap.next_run(cursor, limit, |o, l| sh.overlaps(o, l));
@@ -812,31 +970,70 @@ impl JobDriver for MirrorJob {
                 job.settled();
                 tokio::select! {
                     Some(r) = inflight.join_next(), if !inflight.is_empty() => {
-                        self.harvest(job, &sh, r, &mut inflight_bytes, &mut failure);
+                        self.harvest(job, &sh, r, &mut inflight_bytes, &mut buffered, &mut failure);
                     }
                     _ = tokio::time::sleep(Duration::from_millis(1)) => {}
                 }
                 continue;
             };
+            // As QEMU's mirror_iteration: claim the whole run and clear its bits *before*
+            // asking the source what it holds (a write racing with the copy re-dirties its
+            // chunks), then cut the run into requests by that answer.
             sh.lock_range(off, len).await;
             sh.bitmap.clear(off, len);
             cursor = off + len;
-            job.processed_bytes(len);
-            inflight_bytes += len;
-            let (src, tgt, sh2) = (
-                Arc::clone(&self.source),
-                Arc::clone(&self.target),
-                Arc::clone(&sh),
-            );
-            inflight.spawn(async move {
-                let mut buf = lock(&sh2.spare_bufs).pop().unwrap_or_default();
-                let r = copy_range(&src, &tgt, off, len, &mut buf).await;
-                sh2.unlock_range(off, len);
-                if buf.capacity() > 0 {
-                    lock(&sh2.spare_bufs).push(buf);
+            let end = off + len;
+            let mut pos = off;
+            while pos < end {
+                let (n, zero) = self.plan(pos, end - pos, max_io).await;
+                while inflight.len() >= MAX_IN_FLIGHT {
+                    if let Some(r) = inflight.join_next().await {
+                        self.harvest(
+                            job,
+                            &sh,
+                            r,
+                            &mut inflight_bytes,
+                            &mut buffered,
+                            &mut failure,
+                        );
+                    }
                 }
-                (off, len, r)
-            });
+                if failure.is_some() || job.is_cancelled() {
+                    // The rest of the run was not copied: dirty again.
+                    sh.bitmap.set(pos, end - pos);
+                    sh.unlock_range(pos, end - pos);
+                    break;
+                }
+                sh.split_claim(pos, end - pos, n);
+                // Zero writes use no buffer, and cost nothing against the speed limit when
+                // the target writes zeroes cheaply (QEMU's accounting).
+                let buf_bytes = if zero { 0 } else { n };
+                job.processed_bytes(if zero && self.cfg.zeroes_free { 0 } else { n });
+                inflight_bytes += n;
+                buffered += buf_bytes;
+                let (src, tgt, sh2) = (
+                    Arc::clone(&self.source),
+                    Arc::clone(&self.target),
+                    Arc::clone(&sh),
+                );
+                inflight.spawn(async move {
+                    let r = if zero {
+                        tgt.write_zeroes(pos, n, true)
+                            .await
+                            .map_err(|e| (IoOperation::Write, e))
+                    } else {
+                        let mut buf = lock(&sh2.spare_bufs).pop().unwrap_or_default();
+                        let r = copy_data(&src, &tgt, pos, n, &mut buf).await;
+                        if buf.capacity() > 0 {
+                            lock(&sh2.spare_bufs).push(buf);
+                        }
+                        r
+                    };
+                    sh2.unlock_range(pos, n);
+                    (pos, n, buf_bytes, r)
+                });
+                pos += n;
+            }
         }
         sh.active.store(false, Ordering::Release);
         match failure {
@@ -891,11 +1088,13 @@ impl MirrorJob {
         _sh: &Shared,
         r: Result<CopyResult, tokio::task::JoinError>,
         inflight_bytes: &mut u64,
+        buffered: &mut u64,
         failure: &mut Option<JobFailure>,
     ) {
         match r {
-            Ok((off, len, res)) => {
+            Ok((off, len, buf_bytes, res)) => {
                 *inflight_bytes = inflight_bytes.saturating_sub(len);
+                *buffered = buffered.saturating_sub(buf_bytes);
                 match res {
                     Ok(()) => job.progress_update(len),
                     Err((op, e)) => self.handle_error(job, off, len, op, &e, failure),

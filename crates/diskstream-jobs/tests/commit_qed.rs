@@ -211,6 +211,7 @@ async fn commit_qed_active() {
             on_source_error: OnError::Report,
             on_target_error: OnError::Report,
             grow_target: true,
+            zeroes_free: false,
         },
         Arc::new(NoHooks),
     ));

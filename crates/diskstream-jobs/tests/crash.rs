@@ -473,6 +473,7 @@ async fn run(
                             on_source_error: OnError::Report,
                             on_target_error: OnError::Report,
                             grow_target: jt == JobType::Commit,
+                            zeroes_free: false,
                         },
                         Arc::new(PivotHooks(Arc::clone(&pivoted))),
                     ));

@@ -120,6 +120,7 @@ async fn round(mode: CopyMode, pivot: bool, seed: u64) {
             on_source_error: OnError::Report,
             on_target_error: OnError::Report,
             grow_target: false,
+            zeroes_free: false,
         },
         Arc::new(NoHooks),
     ));
@@ -282,6 +283,7 @@ async fn throttled(
             on_source_error: OnError::Report,
             on_target_error: OnError::Report,
             grow_target: false,
+            zeroes_free: false,
         },
         Arc::new(NoHooks),
     ));

@@ -116,6 +116,7 @@ async fn mirror(top_only: bool) {
             on_source_error: OnError::Report,
             on_target_error: OnError::Report,
             grow_target: false,
+            zeroes_free: false,
         },
         Arc::new(NoHooks),
     ));

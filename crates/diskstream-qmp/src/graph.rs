@@ -146,6 +146,9 @@ pub struct GraphNode {
     /// open, or the name a stream recorded); filters inserted later do not change it. Used to
     /// find a backing image by file name.
     pub backing_file_str: Option<String>,
+    /// Opened with `discard=unmap` (QEMU's `BDRV_O_UNMAP`): with a driver that can
+    /// deallocate while zeroing, the node writes zeroes cheaply (mirror's `zero_target`).
+    pub discard_unmap: bool,
     /// Canonical path whose lock this node holds (protocol nodes).
     lock_path: Option<(PathBuf, bool)>,
 }
@@ -178,6 +181,7 @@ impl GraphNode {
             intermediate_of: None,
             backing_from_header: false,
             backing_file_str: None,
+            discard_unmap: false,
             lock_path: None,
         }
     }
@@ -886,6 +890,7 @@ impl Graph {
                 intermediate_of: None,
                 backing_from_header: false,
                 backing_file_str: None,
+                discard_unmap: opts.get("discard").and_then(|v| v.as_str()) == Some("unmap"),
                 lock_path: None,
             };
             match driver {

@@ -336,6 +336,7 @@ pub async fn block_commit(mon: &Arc<Monitor>, a: &Map<String, Value>) -> QmpResu
                 target_backing: None,
                 target_owned: false,
                 target_fresh: false,
+                replaces: None,
             },
         )
         .await;
@@ -480,6 +481,29 @@ fn base_node_ref(g: &Graph, id: NodeId) -> &crate::graph::GraphNode {
     g.get(id).unwrap_or_else(|| &g.nodes()[0])
 }
 
+/// QEMU's `bdrv_can_write_zeroes_with_unmap` for a mirror target: the node was opened with
+/// `discard=unmap` and its driver can deallocate while zeroing (qcow2 version 3, raw, nbd;
+/// not qcow2 version 2 or QED).
+async fn zeroes_with_unmap(g: &Graph, id: NodeId) -> bool {
+    let Some(n) = g.get(id) else {
+        return false;
+    };
+    if !n.discard_unmap {
+        return false;
+    }
+    match n.driver {
+        Driver::Raw | Driver::Nbd => true,
+        Driver::Qcow2 => match n.block.as_ref().and_then(|b| {
+            b.as_any()
+                .downcast_ref::<diskstream_block::format::qcow2::Qcow2>()
+        }) {
+            Some(q) => q.header().await.version >= 3,
+            None => false,
+        },
+        _ => false,
+    }
+}
+
 /// What the mirror copies first.
 enum Sync {
     Full,
@@ -510,6 +534,9 @@ struct MirrorSetup {
     /// drive-mirror created the target image just now, so it reads as zeroes (QEMU's
     /// `bdrv_has_zero_init`): a full sync copies only what the source's chain allocates.
     target_fresh: bool,
+    /// `replaces`: the node below the (filter) source that the target replaces at
+    /// completion, instead of the source.
+    replaces: Option<NodeId>,
 }
 
 fn policy(s: Option<&str>) -> OnError {
@@ -533,8 +560,14 @@ async fn start_mirror(
     } else {
         tgt_block
     };
+    let zeroes_free = zeroes_with_unmap(&g, m.target).await;
     let sync = match m.sync {
+        // QEMU's zero_target is off for a target drive-mirror just created (it reads as
+        // zeroes): copy what the source's chain allocates.
         Sync::Full if m.target_fresh => SyncMode::Above(None),
+        // An existing target: zeroed first with large write-zeroes when it can do that
+        // cheaply, else every chunk is copied (holes as zero writes).
+        Sync::Full if zeroes_free => SyncMode::FullZeroed,
         Sync::Full => SyncMode::Full,
         Sync::None => SyncMode::None,
         Sync::Top => SyncMode::Above(src_block.backing()),
@@ -548,6 +581,7 @@ async fn start_mirror(
         on_source_error: policy(m.on_source_error),
         on_target_error: policy(m.on_target_error),
         grow_target: m.job_type == JobType::Commit,
+        zeroes_free,
     };
     let hooks = Arc::new(MirrorGraphHooks {
         mon: Arc::downgrade(mon),
@@ -560,6 +594,7 @@ async fn start_mirror(
         target_owned: m.target_owned,
         job_type: m.job_type,
         pivoted: std::sync::atomic::AtomicBool::new(false),
+        replaces: m.replaces,
     });
     let mj = Arc::new(MirrorJob::new(src_block, tgt_block, cfg, hooks.clone()));
     let filter_block = mj.filter();
@@ -625,6 +660,8 @@ struct MirrorGraphHooks {
     /// The users moved to the target (`complete`): the target is now the active layer and
     /// stays writable even without users (QEMU keeps an active commit's base read-write).
     pivoted: std::sync::atomic::AtomicBool,
+    /// The node the target replaces at completion when it is not the source.
+    replaces: Option<NodeId>,
 }
 
 #[async_trait]
@@ -653,11 +690,25 @@ impl MirrorHooks for MirrorGraphHooks {
                     n.backing_file_str = shown;
                 }
             }
-            if let Some(f) = f {
-                g.move_users(f, self.target);
-                g.move_users(self.source, self.target);
-                // Nothing uses the filter any more: it goes without handing users back.
-                g.remove_filter(f).await;
+            match (f, self.replaces) {
+                (Some(f), Some(r)) => {
+                    // QEMU's bdrv_replace_node(replaces, target): the filter above the
+                    // replaced node now reads the target; the source's users come back to
+                    // the source (its filters rebuilt over the target).
+                    g.move_parents(r, self.target);
+                    g.move_users(r, self.target);
+                    g.quiesce_filters(&g.filters_above(self.target)).await;
+                    let stale = g.refresh_filters(&[]);
+                    g.remove_filter(f).await;
+                    drop(stale);
+                }
+                (Some(f), None) => {
+                    g.move_users(f, self.target);
+                    g.move_users(self.source, self.target);
+                    // Nothing uses the filter any more: it goes without handing users back.
+                    g.remove_filter(f).await;
+                }
+                _ => {}
             }
             g.sync_users().await;
         } else if let Some(f) = f {
@@ -772,7 +823,7 @@ pub async fn blockdev_mirror(mon: &Arc<Monitor>, a: &Map<String, Value>) -> QmpR
         return Err(QmpError::generic("Can't mirror node into itself"));
     }
     let sync = sync_of(a)?;
-    check_replaces(&g, src, s(a, "replaces"))?;
+    let replaces = check_replaces(&g, src, s(a, "replaces"))?;
     let gran = if gran == 0 {
         default_granularity(&g, tgt)
     } else {
@@ -800,31 +851,37 @@ pub async fn blockdev_mirror(mon: &Arc<Monitor>, a: &Map<String, Value>) -> QmpR
             target_backing: None,
             target_owned: false,
             target_fresh: false,
+            replaces,
         },
     )
     .await
 }
 
 /// QEMU's `check_to_replace_node` for a mirror of `src`: `replaces` must name an existing
-/// node, and the only node diskstream can replace at completion is the source itself (QEMU
-/// also accepts a node below a filter source; diskstream refuses that with its own text).
-fn check_replaces(g: &Graph, src: NodeId, replaces: Option<&str>) -> QmpResult<()> {
-    let Some(r) = replaces else { return Ok(()) };
+/// node, either the source itself or a node reached from it through filters' children only
+/// (QEMU's `bdrv_recurse_can_replace`: replacing it changes nothing the source's users see,
+/// as the target then holds the same data). Returns the node to replace at completion when
+/// it is not the source.
+fn check_replaces(g: &Graph, src: NodeId, replaces: Option<&str>) -> QmpResult<Option<NodeId>> {
+    let Some(r) = replaces else { return Ok(None) };
     let Some(n) = g.find(r) else {
         return Err(QmpError::generic(format!(
             "Failed to find node with node-name='{r}'"
         )));
     };
     if n.id == src {
-        return Ok(());
+        return Ok(None);
     }
     // QEMU's op blockers (BLOCK_OP_TYPE_REPLACE): a job's node, a backing node.
     crate::snapshot_cmd::check_not_busy(g, n.id)?;
     let src_node = g.get(src);
-    if src_node.is_some_and(|s| s.driver.is_filter()) && chain(g, src).contains(&n.id) {
-        return Err(QmpError::generic(
-            "diskstream does not support 'replaces' other than the device",
-        ));
+    // Down the filters below the source, to the first node that is not a filter.
+    let mut cur = src_node;
+    while let Some(c) = cur.filter(|c| c.driver.is_filter()) {
+        match c.file.and_then(|f| g.get(f)) {
+            Some(child) if child.id == n.id => return Ok(Some(n.id)),
+            child => cur = child,
+        }
     }
     Err(QmpError::generic(format!(
         "Cannot replace '{r}' by a node mirrored from '{}', because it cannot be guaranteed \
@@ -902,6 +959,10 @@ pub async fn drive_mirror(mon: &Arc<Monitor>, a: &Map<String, Value>) -> QmpResu
     let mut opts = Map::new();
     opts.insert("driver".into(), json!(format));
     opts.insert("node-name".into(), json!(node_name));
+    // QEMU opens the target with the source's open flags, `discard=unmap` included.
+    if g.get(src).is_some_and(|n| n.discard_unmap) {
+        opts.insert("discard".into(), json!("unmap"));
+    }
     if format == "qcow2" || format == "qed" {
         opts.insert("backing".into(), Value::Null);
     }
@@ -949,11 +1010,11 @@ pub async fn drive_mirror(mon: &Arc<Monitor>, a: &Map<String, Value>) -> QmpResu
     } else {
         gran
     };
-    let buf = match buf_size(a, gran).and_then(|b| {
+    let checked = buf_size(a, gran).and_then(|b| {
         // As QEMU's blockdev_mirror_common: after the target was created and opened.
-        check_replaces(&g, src, s(a, "replaces"))?;
-        Ok(b)
-    }) {
+        Ok((b, check_replaces(&g, src, s(a, "replaces"))?))
+    });
+    let (buf, replaces) = match checked {
         Ok(b) => b,
         Err(e) => {
             g.remove_tree(tgt).await;
@@ -985,6 +1046,7 @@ pub async fn drive_mirror(mon: &Arc<Monitor>, a: &Map<String, Value>) -> QmpResu
             },
             target_owned: true,
             target_fresh: !existing,
+            replaces,
         },
     )
     .await;

@@ -51,6 +51,19 @@ pub struct CopyArgs {
     quiet: bool,
 }
 
+/// The daemon answered a command with an error (as opposed to a lost connection, after
+/// which the command may or may not have taken effect).
+#[derive(Debug)]
+struct Refused(String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
 /// A minimal QMP client: one command at a time, events queued.
 struct Qmp {
     rd: BufReader<OwnedReadHalf>,
@@ -100,7 +113,7 @@ impl Qmp {
             }
             if let Some(e) = v.get("error") {
                 let desc = e.get("desc").and_then(|d| d.as_str()).unwrap_or("?");
-                bail!("{name}: {desc}");
+                return Err(Refused(format!("{name}: {desc}")).into());
             }
             return Ok(v.get("return").cloned().unwrap_or(Value::Null));
         }
@@ -213,8 +226,18 @@ async fn copy(a: CopyArgs) -> Result<()> {
         )
         .await
     {
-        let _ = std::fs::remove_file(&dest);
-        return Err(e);
+        // Only a refusal proves the daemon never opened the destination. After a lost
+        // connection the switch may have happened, and the guest's writes since then are in
+        // the destination only: keep it.
+        if e.downcast_ref::<Refused>().is_some() {
+            let _ = std::fs::remove_file(&dest);
+            return Err(e);
+        }
+        return Err(e.context(format!(
+            "lost the daemon during the switch: {dest_str} is kept and is the image to reopen \
+             (it is backed by the source, so it reads as the device whether or not the switch \
+             happened)"
+        )));
     }
     say(
         &a,

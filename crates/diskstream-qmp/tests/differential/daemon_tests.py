@@ -1012,7 +1012,227 @@ def test_kill_during_snapshot(exe, d):
             if v.get("virtual-size") == len(ref) and v.get("backing-filename") in ("top.qcow2", f"{d}/top.qcow2"):
                 check_no_corruption(f"{d}/snap.qcow2")
                 chain = f"{d}/snap.qcow2"
-        check_slots(image_bytes(chain), ref, state, f"attempt {attempt} ({os.path.basename(chain)})")
+        check_reopen(exe, chain, ref, state, [f"{d}/top.qcow2"],
+                     f"attempt {attempt} ({os.path.basename(chain)})")
+
+
+def drain_after_kill(q):
+    """Everything the killed daemon had written to this QMP connection (replies and events
+    still in the socket buffer): what a management client had been told before the kill."""
+    msgs = []
+    try:
+        q.s.settimeout(5)
+        for line in q.f:
+            try:
+                msgs.append(json.loads(line))
+            except ValueError:
+                break
+    except OSError:
+        pass
+    return q.events + msgs
+
+
+def completed_ok(msgs, job):
+    return any(m.get("event") == "BLOCK_JOB_COMPLETED" and m["data"].get("device") == job
+               and "error" not in m["data"] for m in msgs)
+
+
+def check_reopen(exe, chain, ref, state, images, what):
+    """After a kill -9: no image is corrupt (leaks allowed), the chain the user reopens opens
+    with qemu-img and with `diskstream img`, both read the same bytes, and every 64 KiB slot
+    holds its last flushed write or a newer acknowledged one (Writer.outcome)."""
+    for img in images:
+        if os.path.exists(img):
+            check_no_corruption(img)
+    run("qemu-img", "info", "-U", chain)
+    run(exe, "img", "info", chain)
+    got = image_bytes(chain)
+    ours = chain + ".ours.raw"
+    run(exe, "img", "convert", "-f", "qcow2", "-O", "raw", chain, ours)
+    with open(ours, "rb") as f:
+        same = f.read() == got
+    os.unlink(ours)
+    assert same, f"{what}: diskstream img convert and qemu-img convert of {chain} differ"
+    check_slots(got, ref, state, what)
+
+
+def kill_job_rounds(exe, d, rng, label, rounds, start, new_chain):
+    """Rounds of: fresh chain, daemon with an NBD export of `top`, a guest writing flushed
+    batches over it, `start(q, point)` (returns the job id or None), kill -9 at the point,
+    then check_reopen on the chain the user reopens: `new_chain` once the daemon reported
+    the job COMPLETED (the pivot happened), else top.qcow2 (the source)."""
+    for n, point in enumerate(rounds):
+        for f in ("tgt.qcow2", "dst.qcow2"):
+            if os.path.exists(f"{d}/{f}"):
+                os.unlink(f"{d}/{f}")
+        mkchain(d)
+        ref = open(f"{d}/ref.raw", "rb").read()
+        dm = Daemon(exe, d, ["--blockdev", TOP] + nbd_args(d))
+        try:
+            q = dm.qmp()
+            w = Writer(f"nbd+unix:///top?socket={d}/nbd.sock", d, rng.randrange(1 << 30))
+            time.sleep(rng.uniform(0.05, 0.2))
+            job = start(q, point)
+            dm.kill9()
+        finally:
+            if dm.p.poll() is None:
+                dm.kill9()
+        msgs = drain_after_kill(q)
+        state = w.outcome()
+        pivoted = job is not None and completed_ok(msgs, job)
+        chain = new_chain if pivoted else f"{d}/top.qcow2"
+        flushed = sum(1 for v in state.values() if v[0] is not None)
+        print(f"     {label} [{point}]: reopen {os.path.basename(chain)}, {flushed} slots flushed")
+        images = [f"{d}/{i}.qcow2" for i in ("base", "mid", "top", "tgt", "dst")]
+        check_reopen(exe, chain, ref, state, images, f"{label} [{point}] round {n}")
+
+
+def wait_ready_then(q, job, rng, complete):
+    q.wait_event("BLOCK_JOB_READY", device=job)
+    if complete:
+        # Sent without waiting for the reply: the kill lands somewhere in the quiesce, the
+        # final copy, the pivot or just after it.
+        q.f.write(json.dumps({"execute": "block-job-complete",
+                              "arguments": {"device": job}}).encode() + b"\n")
+        q.f.flush()
+        time.sleep(rng.choice([0, 0.0005, 0.002, 0.01, 0.05]))
+    else:
+        time.sleep(rng.uniform(0.05, 0.4))
+
+
+def test_kill9_mirror_commit_under_writer(exe, d):
+    """kill -9 (a real process kill) at seeded random points of blockdev-mirror sync=full
+    (before READY, after READY, during block-job-complete), intermediate commit and active
+    commit (before READY, after READY, during complete) while a guest writes flushed batches
+    through the NBD export: see kill_job_rounds / check_reopen."""
+    rng = random.Random(61)
+
+    def mirror(q, point):
+        run("qemu-img", "create", "-q", "-f", "qcow2", f"{d}/tgt.qcow2", "64M")
+        q.cmd("blockdev-add", {"driver": "qcow2", "node-name": "tgt",
+                               "file": {"driver": "file", "filename": f"{d}/tgt.qcow2"}})
+        mode = rng.choice(["background", "write-blocking"])
+        q.cmd("blockdev-mirror", {"job-id": "m", "device": "top", "target": "tgt", "sync": "full",
+                                  "copy-mode": mode,
+                                  "speed": 16 * MiB if point == "before READY" else 0})
+        if point == "before READY":
+            time.sleep(rng.uniform(0.05, 1.0))
+        else:
+            wait_ready_then(q, "m", rng, point == "during complete")
+        return "m"
+
+    kill_job_rounds(exe, d, rng, "mirror sync=full", ["before READY", "after READY",
+                                                      "during complete", "during complete"],
+                    mirror, f"{d}/tgt.qcow2")
+
+    def commit_intermediate(q, point):
+        q.cmd("block-commit", {"job-id": "c", "device": "top", "speed": 8 * MiB,
+                               "top-node": node_by_file(q, "mid.qcow2"),
+                               "base-node": node_by_file(q, "base.qcow2")})
+        time.sleep(rng.uniform(0.05, 1.5))
+        return "c"
+
+    # The active layer stays top.qcow2 whether or not the commit finished (its backing link
+    # then names base.qcow2).
+    kill_job_rounds(exe, d, rng, "intermediate commit", ["running", "running"],
+                    commit_intermediate, f"{d}/top.qcow2")
+
+    def commit_active(q, point):
+        q.cmd("block-commit", {"job-id": "c", "device": "top",
+                               "base-node": node_by_file(q, "mid.qcow2"),
+                               "speed": 16 * MiB if point == "before READY" else 0})
+        if point == "before READY":
+            time.sleep(rng.uniform(0.05, 0.5))
+        else:
+            wait_ready_then(q, "c", rng, point == "during complete")
+        return "c"
+
+    # After the pivot the disk is mid.qcow2 (backed by base.qcow2).
+    kill_job_rounds(exe, d, rng, "active commit", ["before READY", "after READY",
+                                                   "during complete"],
+                    commit_active, f"{d}/mid.qcow2")
+
+
+def test_kill9_switch_and_copy_under_writer(exe, d):
+    """kill -9 at seeded random points of x-blockdev-switch (to an image file backed by the
+    device's) and of the `diskstream copy` CLI (create, switch, stream) while a guest writes
+    flushed batches through the NBD export. The user reopens the new image: it is backed by
+    the old one, so it reads as the device whether or not the switch happened (it must, once
+    the switch was reported); see check_reopen. The CLI keeps the destination when the daemon
+    dies during the switch (it deletes it only after a refusal)."""
+    rng = random.Random(71)
+
+    def switch(q, point):
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "top.qcow2", "-F", "qcow2",
+            f"{d}/dst.qcow2")
+        q.f.write(json.dumps({"execute": "x-blockdev-switch", "id": "sw", "arguments": {
+            "device": "top", "filename": f"{d}/dst.qcow2", "format": "qcow2",
+            "node-name": "dst"}}).encode() + b"\n")
+        q.f.flush()
+        time.sleep(point)
+        return None
+
+    # The switch is a command, not a job: its reply tells whether it happened.
+    for n, point in enumerate([rng.choice([0, 0.0005]), rng.uniform(0.001, 0.01), 0.2]):
+        for f in ("dst.qcow2",):
+            if os.path.exists(f"{d}/{f}"):
+                os.unlink(f"{d}/{f}")
+        mkchain(d)
+        ref = open(f"{d}/ref.raw", "rb").read()
+        dm = Daemon(exe, d, ["--blockdev", TOP] + nbd_args(d))
+        try:
+            q = dm.qmp()
+            w = Writer(f"nbd+unix:///top?socket={d}/nbd.sock", d, 700 + n)
+            time.sleep(rng.uniform(0.05, 0.3))
+            switch(q, point)
+            dm.kill9()
+        finally:
+            if dm.p.poll() is None:
+                dm.kill9()
+        msgs = drain_after_kill(q)
+        state = w.outcome()
+        switched = any(m.get("id") == "sw" and "return" in m for m in msgs)
+        # dst.qcow2 is backed by top.qcow2: it reads as the device whether or not the switch
+        # happened, so it is what the user reopens (it must, once the switch was reported).
+        chain = f"{d}/dst.qcow2"
+        print(f"     x-blockdev-switch [+{point:.4f}s]: switch {'reported' if switched else 'not reported'}")
+        images = [f"{d}/{i}.qcow2" for i in ("base", "mid", "top", "dst")]
+        check_reopen(exe, chain, ref, state, images, f"switch round {n}")
+
+    for n, (with_base, delay) in enumerate([(False, 0.02), (True, 0.3), (False, 1.0)]):
+        if os.path.exists(f"{d}/dst.qcow2"):
+            os.unlink(f"{d}/dst.qcow2")
+        mkchain(d)
+        ref = open(f"{d}/ref.raw", "rb").read()
+        blockdevs = [
+            "--blockdev", f"driver=qcow2,node-name=base,file.driver=file,file.filename={d}/base.qcow2",
+            "--blockdev", f"driver=qcow2,node-name=mid,backing=base,file.driver=file,file.filename={d}/mid.qcow2",
+            "--blockdev", f"driver=qcow2,node-name=top,backing=mid,file.driver=file,file.filename={d}/top.qcow2",
+        ] + nbd_args(d)
+        dm = Daemon(exe, d, blockdevs)
+        try:
+            dm.qmp()
+            w = Writer(f"nbd+unix:///top?socket={d}/nbd.sock", d, 800 + n)
+            args = [exe, "copy", "--qmp", dm.sock, "--node", "top", "--dest", f"{d}/dst.qcow2",
+                    "--speed", str(8 * MiB)] + (["--base", "base"] if with_base else [])
+            cli = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            time.sleep(delay * rng.uniform(0.5, 1.5))
+            dm.kill9()
+            _, err = cli.communicate(timeout=30)
+        finally:
+            if dm.p.poll() is None:
+                dm.kill9()
+        state = w.outcome()
+        # The CLI creates dst.qcow2 (backed by top.qcow2) before the switch and keeps it when
+        # it cannot tell whether the switch happened: dst.qcow2 is the image to reopen.
+        assert "done:" not in err, err
+        if "created" in err:
+            assert os.path.exists(f"{d}/dst.qcow2"), f"the CLI deleted its destination: {err}"
+        chain = f"{d}/dst.qcow2" if os.path.exists(f"{d}/dst.qcow2") else f"{d}/top.qcow2"
+        print(f"     diskstream copy [{'--base' if with_base else 'full'}, ~{delay}s]: "
+              f"reopen {os.path.basename(chain)}; cli: {err.strip().splitlines()[-1][:100]}")
+        images = [f"{d}/{i}.qcow2" for i in ("base", "mid", "top", "dst")]
+        check_reopen(exe, chain, ref, state, images, f"copy round {n}")
 
 
 # Cancel under load must finish well within this (the goal is < 1 s; see the test).

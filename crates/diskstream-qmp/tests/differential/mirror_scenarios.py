@@ -3,6 +3,7 @@ checklists, transcripts T4-T6 and T10), loaded by harness.py."""
 
 import asyncio
 import os
+import shutil
 
 import harness as H
 
@@ -473,23 +474,25 @@ def mirror_eio_scenario(side, on_error, resume=False):
     return body
 
 
-async def finish_eio_job(p, on_error, resume):
+async def finish_eio_job(p, on_error, resume, fails=None):
+    """`fails`: the error ends the job (default: on_error is report; enospc with another
+    errno than ENOSPC reports too)."""
     if resume:
         await p.wait_event("JOB_STATUS_CHANGE", id="j", status="paused")
         await p.cmd("query-block-jobs", masked=("offset",))
         await p.cmd("block-job-resume", {"device": "j"})
-    if on_error != "report":
+    if not (on_error == "report" if fails is None else fails):
         await p.wait_event("BLOCK_JOB_READY", device="j")
         await p.cmd("block-job-complete", {"device": "j"})
     await p.wait_job_gone("j")
     await p.cmd("query-block-jobs")
 
 
-def commit_eio_scenario(on_error, resume=False):
+def commit_eio_scenario(on_error, resume=False, errno=5):
     """An active commit of ctop into its backing src whose writes fail once (blkdebug
     write_aio on the base), with block-commit's on-error."""
     async def body(p):
-        rule = {"event": "write_aio", "once": True, "errno": 5, "sector": 2048}
+        rule = {"event": "write_aio", "once": True, "errno": errno, "sector": 2048}
         await p.cmd("blockdev-add", {"driver": "file", "node-name": "dbg-file",
                                      "filename": "src.qcow2"})
         await p.cmd("blockdev-add", {"driver": "blkdebug", "node-name": "dbg",
@@ -499,8 +502,134 @@ def commit_eio_scenario(on_error, resume=False):
         await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": "ctop", "backing": "src",
                                      "file": {"driver": "file", "filename": "ctop.qcow2"}})
         await p.cmd("block-commit", {"job-id": "j", "device": "ctop", "on-error": on_error})
-        await finish_eio_job(p, on_error, resume)
+        await finish_eio_job(p, on_error, resume,
+                             fails=on_error == "report" or (on_error == "enospc" and errno != 28))
     return body
+
+def mk_zero_target(d):
+    """A 4 MiB source with data, a zero write and holes; existing targets pre-filled with
+    0xee (qcow2 and raw), which a full mirror must overwrite entirely."""
+    H.create(f"{d}/src.qcow2", 4 * MiB)
+    H.qemu_io(f"{d}/src.qcow2", "qcow2", "write -P 0x5a 0 1M", "write -P 0x6b 2M 4k",
+              "write -P 0x6c 2200k 64k", "write -z 3M 64k")
+    for t in ("zq", "pq", "dq"):
+        H.create(f"{d}/{t}.qcow2", 4 * MiB)
+        H.qemu_io(f"{d}/{t}.qcow2", "qcow2", "write -P 0xee 0 4M")
+    H.create(f"{d}/zr.raw", 4 * MiB, fmt="raw")
+    H.qemu_io(f"{d}/zr.raw", "raw", "write -P 0xee 0 4M")
+    shutil.copy(f"{d}/src.qcow2", f"{d}/srcu.qcow2")
+    return ["src.qcow2", "srcu.qcow2", "zq.qcow2", "pq.qcow2", "dq.qcow2", "zr.raw"]
+
+
+async def sc_mirror_zero_target(p):
+    """QEMU's zero_target for sync=full into an existing target. A target opened with
+    discard=unmap (it can write zeroes with unmap: qcow2 v3, raw) is zeroed first and only
+    what the source allocates is copied (the job's len is the allocated bytes); without it
+    every chunk is dirty from the start (len = the disk). drive-mirror mode=existing opens the
+    target with the source's flags: a source with discard=unmap gives the zeroing path.
+    READY's and query-block-jobs' len/offset and the targets' maps are compared."""
+    await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": "src",
+                                 "file": {"driver": "file", "filename": "src.qcow2"}})
+    await add_target(p, "pq", "pq.qcow2")
+    await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": "zq", "backing": None,
+                                 "discard": "unmap",
+                                 "file": {"driver": "file", "filename": "zq.qcow2"}})
+    await p.cmd("blockdev-add", {"driver": "raw", "node-name": "zr", "discard": "unmap",
+                                 "file": {"driver": "file", "filename": "zr.raw"}})
+    m = {"device": "src", "sync": "full"}
+    await mirror_to_end(p, "plain", dict(m, target="pq"))
+    await mirror_to_end(p, "zeroq", dict(m, target="zq"))
+    await mirror_to_end(p, "zeror", dict(m, target="zr"))
+    # drive-mirror into an existing image from a source opened with discard=unmap.
+    await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": "srcu", "discard": "unmap",
+                                 "file": {"driver": "file", "filename": "srcu.qcow2"}})
+    await p.cmd("drive-mirror", {"job-id": "dm", "device": "srcu", "target": "dq.qcow2",
+                                 "format": "qcow2", "mode": "existing", "sync": "full"})
+    await p.wait_event("BLOCK_JOB_READY", device="dm")
+    await p.cmd("query-block-jobs")
+    await p.cmd("block-job-cancel", {"device": "dm"})
+    await p.wait_job_gone("dm")
+
+
+def mk_commit3(d):
+    """base (0x11 over 2 MiB) <- mid (0x22 over [0, 1M)) <- top (0x33 over [1M, 1.5M))."""
+    H.create(f"{d}/base.qcow2", 2 * MiB)
+    H.qemu_io(f"{d}/base.qcow2", "qcow2", "write -P 0x11 0 2M")
+    H.create(f"{d}/mid.qcow2", None, "base.qcow2")
+    H.qemu_io(f"{d}/mid.qcow2", "qcow2", "write -P 0x22 0 1M")
+    H.create(f"{d}/top.qcow2", None, "mid.qcow2")
+    H.qemu_io(f"{d}/top.qcow2", "qcow2", "write -P 0x33 1M 512k")
+    return ["base.qcow2", "mid.qcow2", "top.qcow2"]
+
+
+def intermediate_commit_eio_scenario(side, on_error, errno=5, resume=False):
+    """An intermediate commit of mid into base (top stays the active layer) with a blkdebug
+    error injected once: on a write to base (side "base") or a read of mid (side "mid"),
+    with block-commit's on-error. The job has no READY: it completes (or fails) by itself."""
+    async def body(p):
+        event = "write_aio" if side == "base" else "read_aio"
+        rule = {"event": event, "once": True, "errno": errno, "sector": 2048}
+        await p.cmd("blockdev-add", {"driver": "file", "node-name": "dbg-file",
+                                     "filename": f"{side}.qcow2"})
+        await p.cmd("blockdev-add", {"driver": "blkdebug", "node-name": "dbg",
+                                     "image": "dbg-file", "inject-error": [rule]})
+
+        def file_of(n):
+            return "dbg" if n == side else {"driver": "file", "filename": f"{n}.qcow2"}
+        await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": "base", "backing": None,
+                                     "file": file_of("base")})
+        await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": "mid", "backing": "base",
+                                     "file": file_of("mid")})
+        await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": "top", "backing": "mid",
+                                     "file": file_of("top")})
+        # backing-file: the name top's header gets (QEMU would record base's json:
+        # pseudo-filename, as base's file is a blkdebug node).
+        await p.cmd("block-commit", {"job-id": "j", "device": "top", "top-node": "mid",
+                                     "base-node": "base", "on-error": on_error,
+                                     "backing-file": "base.qcow2"})
+        if resume:
+            await p.wait_event("JOB_STATUS_CHANGE", id="j", status="paused")
+            await p.cmd("query-block-jobs", masked=("offset",))
+            await p.cmd("block-job-resume", {"device": "j"})
+        await p.wait_job_gone("j")
+        await p.cmd("query-block-jobs")
+    return body
+
+
+def mk_replaces(d):
+    H.create(f"{d}/img.qcow2", 4 * MiB)
+    H.qemu_io(f"{d}/img.qcow2", "qcow2", "write -P 0x5a 0 1M", "write -P 0x6b 3M 512k")
+    H.create(f"{d}/tgt.qcow2", 4 * MiB)
+    H.create(f"{d}/tgt2.qcow2", 4 * MiB)
+    return ["img.qcow2", "tgt.qcow2", "tgt2.qcow2"]
+
+
+async def sc_mirror_replaces_filter(p):
+    """041 TestReplaces.test_replace_filter: two stacked copy-on-read filters over an image;
+    a mirror from the upper filter with `replaces` naming the lower one: at completion the
+    lower filter is replaced by the target (the upper filter's file child becomes the
+    target). Refusals first: replaces naming an unknown node, and a node not below the
+    source."""
+    await p.cmd("blockdev-add", {"driver": "qcow2", "node-name": "img",
+                                 "file": {"driver": "file", "filename": "img.qcow2"}})
+    await p.cmd("blockdev-add", {"driver": "copy-on-read", "node-name": "filter1",
+                                 "file": "img"})
+    await p.cmd("blockdev-add", {"driver": "copy-on-read", "node-name": "filter0",
+                                 "file": "filter1"})
+    await add_target(p, "tgt", "tgt.qcow2")
+    await add_target(p, "tgt2", "tgt2.qcow2")
+    m = {"job-id": "m", "device": "filter0", "target": "tgt", "sync": "full"}
+    await p.cmd("blockdev-mirror", dict(m, replaces="nope"))
+    await p.cmd("blockdev-mirror", dict(m, replaces="tgt2"))
+    await p.cmd("blockdev-mirror", dict(m, replaces="filter1"))
+    await p.wait_event("BLOCK_JOB_READY", device="m")
+    await p.cmd("block-job-complete", {"device": "m"})
+    await p.wait_job_gone("m")
+    await p.cmd("query-named-block-nodes", {"flat": True})
+    await p.io("filter0", "read -P 0x5a 0 1M", "read -P 0x6b 3M 512k", "write -P 0x77 1M 64k")
+    await p.cmd("blockdev-del", {"node-name": "filter0"})
+    await p.cmd("blockdev-del", {"node-name": "tgt"})
+
 
 SCENARIOS = {
     "snapshot": (mk_snap, sc_snapshot),
@@ -520,5 +649,20 @@ SCENARIOS = {
     "mirror_eio_target_stop": (mk_job_eio, mirror_eio_scenario("target", "stop", resume=True)),
     "commit_eio_report": (mk_job_eio, commit_eio_scenario("report")),
     "commit_eio_stop": (mk_job_eio, commit_eio_scenario("stop", resume=True)),
+    "commit_eio_ignore": (mk_job_eio, commit_eio_scenario("ignore")),
+    "commit_eio_enospc_eio": (mk_job_eio, commit_eio_scenario("enospc")),
+    "commit_eio_enospc_nospace": (mk_job_eio, commit_eio_scenario("enospc", errno=28,
+                                                                  resume=True)),
+    "mirror_eio_target_ignore": (mk_job_eio, mirror_eio_scenario("target", "ignore")),
+    "icommit_eio_base_report": (mk_commit3, intermediate_commit_eio_scenario("base", "report")),
+    "icommit_eio_base_stop": (mk_commit3, intermediate_commit_eio_scenario("base", "stop",
+                                                                          resume=True)),
+    "icommit_eio_base_ignore": (mk_commit3, intermediate_commit_eio_scenario("base", "ignore")),
+    "icommit_eio_mid_report": (mk_commit3, intermediate_commit_eio_scenario("mid", "report")),
+    "icommit_eio_mid_enospc": (mk_commit3, intermediate_commit_eio_scenario("mid", "enospc",
+                                                                           errno=28,
+                                                                           resume=True)),
+    "mirror_zero_target": (mk_zero_target, sc_mirror_zero_target),
+    "mirror_replaces_filter": (mk_replaces, sc_mirror_replaces_filter),
 }
 NO_MAP_COMPARE = {"mirror", "mirror_cancel", "mirror_filter_name", "mirror_export", "mirror_existing"}
