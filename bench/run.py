@@ -1002,7 +1002,10 @@ def report(h, data, out_md, plot_dir, rel_plot_dir):
             if cur is not None:
                 cur.append(line)
         for sec in keep:
-            L += [""] + sec
+            # Trailing blank lines are the separator: strip them so a rerun adds none.
+            while sec and not sec[-1].strip():
+                sec.pop()
+            L += [""] + sec + [""]
     with open(out_md, "w") as f:
         f.write("\n".join(L) + "\n")
 
