@@ -453,6 +453,17 @@ def mk_job_eio(d):
     return ["src.qcow2", "tgt.qcow2", "ctop.qcow2"]
 
 
+def mk_target_eio(d):
+    """mk_job_eio with source data in its second half only: the mirror then makes a single
+    data write, which gets the target file's first data clusters (and the error at sector
+    2048) whatever the timing. With data in both halves, which of two concurrent 1 MiB writes
+    allocates first (and fails) depended on timing, and the target's contents with it."""
+    names = mk_job_eio(d)
+    H.create(f"{d}/src.qcow2", 2 * MiB)
+    H.qemu_io(f"{d}/src.qcow2", "qcow2", "write -P 0x11 1M 1M")
+    return names
+
+
 def mirror_eio_scenario(side, on_error, resume=False):
     """The harness's blkdebug eio scenarios for mirror: with on-source-error a read of the
     source fails once, with on-target-error a write to the target does."""
@@ -645,15 +656,15 @@ SCENARIOS = {
     "mirror_eio_source_report": (mk_job_eio, mirror_eio_scenario("source", "report")),
     "mirror_eio_source_stop": (mk_job_eio, mirror_eio_scenario("source", "stop", resume=True)),
     "mirror_eio_source_ignore": (mk_job_eio, mirror_eio_scenario("source", "ignore")),
-    "mirror_eio_target_report": (mk_job_eio, mirror_eio_scenario("target", "report")),
-    "mirror_eio_target_stop": (mk_job_eio, mirror_eio_scenario("target", "stop", resume=True)),
+    "mirror_eio_target_report": (mk_target_eio, mirror_eio_scenario("target", "report")),
+    "mirror_eio_target_stop": (mk_target_eio, mirror_eio_scenario("target", "stop", resume=True)),
     "commit_eio_report": (mk_job_eio, commit_eio_scenario("report")),
     "commit_eio_stop": (mk_job_eio, commit_eio_scenario("stop", resume=True)),
     "commit_eio_ignore": (mk_job_eio, commit_eio_scenario("ignore")),
     "commit_eio_enospc_eio": (mk_job_eio, commit_eio_scenario("enospc")),
     "commit_eio_enospc_nospace": (mk_job_eio, commit_eio_scenario("enospc", errno=28,
                                                                   resume=True)),
-    "mirror_eio_target_ignore": (mk_job_eio, mirror_eio_scenario("target", "ignore")),
+    "mirror_eio_target_ignore": (mk_target_eio, mirror_eio_scenario("target", "ignore")),
     "icommit_eio_base_report": (mk_commit3, intermediate_commit_eio_scenario("base", "report")),
     "icommit_eio_base_stop": (mk_commit3, intermediate_commit_eio_scenario("base", "stop",
                                                                           resume=True)),
