@@ -780,16 +780,7 @@ async fn copy_range(
                 .await
                 .map_err(|e| (IoOperation::Write, e))?;
         } else {
-            let mut buf = std::mem::take(spare);
-            buf.clear();
-            let buf = source
-                .read_append(pos, buf, n as usize)
-                .await
-                .map_err(|e| (IoOperation::Read, e))?;
-            *spare = target
-                .write_owned(pos, buf)
-                .await
-                .map_err(|e| (IoOperation::Write, e))?;
+            copy_data(source, target, pos, n, spare).await?;
         }
         pos += n;
     }
