@@ -9,9 +9,12 @@
 //! [`HttpConfig::max_request`]), so the many small, neighbouring requests of a guest or a job
 //! become few large ones exactly when the server is the bottleneck. A reader that continues
 //! where the previous read ended triggers read-ahead of the following blocks (queued after
-//! demanded ones). Fetched blocks go into an LRU cache bounded by
-//! [`HttpConfig::cache_bytes`]; combined with copy-on-read or streaming into a local overlay,
-//! every byte crosses the network once.
+//! demanded ones), in a window that grows while the reader stays sequential until every
+//! connection carries a full-size GET. Fetched blocks go into an LRU cache bounded by
+//! [`HttpConfig::cache_bytes`], kept as the response chunks they arrived in (no copy; see
+//! [`crate::chunks`]); blocks that bulk reads took whole leave it at once ([`BULK_READ`]).
+//! Combined with copy-on-read or streaming into a local overlay, every byte crosses the
+//! network once, and is copied once in user space (into the reader's buffer).
 //!
 //! Failures are never cached: each reader waiting on a failed fetch gets the error, and the
 //! next read of the block tries again.
@@ -107,8 +110,12 @@ struct State {
     ahead: BTreeSet<u64>,
     /// GETs in flight.
     running: usize,
-    /// The block after the end of the last read (sequential detection).
+    /// The block after the end of the furthest read of the current sequential run
+    /// (sequential detection).
     next: u64,
+    /// Read-ahead window of the current sequential run, in blocks: [`HttpConfig::readahead`]
+    /// at first, doubled at each refill while the run goes on, up to [`Inner::max_window`].
+    window: u64,
     /// GETs issued (statistics, for tests and logs).
     requests: u64,
     /// Bytes received (statistics).
@@ -134,6 +141,14 @@ impl Inner {
     fn block_range(&self, b: u64) -> (u64, u64) {
         let start = b * self.cfg.block_size;
         (start, (start + self.cfg.block_size).min(self.size))
+    }
+
+    /// The largest read-ahead window (blocks): a full-size GET on every connection, within
+    /// half the cache (at least [`HttpConfig::readahead`]).
+    fn max_window(&self) -> u64 {
+        let full = self.cfg.connections as u64 * self.cfg.max_blocks();
+        full.min(self.cfg.cache_blocks() as u64 / 2)
+            .max(self.cfg.readahead)
     }
 
     /// Start queued fetches while slots are free.
@@ -243,22 +258,34 @@ impl Inner {
                 }
             }
             // A sequential reader: keep a window of blocks ahead, refilled in batches (when
-            // less than half of it is left) so read-ahead GETs stay large.
+            // less than half of it is left) so read-ahead GETs stay large. The window grows
+            // while the run goes on, until it keeps every connection busy with a full-size
+            // GET: a stream or copy-on-read pass is then limited by the server's bandwidth,
+            // not by one round trip per window. Reads that arrive a little late (parallel
+            // readers of one stream finish out of order) belong to the run: they neither
+            // trigger read-ahead nor move its head.
             let ra = self.cfg.readahead;
-            if ra > 0 && (b0 == st.next || b0 + 1 == st.next) {
+            let in_order = b0 == st.next || b0 + 1 == st.next;
+            let late = b1 < st.next && b0 + self.max_window() >= st.next;
+            if in_order {
+                let win = st.window.max(ra);
                 let mut f = b1 + 1;
                 while f <= last_block && (st.cache.contains(f) || st.pending.contains_key(&f)) {
                     f += 1;
                 }
-                if f - (b1 + 1) < ra.div_ceil(2) {
-                    for b in f..=(b1 + ra).min(last_block) {
+                if ra > 0 && f - (b1 + 1) < win.div_ceil(2) {
+                    for b in f..=(b1 + win).min(last_block) {
                         if !st.cache.contains(b) && !st.pending.contains_key(&b) {
                             let _ = Self::want(&mut st, b, false);
                         }
                     }
+                    st.window = (win * 2).min(self.max_window());
                 }
+                st.next = b1 + 1;
+            } else if !late {
+                st.window = ra;
+                st.next = b1 + 1;
             }
-            st.next = b1 + 1;
         }
         self.dispatch();
         let t0 = (!waits.is_empty()).then(std::time::Instant::now);
