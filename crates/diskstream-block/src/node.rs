@@ -151,6 +151,17 @@ pub trait BlockNode: Send + Sync + 'static {
         check_bounds(offset, data.len() as u64, self.size())?;
         Ok(0)
     }
+    /// [`BlockNode::write_if_unallocated`] of an owned buffer, handed back with the bytes
+    /// written: bulk copies (stream) use it so that a driver which writes from the buffer as
+    /// it is (qcow2 over a file) does not copy the data first; the default borrows it.
+    async fn write_if_unallocated_owned(
+        &self,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> Result<(u64, Vec<u8>)> {
+        let n = self.write_if_unallocated(offset, &data).await?;
+        Ok((n, data))
+    }
     /// Like [`BlockNode::write_if_unallocated`] for a range that reads as zeroes: marks the
     /// still-unallocated parts as zero (zero clusters where the format has them, so nothing is
     /// stored). Returns the bytes marked.

@@ -149,3 +149,33 @@ async fn population_skips_allocated_and_counts_written() {
     top.close().await.expect("close");
     assert_check_clean(&dir.path().join("top.qcow2"));
 }
+
+/// The owned form (bulk copies: stream) behaves like the borrowed one and hands the buffer
+/// back unchanged: allocated clusters skipped, the rest written from the buffer as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owned_population_skips_allocated_and_returns_the_buffer() {
+    let dir = tmpdir();
+    let top = chain(dir.path(), 65536, false).await;
+    top.write(2 * 65536 + 5, &[9u8; 100])
+        .await
+        .expect("guest write");
+    let copy = pattern(11, 6 * 65536);
+    let (n, back) = top
+        .write_if_unallocated_owned(0, copy.clone())
+        .await
+        .expect("populate");
+    assert_eq!(n, 5 * 65536, "the allocated cluster is skipped");
+    assert!(back == copy, "the buffer comes back as it was");
+    let mut got = vec![0u8; 6 * 65536];
+    top.read(0, &mut got).await.expect("read");
+    let mut want = copy.clone();
+    let base = pattern(7, (4 * MIB) as usize);
+    want[2 * 65536..3 * 65536].copy_from_slice(&base[2 * 65536..3 * 65536]);
+    want[2 * 65536 + 5..2 * 65536 + 105].copy_from_slice(&[9u8; 100]);
+    assert!(
+        got == want,
+        "copied clusters hold the buffer, the guest's cluster its own data"
+    );
+    top.close().await.expect("close");
+    assert_check_clean(&dir.path().join("top.qcow2"));
+}

@@ -11,13 +11,17 @@ pub struct HttpConfig {
     /// Bytes per fetch block: the unit of ranged GETs and of the cache. Large blocks amortise
     /// the round trip of a distant server; reads inside a cached block cost nothing.
     pub block_size: u64,
-    /// Bytes of blocks kept in memory (least recently used are dropped first).
+    /// Bytes of blocks kept in memory (least recently used are dropped first; blocks that
+    /// bulk reads took whole at once). The memory of an object is about this plus the GETs
+    /// in flight (`connections` × `max_request`).
     pub cache_bytes: u64,
     /// Most bytes one ranged GET asks for (adjacent queued blocks are merged up to this).
     pub max_request: u64,
     /// Ranged GETs in flight at once per object.
     pub connections: usize,
-    /// Blocks fetched ahead of a sequential reader.
+    /// Blocks fetched ahead of a sequential reader at first; the window doubles at each
+    /// refill while the reader stays sequential, up to `connections` full-size GETs (within
+    /// half the cache).
     pub readahead: u64,
     /// Retries of a transient failure (5xx, 408, 429, connection refused or reset, timeout).
     pub retries: u32,

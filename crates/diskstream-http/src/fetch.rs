@@ -8,9 +8,9 @@
 //! a strong ETag is also sent as `If-Match`, so servers that honour it refuse a changed object
 //! with 412 before sending anything.
 
+use crate::chunks::Chunks;
 use crate::config::HttpConfig;
 use crate::error::HttpError;
-use bytes::{Bytes, BytesMut};
 use diskstream_block::image::percent_decode;
 use reqwest::header::{
     HeaderMap, CONTENT_LENGTH, CONTENT_RANGE, ETAG, IF_MATCH, LAST_MODIFIED, RANGE,
@@ -394,9 +394,9 @@ impl Fetcher {
     }
 
     /// One attempt at `[offset, offset+len)`; returns a prefix (servers may shorten ranges).
-    async fn fetch_once(&self, offset: u64, len: u64) -> Result<Bytes, HttpError> {
+    async fn fetch_once(&self, offset: u64, len: u64) -> Result<Chunks, HttpError> {
         let last = offset + len - 1;
-        let resp = self.get(&format!("bytes={offset}-{last}"), true).await?;
+        let mut resp = self.get(&format!("bytes={offset}-{last}"), true).await?;
         let status = resp.status();
         let h = resp.headers().clone();
         let (start, end) = match status {
@@ -435,13 +435,23 @@ impl Fetcher {
             }
             s => return Err(self.status_error(s)),
         };
-        let body = resp.bytes().await.map_err(|e| self.send_error(e))?;
-        if body.len() as u64 != end - start {
-            return Err(self.transient(format!(
-                "short body: {} of {} bytes",
-                body.len(),
-                end - start
-            )));
+        // The body as received: chunks of the client's read buffers, not copied together.
+        let want = (end - start) as usize;
+        let mut body = Chunks::new();
+        while let Some(c) = resp.chunk().await.map_err(|e| self.send_error(e))? {
+            if body.len() + c.len() > want {
+                return Err(HttpError::Protocol {
+                    url: self.url.clone(),
+                    msg: format!(
+                        "the body of bytes {start}-{} is longer than the range",
+                        end - 1
+                    ),
+                });
+            }
+            body.push(c);
+        }
+        if body.len() != want {
+            return Err(self.transient(format!("short body: {} of {want} bytes", body.len())));
         }
         Ok(body)
     }
@@ -477,27 +487,22 @@ impl Fetcher {
         }
     }
 
-    /// The bytes `[offset, offset+len)` (inside the object), with retries. A whole response
-    /// is handed back as received (no copy); only a body that needed several requests is
-    /// joined.
-    pub async fn fetch(&self, offset: u64, len: u64) -> Result<Bytes, HttpError> {
-        let first = self
+    /// The bytes `[offset, offset+len)` (inside the object), with retries, as the body
+    /// chunks they arrived in (no copy); a range the server shortened is completed by further
+    /// requests.
+    pub async fn fetch(&self, offset: u64, len: u64) -> Result<Chunks, HttpError> {
+        let mut out = self
             .retrying(offset, len, |f| f.fetch_once(offset, len))
             .await?;
-        if first.len() as u64 >= len {
-            return Ok(first);
-        }
-        let mut out = BytesMut::with_capacity(len as usize);
-        out.extend_from_slice(&first);
         while (out.len() as u64) < len {
             let pos = offset + out.len() as u64;
             let rest = len - out.len() as u64;
             let part = self
                 .retrying(pos, rest, |f| f.fetch_once(pos, rest))
                 .await?;
-            out.extend_from_slice(&part);
+            out.append(part);
         }
-        Ok(out.freeze())
+        Ok(out)
     }
 }
 

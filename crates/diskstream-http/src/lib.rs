@@ -15,6 +15,7 @@
 //! NBD client does, so `diskstream img` and the library's `open_image` accept these URLs
 //! wherever an image or backing file name is expected.
 
+pub mod chunks;
 pub mod config;
 pub mod error;
 pub mod fetch;

@@ -3,7 +3,9 @@
 //! QEMU's view over a local copy), a missing key, and an object replaced underneath (a new
 //! ETag) refused. moto also serves objects over plain path-style HTTP, read here too. Then a
 //! stream job and a copy-on-read filter over `s3://images/base.qcow2` make overlays that hold
-//! every byte themselves (`qemu-img check` and `compare` against the source).
+//! every byte themselves (`qemu-img check` and `compare` against the source). Last, the
+//! errors: 403 for a private object read anonymously, a shorter replacement refused, a
+//! deleted object a 404.
 
 mod common;
 
@@ -151,6 +153,77 @@ async fn s3_objects_and_backing_files() {
     std::fs::write(d.join("view.raw"), &view).expect("write");
     stream_over_s3(d, &view).await;
     copy_on_read_over_s3(d, &view).await;
+    access_and_replacement_errors(d, srv.port, &cfg, &data).await;
+}
+
+/// 403 for an object the caller may not read (a private object read anonymously, over
+/// `s3://` without credentials and over moto's plain HTTP); an object replaced by a shorter
+/// one under an open reader is refused (moto honours `If-Match`: 412); a deleted object is a
+/// 404 (ENOENT).
+async fn access_and_replacement_errors(
+    d: &std::path::Path,
+    port: u16,
+    cfg: &HttpConfig,
+    data: &[u8],
+) {
+    std::fs::write(d.join("private.raw"), &data[..MIB as usize]).expect("write");
+    // Uploaded without an ACL: private.
+    s3_put(d, port, "private.raw", "images", "private.raw");
+    let forbidden = |e: diskstream_http::HttpError| {
+        assert!(e.to_string().contains("access denied (HTTP 403"), "{e}");
+        assert_eq!(e.errno(), 13);
+    };
+    forbidden(
+        HttpProtocol::open(&format!("http://127.0.0.1:{port}/images/private.raw"), cfg)
+            .await
+            .err()
+            .expect("403 over http"),
+    );
+    let (key, secret) = (
+        std::env::var("AWS_ACCESS_KEY_ID").ok(),
+        std::env::var("AWS_SECRET_ACCESS_KEY").ok(),
+    );
+    std::env::remove_var("AWS_ACCESS_KEY_ID");
+    std::env::remove_var("AWS_SECRET_ACCESS_KEY");
+    let anonymous = HttpProtocol::open("s3://images/private.raw", cfg).await;
+    for (k, v) in [
+        ("AWS_ACCESS_KEY_ID", key),
+        ("AWS_SECRET_ACCESS_KEY", secret),
+    ] {
+        if let Some(v) = v {
+            std::env::set_var(k, v);
+        }
+    }
+    forbidden(anonymous.err().expect("403 over s3 without credentials"));
+    // With credentials the same object reads.
+    let p = HttpProtocol::open("s3://images/private.raw", cfg)
+        .await
+        .expect("open private");
+    assert!(p.read_vec(0, 4096).await.expect("read") == data[..4096]);
+
+    // Replaced by a shorter object.
+    let r = HttpProtocol::open("s3://images/base.raw", cfg)
+        .await
+        .expect("open");
+    assert_eq!(r.read_vec(0, 10).await.expect("read"), &data[..10]);
+    std::fs::write(d.join("short.raw"), &data[..3 * MIB as usize]).expect("write");
+    s3_put(d, port, "short.raw", "images", "base.raw");
+    // (Past the read-ahead of the first read.)
+    let e = r.read_vec(4 * MIB, 10).await.expect_err("replaced");
+    assert!(e.to_string().contains("changed since it was opened"), "{e}");
+    assert_eq!(e.errno(), 116);
+
+    // Deleted (the whole object back first).
+    std::fs::write(d.join("full.raw"), data).expect("write");
+    s3_put(d, port, "full.raw", "images", "base.raw");
+    let r = HttpProtocol::open("s3://images/base.raw", cfg)
+        .await
+        .expect("open");
+    assert_eq!(r.read_vec(0, 10).await.expect("read"), &data[..10]);
+    s3_delete(d, port, "images", "base.raw");
+    let e = r.read_vec(4 * MIB, 10).await.expect_err("deleted");
+    assert!(e.to_string().contains("not found (HTTP 404)"), "{e}");
+    assert_eq!(e.errno(), 2);
 }
 
 /// A fresh 6 MiB overlay of `s3://images/base.qcow2` named `name`, opened read-write.

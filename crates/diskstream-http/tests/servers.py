@@ -2,14 +2,16 @@
 """Local servers for the HTTP/S3 protocol tests (loopback only; they stop when stdin closes).
 
   servers.py range DIR [--fail-every N] [--truncate-every N] [--tls CERT KEY] [--port N]
-                       [--delay-ms N]
+                       [--delay-ms N] [--no-etag] [--if-match]
       A static file server with HTTP Range support (206 with Content-Range, 416, HEAD, ETag
       from size+mtime, Last-Modified). /forbidden/* answers 403. With --fail-every N every
       Nth GET answers 503; with --truncate-every N every Nth ranged GET sends half its body
       and drops the connection (a reset mid-transfer). With --tls it serves HTTPS with the
       PEM certificate CERT and key KEY. --port N listens on port N (default: any free port),
       so a test can stop the server and start it again at the same URL. --delay-ms N waits N ms
-      before answering each request (a distant server; used by bench/jobs.py). Bodies are sent
+      before answering each request (a distant server; used by bench/jobs.py). --no-etag leaves
+      the ETag out (Last-Modified is then the only validator); --if-match answers 412 to a GET
+      whose If-Match names another ETag than the file's current one. Bodies are sent
       with sendfile, one thread per connection, so loopback reads reach several GB/s.
   servers.py s3 DIR BUCKET
       moto's S3 server with BUCKET holding every file of DIR (key = file name).
@@ -29,7 +31,7 @@ class Counters:
     lock = threading.Lock()
 
 
-def range_handler(root, fail_every, truncate_every, delay=0.0):
+def range_handler(root, fail_every, truncate_every, delay=0.0, etag=True, if_match=False):
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -44,9 +46,13 @@ def range_handler(root, fail_every, truncate_every, delay=0.0):
                 return None, None
             return path, st
 
+        def _etag(self, st):
+            return '"%x-%x"' % (st.st_size, st.st_mtime_ns)
+
         def _headers(self, st):
             self.send_header("Accept-Ranges", "bytes")
-            self.send_header("ETag", '"%x-%x"' % (st.st_size, st.st_mtime_ns))
+            if etag:
+                self.send_header("ETag", self._etag(st))
             self.send_header("Last-Modified", email.utils.formatdate(st.st_mtime, usegmt=True))
 
         def _simple(self, code):
@@ -74,6 +80,9 @@ def range_handler(root, fail_every, truncate_every, delay=0.0):
                 n = Counters.gets
             if fail_every and n % fail_every == 0:
                 return self._simple(503)
+            wanted = self.headers.get("If-Match")
+            if if_match and wanted is not None and wanted.strip() not in ("*", self._etag(st)):
+                return self._simple(412)
             size = st.st_size
             rng = self.headers.get("Range")
             if rng is None or head:
@@ -125,7 +134,9 @@ def main():
         http.server.ThreadingHTTPServer.allow_reuse_address = True
         delay = int(args[args.index("--delay-ms") + 1]) / 1000 if "--delay-ms" in args else 0.0
         srv = http.server.ThreadingHTTPServer(("127.0.0.1", port),
-                                              range_handler(root, fail, trunc, delay))
+                                              range_handler(root, fail, trunc, delay,
+                                                            "--no-etag" not in args,
+                                                            "--if-match" in args))
         srv.daemon_threads = True
         if "--tls" in args:
             import ssl

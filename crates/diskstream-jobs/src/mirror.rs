@@ -397,6 +397,13 @@ impl BlockNode for MirrorFilter {
         // Copy-on-read population stores bytes the disk already shows: nothing to mirror.
         self.routed().write_if_unallocated(offset, data).await
     }
+    async fn write_if_unallocated_owned(
+        &self,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> BlockResult<(u64, Vec<u8>)> {
+        self.routed().write_if_unallocated_owned(offset, data).await
+    }
     async fn zero_if_unallocated(&self, offset: u64, len: u64) -> BlockResult<u64> {
         self.routed().zero_if_unallocated(offset, len).await
     }

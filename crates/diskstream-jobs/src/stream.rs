@@ -42,7 +42,7 @@ use crate::error::JobFailure;
 use crate::job::{ErrorAction, IoOperation, Job, JobDriver};
 use async_trait::async_trait;
 use diskstream_block::image::chain_layers;
-use diskstream_block::node::{read_backing, same_node, Allocation, BlockNode};
+use diskstream_block::node::{same_node, Allocation, BlockNode};
 use diskstream_block::status::{allocated_above, map_extent};
 use diskstream_block::{foreground, BlockError};
 use std::collections::VecDeque;
@@ -251,9 +251,17 @@ async fn copy_ranges(
         if r.zero {
             written += top.zero_if_unallocated(r.offset, r.len).await?;
         } else {
-            let mut buf = vec![0u8; r.len as usize];
-            read_backing(Some(&backing), r.offset, &mut buf).await?;
-            written += top.write_if_unallocated(r.offset, &buf).await?;
+            // The backing appends its bytes to an empty buffer (a driver over one protocol
+            // range reads straight into it, nothing zero-filled first) and the top writes
+            // from it as it is: no user-space copy of the data here.
+            let len = r.len as usize;
+            let avail = backing.size().saturating_sub(r.offset).min(r.len) as usize;
+            let mut buf = Vec::with_capacity(len);
+            if avail > 0 {
+                buf = backing.read_append(r.offset, buf, avail).await?;
+            }
+            buf.resize(len, 0);
+            written += top.write_if_unallocated_owned(r.offset, buf).await?.0;
         }
     }
     Ok(written)

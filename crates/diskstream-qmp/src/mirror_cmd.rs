@@ -984,13 +984,9 @@ pub async fn drive_mirror(mon: &Arc<Monitor>, a: &Map<String, Value>) -> QmpResu
         if let Some((bfile, bfmt)) = crate::switch_cmd::header_backing(&g, tgt).await {
             match crate::switch_cmd::chain_node_for(&g, src, target, &bfile) {
                 Some(b) => {
-                    if let Err(e) = crate::switch_cmd::check_backing_format(
-                        &g,
-                        b,
-                        target,
-                        &bfile,
-                        bfmt.as_deref(),
-                    ) {
+                    if let Err(e) =
+                        crate::switch_cmd::check_backing_format(&g, b, target, &bfile, &bfmt)
+                    {
                         g.remove_tree(tgt).await;
                         return Err(e);
                     }

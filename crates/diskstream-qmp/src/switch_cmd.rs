@@ -21,7 +21,7 @@ use crate::graph::{Driver, Graph, NodeId};
 use crate::monitor::Monitor;
 use crate::schema::{opt, req, Member, Ty};
 use diskstream_block::image::resolve_backing;
-use diskstream_block::node::same_node;
+use diskstream_block::node::{same_node, BackingFormatHint};
 use serde_json::{json, Map, Value};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -31,7 +31,7 @@ pub const BLOCKDEV_SWITCH: &[Member] = &[
     req("device", Ty::Str),
     opt("target", Ty::Str),
     opt("filename", Ty::Str),
-    opt("format", Ty::Enum(&["qcow2", "raw"])),
+    opt("format", Ty::Enum(&["qcow2", "qed", "raw"])),
     opt("node-name", Ty::Str),
 ];
 
@@ -86,17 +86,12 @@ fn node_path(g: &Graph, id: NodeId) -> Option<PathBuf> {
     None
 }
 
-/// The backing file and format recorded in the header of qcow2 or QED node `id` (None for
-/// other formats and for images without a backing file). A QED image that only says its
-/// backing file is not raw records no format.
-pub(crate) async fn header_backing(g: &Graph, id: NodeId) -> Option<(String, Option<String>)> {
+/// The backing file and what is recorded about its format in the header of qcow2 or QED
+/// node `id` (None for other formats and for images without a backing file).
+pub(crate) async fn header_backing(g: &Graph, id: NodeId) -> Option<(String, BackingFormatHint)> {
     let q = g.effective_block(id)?;
     let link = q.backing_link().await?;
-    let fmt = match link.format {
-        diskstream_block::node::BackingFormatHint::Named(f) => Some(f),
-        _ => None,
-    };
-    Some((link.name, fmt))
+    Some((link.name, link.format))
 }
 
 /// The format node of `old`'s chain (filters skipped, `old` included) that is the file
@@ -117,22 +112,27 @@ pub(crate) fn chain_node_for(
 }
 
 /// Refuse to link node `b` as the backing of `filename` when the header records another
-/// format for it (formats are never guessed).
+/// format for it, or none (formats are never guessed). A QED header only says that its
+/// backing file is not raw: an image format node (qcow2, QED) fits that, as QEMU recognises
+/// those by their magic.
 pub(crate) fn check_backing_format(
     g: &Graph,
     b: NodeId,
     filename: &str,
     bfile: &str,
-    bfmt: Option<&str>,
+    bfmt: &BackingFormatHint,
 ) -> QmpResult<()> {
     let drv = g.get(b).map(|n| n.driver.as_str()).unwrap_or("?");
-    if bfmt != Some(drv) {
-        return Err(QmpError::generic(format!(
-            "'{filename}' records backing format '{}' for '{bfile}', which is open as '{drv}'",
-            bfmt.unwrap_or("(none)")
-        )));
-    }
-    Ok(())
+    let recorded = match bfmt {
+        BackingFormatHint::Named(f) if f == drv => return Ok(()),
+        BackingFormatHint::NotRaw if drv == "qcow2" || drv == "qed" => return Ok(()),
+        BackingFormatHint::Named(f) => f.as_str(),
+        BackingFormatHint::NotRaw => "(not raw)",
+        BackingFormatHint::Unrecorded => "(none)",
+    };
+    Err(QmpError::generic(format!(
+        "'{filename}' records backing format '{recorded}' for '{bfile}', which is open as '{drv}'"
+    )))
 }
 
 /// Close node `id` (opened from `opts` with `backing: null`) and open it again as `name` with
@@ -189,7 +189,7 @@ async fn open_target(
     };
     match chain_node_for(g, old, filename, &bfile) {
         Some(b) => {
-            if let Err(e) = check_backing_format(g, b, filename, &bfile, bfmt.as_deref()) {
+            if let Err(e) = check_backing_format(g, b, filename, &bfile, &bfmt) {
                 g.remove_tree(id).await;
                 return Err(e);
             }

@@ -155,7 +155,7 @@ async fn copy(a: CopyArgs) -> Result<()> {
         .and_then(|v| v.as_str())
         .unwrap_or_default()
         .to_string();
-    if drv != "qcow2" && drv != "raw" {
+    if !matches!(drv.as_str(), "qcow2" | "qed" | "raw") {
         bail!(
             "node '{}' is a '{drv}' node: name the format node the exports use",
             a.node

@@ -131,3 +131,13 @@ pub fn s3_put(dir: &Path, port: u16, file: &str, bucket: &str, key: &str) {
     );
     run("python3", &["-c", &code], dir);
 }
+
+/// Delete `bucket/key` from moto on `port`.
+pub fn s3_delete(dir: &Path, port: u16, bucket: &str, key: &str) {
+    let code = format!(
+        "import boto3; boto3.client('s3', endpoint_url='http://127.0.0.1:{port}', \
+         region_name='us-east-1', aws_access_key_id='testing', \
+         aws_secret_access_key='testing').delete_object(Bucket='{bucket}', Key='{key}')"
+    );
+    run("python3", &["-c", &code], dir);
+}

@@ -802,6 +802,89 @@ def test_switch_under_cor(exe, d):
     assert "failed" not in r.stdout, r.stdout
 
 
+def test_switch_qed(exe, d):
+    """x-blockdev-switch with QED images, as with qcow2: a QED device exported writable is
+    switched to a QED image opened on the spot whose header names the device's file (QED
+    records only "not raw", which the open QED node satisfies), so the old node becomes its
+    read-only backing node; then to a qcow2 overlay recording backing format "qed" over the
+    new node, then back to a named QED node. A QED header that records raw for a QED node is
+    refused and leaves nothing behind. Every write reads back through the export, each image
+    holds exactly what was written while it was active, and qemu-img check is clean."""
+    run("qemu-img", "create", "-q", "-f", "qed", f"{d}/src.qed", "32M")
+    run("qemu-io", "-f", "qed", "-c", "write -P 0x11 0 8M", f"{d}/src.qed")
+    run("qemu-img", "create", "-q", "-f", "qed", "-b", "src.qed", "-F", "qed", f"{d}/dst.qed")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "dst.qed", "-F", "qed", f"{d}/top.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qed", "-b", "src.qed", "-F", "raw", f"{d}/wrong.qed")
+    run("qemu-img", "create", "-q", "-f", "qed", f"{d}/other.qed", "32M")
+    url = f"nbd+unix:///src?socket={d}/nbd.sock"
+
+    def io(*cmds):
+        args = ["qemu-io", "-f", "raw"]
+        for c in cmds:
+            args += ["-c", c]
+        r = run(*(args + [url]), check=False)
+        out = r.stdout + r.stderr
+        assert r.returncode == 0 and "failed" not in out, f"{cmds}: {out}"
+
+    def nodes(q):
+        return {n["node-name"]: n for n in q.cmd("query-named-block-nodes", {"flat": True})}
+
+    dm = Daemon(exe, d, ["--blockdev", "driver=qed,node-name=src,file.driver=file,file.filename=src.qed",
+                         "--nbd-server", f"addr.type=unix,addr.path={d}/nbd.sock",
+                         "--export", "type=nbd,id=e,node-name=src,writable=on"])
+    try:
+        q = dm.qmp()
+        io("write -P 0x22 1M 1M")
+        r = q.cmd("x-blockdev-switch", {"device": "src", "filename": f"{d}/wrong.qed",
+                                        "format": "qed", "node-name": "w"}, ok=False)
+        assert r.get("error", {}).get("desc") == (
+            f"'{d}/wrong.qed' records backing format 'raw' for 'src.qed', which is open as 'qed'"), r
+        assert "w" not in nodes(q)
+        q.cmd("x-blockdev-switch", {"device": "src", "filename": f"{d}/dst.qed",
+                                    "format": "qed", "node-name": "dst"})
+        exports = q.cmd("query-block-exports")
+        assert [x["node-name"] for x in exports] == ["dst"], exports
+        n = nodes(q)
+        assert n["src"]["ro"] is True and n["dst"]["ro"] is False, n
+        assert n["dst"]["drv"] == "qed" and n["dst"]["backing_file"].endswith("src.qed"), n["dst"]
+        io("write -P 0x33 2M 1M", "read -P 0x22 1M 1M", "read -P 0x11 4M 1M")
+        # A qcow2 overlay whose header records backing format qed, over the new QED node.
+        q.cmd("x-blockdev-switch", {"device": "dst", "filename": f"{d}/top.qcow2",
+                                    "format": "qcow2", "node-name": "top"})
+        n = nodes(q)
+        assert n["dst"]["ro"] is True and n["top"]["backing_file"].endswith("dst.qed"), n
+        io("write -P 0x44 3M 1M", "read -P 0x33 2M 1M", "read -P 0x22 1M 1M")
+        # To a named QED node.
+        q.cmd("blockdev-add", {"driver": "qed", "node-name": "other",
+                               "file": {"driver": "file", "filename": f"{d}/other.qed"}})
+        q.cmd("x-blockdev-switch", {"device": "top", "target": "other"})
+        io("write -P 0x55 5M 1M", "read -P 0x55 5M 1M", "read -P 0 0 1M")
+        q.cmd("quit")
+        assert dm.wait() == 0
+    finally:
+        if dm.p.poll() is None:
+            dm.kill9()
+    for img in ("src.qed", "dst.qed", "top.qcow2", "other.qed"):
+        check_clean(f"{d}/{img}")
+    assert backing_of(f"{d}/dst.qed") == "src.qed"
+    assert backing_of(f"{d}/top.qcow2") == "dst.qed"
+    # Each image holds the writes made while it was active, and nothing later.
+    def check_reads(fmt, path, *cmds):
+        args = ["qemu-io", "-f", fmt, "-r"]
+        for c in cmds:
+            args += ["-c", c]
+        out = run(*(args + [path])).stdout
+        assert "failed" not in out, f"{path}: {out}"
+
+    check_reads("qed", f"{d}/src.qed", "read -P 0x22 1M 1M", "read -P 0x11 2M 2M")
+    m = json.loads(run("qemu-img", "map", "--output=json", "-f", "qed", f"{d}/dst.qed").stdout)
+    own = [(e["start"], e["length"]) for e in m if e["depth"] == 0 and e["data"]]
+    assert own == [(2 * MiB, MiB)], f"dst.qed should hold the 0x33 write only: {own}"
+    check_reads("qcow2", f"{d}/top.qcow2", "read -P 0x44 3M 1M", "read -P 0x33 2M 1M",
+                "read -P 0x22 1M 1M", "read -P 0x11 4M 4M")
+    check_reads("qed", f"{d}/other.qed", "read -P 0x55 5M 1M", "read -P 0 0 5M")
+
+
 def test_copy_helper(exe, d):
     """`diskstream copy` (live block copy via streaming) while a guest writes and reads over
     NBD: with --base the destination ends up backed by the base only, without it

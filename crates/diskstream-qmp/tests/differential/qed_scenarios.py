@@ -1,5 +1,6 @@
 """Differential scenarios on QED chains (QSD 10 opens QED too, so these compare the same
-jobs on both): stream, intermediate and active commit, mirror to a created QED target,
+jobs on both): stream, intermediate and active commit, mirror to a created QED target and
+to an existing QED overlay of the source's backing file,
 a qcow2 overlay whose header names a QED backing file, and a copy-on-read filter exported
 over NBD. Loaded by harness.py; images are small (16 MiB) to keep each run to seconds."""
 
@@ -111,6 +112,39 @@ def mk_qed_mirror(d):
     return mk_qed_chain(d)[:3] + ["full.qed", "snap.qed", "top2.qed"]
 
 
+async def sc_qed_mirror_existing(p):
+    """drive-mirror mode=existing sync=top into a pre-created QED overlay of the source's
+    backing file (its header records only "not raw"): the daemon links the open backing node
+    (QEMU opens the file again), and after the pivot the device reads the backing's data
+    through the target and guest writes land in it."""
+    # The chain from top.qed's header (see sc_mirror_existing for why not node by node).
+    await p.cmd("blockdev-add", {"driver": "qed", "node-name": "top",
+                                 "file": {"driver": "file", "filename": "top.qed"}})
+    await p.cmd(*H.NBD_START)
+    await p.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "top",
+                                     "writable": True})
+    await p.io("top", "write -P 0x55 0 1M")
+    await p.cmd("drive-mirror", {"job-id": "dm", "device": "top", "target": "ex.qed",
+                                 "format": "qed", "sync": "top", "mode": "existing",
+                                 "node-name": "exnode"})
+    await p.wait_event("BLOCK_JOB_READY", device="dm")
+    await p.io("top", "write -P 0x66 5M 1M")
+    await p.cmd("block-job-complete", {"device": "dm"})
+    await p.wait_job_gone("dm")
+    await p.cmd("query-block-exports")
+    await p.io("top", "read -P 0x55 0 1M", "read -P 0x11 1M 1M", "read -P 0x33 2M 2M",
+               "read -P 0x66 5M 1M", "read -P 0x22 8M 2M", "read -P 0x44 12M 1M",
+               "write -P 0x77 6M 1M")
+    await p.cmd("block-export-del", {"id": "e", "mode": "hard"})
+    await p.wait_event("BLOCK_EXPORT_DELETED")
+
+
+def mk_qed_mirror_existing(d):
+    imgs = mk_qed_chain(d)[:3]
+    H.create(f"{d}/ex.qed", None, "mid.qed", bfmt="qed", fmt="qed")
+    return imgs + ["ex.qed"]
+
+
 async def sc_qed_cor_export(p):
     """A copy-on-read filter over the QED chain exported over NBD: reads copy into top."""
     await add_qed_chain(p)
@@ -133,6 +167,7 @@ SCENARIOS = {
     "qed_header_backing": (mk_qed_chain, sc_qed_header_backing),
     "qed_commit": (mk_qed_chain, sc_qed_commit),
     "qed_mirror": (mk_qed_mirror, sc_qed_mirror),
+    "qed_mirror_existing": (mk_qed_mirror_existing, sc_qed_mirror_existing),
     "qed_cor_export": (mk_qed_chain, sc_qed_cor_export),
 }
 # Every scenario's allocation maps are compared too.

@@ -609,6 +609,17 @@ impl BlockNode for CopyOnRead {
         self.inner.file.write_if_unallocated(offset, data).await
     }
 
+    async fn write_if_unallocated_owned(
+        &self,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> Result<(u64, Vec<u8>)> {
+        self.inner
+            .file
+            .write_if_unallocated_owned(offset, data)
+            .await
+    }
+
     async fn zero_if_unallocated(&self, offset: u64, len: u64) -> Result<u64> {
         self.inner.file.zero_if_unallocated(offset, len).await
     }

@@ -1416,6 +1416,28 @@ impl BlockNode for Qcow2 {
         Ok(written)
     }
 
+    async fn write_if_unallocated_owned(
+        &self,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> Result<(u64, Vec<u8>)> {
+        check_bounds(offset, data.len() as u64, self.size())?;
+        let len = data.len();
+        let mut src = WriteSrc::Owned(data);
+        let mut pos = 0;
+        let mut written = 0u64;
+        while pos < len {
+            let (n, wrote) = self
+                .write_step(offset + pos as u64, &mut src, pos, true)
+                .await?;
+            if wrote {
+                written += n as u64;
+            }
+            pos += n;
+        }
+        Ok((written, src.into_owned()))
+    }
+
     async fn zero_if_unallocated(&self, offset: u64, len: u64) -> Result<u64> {
         check_bounds(offset, len, self.size())?;
         if len == 0 {
