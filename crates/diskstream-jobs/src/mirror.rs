@@ -828,7 +828,7 @@ impl JobDriver for MirrorJob {
                 Arc::clone(&self.target),
                 Arc::clone(&sh),
             );
-            inflight.spawn(async move {
+            inflight.spawn(diskstream_block::priority::background(async move {
                 let mut buf = lock(&sh2.spare_bufs).pop().unwrap_or_default();
                 let r = copy_range(&src, &tgt, off, len, &mut buf).await;
                 sh2.unlock_range(off, len);
@@ -836,7 +836,7 @@ impl JobDriver for MirrorJob {
                     lock(&sh2.spare_bufs).push(buf);
                 }
                 (off, len, r)
-            });
+            }));
         }
         sh.active.store(false, Ordering::Release);
         match failure {
