@@ -58,9 +58,16 @@
 //! primitives and re-checks the top's allocation for every chunk just before copying it, so it
 //! skips whatever copy-on-read already brought in, and its own copies never overwrite guest
 //! data or a copy that landed first. Guest reads are not queued behind the stream: each guest
-//! fetch is its own backing request, issued as soon as the guest asks (a pipelined NBD
-//! backing runs them alongside the stream's chunks). The worst overlap is a unit both fetch at
-//! the same moment: the backing is read twice, the top written once.
+//! fetch is its own backing request, issued as soon as the guest asks, and it runs with the
+//! guest's (foreground) priority while the job's copies and this filter's read-ahead run in
+//! the background ([`crate::priority`]): remote drivers send it ahead of the job's queued
+//! requests and keep slots for it. The worst overlap is a unit both fetch at the same moment:
+//! the backing is read twice, the top written once.
+//!
+//! # Flush
+//! A flush through the filter waits for the fetches in flight when it is issued, copies
+//! included, before flushing the top: a flush acknowledged after a read returned covers that
+//! read's copy (a read returns before its copy lands).
 //!
 //! # When copy-on-read is off
 //! A read-only top is never written: the filter then forwards every request and reports why in
