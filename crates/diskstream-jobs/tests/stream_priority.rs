@@ -64,21 +64,19 @@ async fn a_guest_read_goes_ahead_of_the_streams_queued_reads() {
     let sock = d.join("kit.sock");
     let log = d.join("kit.log");
     let pid = d.join("kit.pid");
-    let kit = Kit(
-        Command::new("nbdkit")
-            .args(["-f", "--exit-with-parent", "-P"])
-            .arg(&pid)
-            .arg("-U")
-            .arg(&sock)
-            .args(["--filter=log", "--filter=delay", "file"])
-            .arg(format!("file={}", base.display()))
-            .args(["rdelay=50ms"])
-            .arg(format!("logfile={}", log.display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nbdkit"),
-    );
+    let kit = Kit(Command::new("nbdkit")
+        .args(["-f", "--exit-with-parent", "-P"])
+        .arg(&pid)
+        .arg("-U")
+        .arg(&sock)
+        .args(["--filter=log", "--filter=delay", "file"])
+        .arg(format!("file={}", base.display()))
+        .args(["rdelay=50ms"])
+        .arg(format!("logfile={}", log.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start nbdkit"));
     within(10, "nbdkit start", async {
         while std::fs::read_to_string(&pid).map_or(true, |p| p.trim().is_empty()) {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -88,7 +86,19 @@ async fn a_guest_read_goes_ahead_of_the_streams_queued_reads() {
     let url = format!("nbd+unix:///?socket={}", sock.display());
     run(
         "qemu-img",
-        &["create", "-q", "-u", "-f", "qcow2", "-b", &url, "-F", "raw", "top.qcow2", "32M"],
+        &[
+            "create",
+            "-q",
+            "-u",
+            "-f",
+            "qcow2",
+            "-b",
+            &url,
+            "-F",
+            "raw",
+            "top.qcow2",
+            "32M",
+        ],
         d,
     );
     register_url_opener(OpenerConfig {
@@ -133,7 +143,9 @@ async fn a_guest_read_goes_ahead_of_the_streams_queued_reads() {
     let before = reads(&log).len();
     let far = 30 * MIB;
     let mut buf = vec![0u8; 4096];
-    within(30, "guest read", cor.read(far + 4096, &mut buf)).await.expect("guest read");
+    within(30, "guest read", cor.read(far + 4096, &mut buf))
+        .await
+        .expect("guest read");
     assert!(
         buf == data[(far + 4096) as usize..(far + 8192) as usize],
         "guest read returned wrong bytes"
@@ -165,7 +177,15 @@ async fn a_guest_read_goes_ahead_of_the_streams_queued_reads() {
     drop(kit);
     run(
         "qemu-img",
-        &["compare", "-f", "raw", "-F", "qcow2", "base.raw", "top.qcow2"],
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "qcow2",
+            "base.raw",
+            "top.qcow2",
+        ],
         d,
     );
     qemu_img_check(&d.join("top.qcow2"));

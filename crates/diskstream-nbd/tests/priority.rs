@@ -71,7 +71,10 @@ async fn a_foreground_read_overtakes_queued_background_reads() {
         }
         let order = read_offsets(&log);
         assert_eq!(order.len(), 17, "{order:x?}");
-        let at = order.iter().position(|&o| o == far).expect("foreground read logged");
+        let at = order
+            .iter()
+            .position(|&o| o == far)
+            .expect("foreground read logged");
         // It went out at once: no background read was sent between it being issued and it
         // reaching the server (before the lane it waited for nine).
         assert_eq!(at, before, "foreground read arrived as #{at}: {order:x?}");
