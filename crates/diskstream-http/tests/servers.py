@@ -2,14 +2,15 @@
 """Local servers for the HTTP/S3 protocol tests (loopback only; they stop when stdin closes).
 
   servers.py range DIR [--fail-every N] [--truncate-every N] [--tls CERT KEY] [--port N]
-                       [--delay-ms N]
+                       [--delay-ms N] [--log FILE]
       A static file server with HTTP Range support (206 with Content-Range, 416, HEAD, ETag
       from size+mtime, Last-Modified). /forbidden/* answers 403. With --fail-every N every
       Nth GET answers 503; with --truncate-every N every Nth ranged GET sends half its body
       and drops the connection (a reset mid-transfer). With --tls it serves HTTPS with the
       PEM certificate CERT and key KEY. --port N listens on port N (default: any free port),
       so a test can stop the server and start it again at the same URL. --delay-ms N waits N ms
-      before answering each request (a distant server; used by bench/jobs.py). Bodies are sent
+      before answering each request (a distant server; used by bench/jobs.py). --log FILE
+      appends each GET's Range header (or "-") to FILE as it arrives. Bodies are sent
       with sendfile, one thread per connection, so loopback reads reach several GB/s.
   servers.py s3 DIR BUCKET
       moto's S3 server with BUCKET holding every file of DIR (key = file name).
@@ -29,7 +30,7 @@ class Counters:
     lock = threading.Lock()
 
 
-def range_handler(root, fail_every, truncate_every, delay=0.0):
+def range_handler(root, fail_every, truncate_every, delay=0.0, log=None):
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -62,6 +63,9 @@ def range_handler(root, fail_every, truncate_every, delay=0.0):
                 self.connection.sendfile(f, offset, count)
 
         def do_GET(self, head=False):
+            if log and not head:
+                with Counters.lock, open(log, "a") as f:
+                    f.write((self.headers.get("Range") or "-") + "\n")
             if delay:
                 time.sleep(delay)
             if self.path.startswith("/forbidden/"):
@@ -124,8 +128,9 @@ def main():
         port = int(args[args.index("--port") + 1]) if "--port" in args else 0
         http.server.ThreadingHTTPServer.allow_reuse_address = True
         delay = int(args[args.index("--delay-ms") + 1]) / 1000 if "--delay-ms" in args else 0.0
+        log = args[args.index("--log") + 1] if "--log" in args else None
         srv = http.server.ThreadingHTTPServer(("127.0.0.1", port),
-                                              range_handler(root, fail, trunc, delay))
+                                              range_handler(root, fail, trunc, delay, log))
         srv.daemon_threads = True
         if "--tls" in args:
             import ssl
