@@ -16,6 +16,7 @@ pub mod fuzzing;
 pub mod image;
 pub mod node;
 pub mod pool;
+pub mod priority;
 pub mod protocol;
 pub mod status;
 

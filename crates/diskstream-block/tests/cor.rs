@@ -967,9 +967,32 @@ struct TopFile {
     hold: AtomicBool,
     held_writes: AtomicU64,
     released: Notify,
+    /// Writes of 1 MiB or more that completed, and that count at each flush of the file.
+    big_writes_done: AtomicU64,
+    big_writes_at_flush: Mutex<Vec<u64>>,
 }
 
 impl TopFile {
+    fn new(path: &Path, hold: bool) -> TopFile {
+        TopFile {
+            inner: diskstream_block::protocol::file::FileProtocol::open(path, false)
+                .expect("open top file"),
+            data_status: AtomicU64::new(0),
+            read_appends: AtomicU64::new(0),
+            hold: AtomicBool::new(hold),
+            held_writes: AtomicU64::new(0),
+            released: Notify::new(),
+            big_writes_done: AtomicU64::new(0),
+            big_writes_at_flush: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn wrote(&self, len: usize) {
+        if len >= MIB as usize {
+            self.big_writes_done.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
     async fn gate(&self, len: usize) {
         if len < MIB as usize {
             return;
@@ -1006,12 +1029,17 @@ impl Protocol for TopFile {
         self.inner.read_at(offset, buf).await
     }
     async fn write_vec(&self, offset: u64, data: Vec<u8>) -> Result<()> {
-        self.gate(data.len()).await;
-        self.inner.write_vec(offset, data).await
+        let n = data.len();
+        self.gate(n).await;
+        self.inner.write_vec(offset, data).await?;
+        self.wrote(n);
+        Ok(())
     }
     async fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.gate(data.len()).await;
-        self.inner.write_at(offset, data).await
+        self.inner.write_at(offset, data).await?;
+        self.wrote(data.len());
+        Ok(())
     }
     async fn write_gather(
         &self,
@@ -1020,11 +1048,14 @@ impl Protocol for TopFile {
         ranges: Vec<std::ops::Range<usize>>,
         zero_tail: usize,
     ) -> Result<Vec<u8>> {
-        self.gate(ranges.iter().map(|r| r.len()).sum::<usize>() + zero_tail)
-            .await;
-        self.inner
+        let n = ranges.iter().map(|r| r.len()).sum::<usize>() + zero_tail;
+        self.gate(n).await;
+        let r = self
+            .inner
             .write_gather(offset, buf, ranges, zero_tail)
-            .await
+            .await?;
+        self.wrote(n);
+        Ok(r)
     }
     async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         self.gate(len as usize).await;
@@ -1034,6 +1065,11 @@ impl Protocol for TopFile {
         self.inner.discard(offset, len).await
     }
     async fn flush(&self) -> Result<()> {
+        let done = self.big_writes_done.load(Ordering::SeqCst);
+        self.big_writes_at_flush
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(done);
         self.inner.flush().await
     }
     async fn len(&self) -> Result<u64> {
@@ -1070,15 +1106,7 @@ async fn rereads_do_not_ask_the_file_for_holes() {
     qemu_io(&base, "qcow2", &["write -P 0x5a 0 8M"]);
     qemu_create_qcow2(&top_path, 8 * MIB, "", Some((&base, "qcow2")));
     qemu_io(&top_path, "qcow2", &["write -P 0x33 7M 64k"]);
-    let file = Arc::new(TopFile {
-        inner: diskstream_block::protocol::file::FileProtocol::open(&top_path, false)
-            .expect("open top file"),
-        data_status: AtomicU64::new(0),
-        read_appends: AtomicU64::new(0),
-        hold: AtomicBool::new(true),
-        held_writes: AtomicU64::new(0),
-        released: Notify::new(),
-    });
+    let file = Arc::new(TopFile::new(&top_path, true));
     let q = Qcow2::open(file.clone()).await.expect("open top");
     q.set_backing_node(Some(open_qcow2(&base, true).await));
     let top: Arc<dyn BlockNode> = Arc::new(q);
@@ -1137,6 +1165,68 @@ async fn rereads_do_not_ask_the_file_for_holes() {
         file.read_appends.load(Ordering::SeqCst),
         appends + chunks,
         "each hit is one copy-free read of the file"
+    );
+    cor.close().await.expect("close");
+    top.close().await.expect("close top");
+    assert_check_clean(&top_path);
+}
+
+/// A flush through the filter covers the copies of reads that completed before it: the read
+/// returns as soon as its unit's backing data is in the bounce buffer, and the copy into the
+/// top (held here at the top's file) is still in flight when the guest flushes; the flush
+/// waits for it, so the file is flushed only after the copy's data write, and the unit is in
+/// the top once the flush returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_waits_for_copies_in_flight() {
+    let dir = tmpdir();
+    let base = dir.path().join("base.qcow2");
+    let top_path = dir.path().join("top.qcow2");
+    qemu_create_qcow2(&base, 4 * MIB, "", None);
+    qemu_io(&base, "qcow2", &["write -P 0x5a 0 4M"]);
+    qemu_create_qcow2(&top_path, 4 * MIB, "", Some((&base, "qcow2")));
+    let file = Arc::new(TopFile::new(&top_path, true));
+    let q = Qcow2::open(file.clone()).await.expect("open top");
+    q.set_backing_node(Some(open_qcow2(&base, true).await));
+    let top: Arc<dyn BlockNode> = Arc::new(q);
+    let cor = CopyOnRead::new(top.clone(), None, cfg(MIB, 0)).expect("cor");
+    let node: Arc<dyn BlockNode> = cor.clone();
+    let mut b = vec![0u8; 4096];
+    within(10, "read", node.read(MIB + 512, &mut b))
+        .await
+        .expect("read");
+    assert!(b.iter().all(|&x| x == 0x5a));
+    // The read is answered; its unit's copy is stuck at the file.
+    within(10, "copy reaches the file", async {
+        while file.held_writes.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await;
+    let flush = {
+        let node = node.clone();
+        tokio::spawn(async move { node.flush().await })
+    };
+    // Give a flush that does not wait every chance to reach the file first.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    file.hold.store(false, Ordering::SeqCst);
+    file.released.notify_waiters();
+    within(10, "flush", flush)
+        .await
+        .expect("task")
+        .expect("flush");
+    let at_flush = file
+        .big_writes_at_flush
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    assert!(
+        !at_flush.is_empty() && at_flush.iter().all(|&n| n >= 1),
+        "the file was flushed before the copy's data write landed: {at_flush:?}"
+    );
+    assert_ne!(
+        top.block_status(MIB, MIB).await.expect("status").alloc,
+        Allocation::Unallocated,
+        "the copied unit is not in the top after the flush"
     );
     cor.close().await.expect("close");
     top.close().await.expect("close top");

@@ -10,11 +10,21 @@
 //! become few large ones exactly when the server is the bottleneck. A reader that continues
 //! where the previous read ended triggers read-ahead of the following blocks (queued after
 //! demanded ones), in a window that grows while the reader stays sequential until every
-//! connection carries a full-size GET. Fetched blocks go into an LRU cache bounded by
-//! [`HttpConfig::cache_bytes`], kept as the response chunks they arrived in (no copy; see
-//! [`crate::chunks`]); blocks that bulk reads took whole leave it at once ([`BULK_READ`]).
-//! Combined with copy-on-read or streaming into a local overlay, every byte crosses the
-//! network once, and is copied once in user space (into the reader's buffer).
+//! connection carries a full-size GET.
+//!
+//! **Priority** ([`diskstream_block::priority`]): blocks a foreground reader (a guest, its
+//! copy-on-read fetch) waits for are fetched before blocks only background readers (a stream
+//! job) wait for, and those before read-ahead, whatever their offsets; a block a guest comes
+//! to wait for moves up to the guest's queue. While a guest is active
+//! ([`diskstream_block::foreground::busy`]), background GETs keep a quarter of the connections
+//! (at least one, with two or more) free, so a guest's block is requested at once rather than
+//! after one of the job's GETs; with the guest idle a job uses every connection.
+//!
+//! Fetched blocks go into an LRU cache bounded by [`HttpConfig::cache_bytes`], kept as the
+//! response chunks they arrived in (no copy; see [`crate::chunks`]); blocks that bulk reads
+//! took whole leave it at once ([`BULK_READ`]). Combined with copy-on-read or streaming into a
+//! local overlay, every byte crosses the network once, and is copied once in user space (into
+//! the reader's buffer).
 //!
 //! Failures are never cached: each reader waiting on a failed fetch gets the error, and the
 //! next read of the block tries again.
@@ -31,6 +41,17 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::watch;
 
 type BlockResult = Option<std::result::Result<Chunks, HttpError>>;
+
+/// Why a block is queued, most urgent first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Want {
+    /// A foreground reader waits for it.
+    Guest,
+    /// Only background readers (a job) wait for it.
+    Job,
+    /// Read-ahead.
+    Ahead,
+}
 
 /// A small LRU of blocks, each with the bytes bulk readers took from it so far.
 #[derive(Default)]
@@ -104,12 +125,16 @@ struct State {
     cache: Lru,
     /// Blocks being fetched or queued, with the channel their result is published on.
     pending: HashMap<u64, watch::Sender<BlockResult>>,
-    /// Queued blocks a reader waits for.
+    /// Queued blocks a foreground reader waits for.
+    guest: BTreeSet<u64>,
+    /// Queued blocks only background readers wait for.
     demand: BTreeSet<u64>,
     /// Queued read-ahead blocks.
     ahead: BTreeSet<u64>,
     /// GETs in flight.
     running: usize,
+    /// Of those, GETs no foreground reader asked for.
+    running_background: usize,
     /// The block after the end of the furthest read of the current sequential run
     /// (sequential detection).
     next: u64,
@@ -161,34 +186,54 @@ impl Inner {
             if st.running >= self.cfg.connections {
                 return;
             }
-            let first = match st.demand.pop_first() {
-                Some(b) => b,
-                None => match st.ahead.pop_first() {
-                    Some(b) => b,
-                    None => return,
-                },
+            let (first, foreground) = match st.guest.pop_first() {
+                Some(b) => (b, true),
+                None => {
+                    if st.running_background >= self.background_max() {
+                        return;
+                    }
+                    match st.demand.pop_first().or_else(|| st.ahead.pop_first()) {
+                        Some(b) => (b, false),
+                        None => return,
+                    }
+                }
             };
-            // Merge the queued neighbours (demanded or read-ahead) into one GET.
+            // Merge the queued neighbours (whoever waits for them) into one GET.
             let max = self.cfg.max_blocks();
             let (mut lo, mut hi) = (first, first);
-            while hi - lo + 1 < max && (st.demand.remove(&(hi + 1)) || st.ahead.remove(&(hi + 1))) {
+            let take = |st: &mut State, b: u64| {
+                st.guest.remove(&b) || st.demand.remove(&b) || st.ahead.remove(&b)
+            };
+            while hi - lo + 1 < max && take(&mut st, hi + 1) {
                 hi += 1;
             }
-            while hi - lo + 1 < max
-                && lo > 0
-                && (st.demand.remove(&(lo - 1)) || st.ahead.remove(&(lo - 1)))
-            {
+            while hi - lo + 1 < max && lo > 0 && take(&mut st, lo - 1) {
                 lo -= 1;
             }
             st.running += 1;
+            if !foreground {
+                st.running_background += 1;
+            }
             st.requests += 1;
             drop(st);
             let me = Arc::clone(self);
-            rt.spawn(async move { me.fetch_blocks(lo, hi).await });
+            rt.spawn(async move { me.fetch_blocks(lo, hi, foreground).await });
         }
     }
 
-    async fn fetch_blocks(self: Arc<Self>, lo: u64, hi: u64) {
+    /// GETs background readers may have in flight: all connections while no guest is active,
+    /// else all but a reserve for the guest's blocks.
+    fn background_max(&self) -> usize {
+        let n = self.cfg.connections;
+        if n < 2
+            || !diskstream_block::foreground::busy(diskstream_block::foreground::DEFAULT_WINDOW)
+        {
+            return n.max(1);
+        }
+        n - (n / 4).max(1)
+    }
+
+    async fn fetch_blocks(self: Arc<Self>, lo: u64, hi: u64, foreground: bool) {
         let start = self.block_range(lo).0;
         let end = self.block_range(hi).1;
         let res = self.fetcher.fetch(start, end - start).await;
@@ -214,26 +259,40 @@ impl Inner {
             }
         }
         st.running -= 1;
+        if !foreground {
+            st.running_background -= 1;
+        }
         drop(st);
         self.dispatch();
     }
 
-    /// Queue block `b` unless it is cached or pending; returns a receiver when it is not
-    /// cached.
-    fn want(st: &mut State, b: u64, demand: bool) -> Option<watch::Receiver<BlockResult>> {
+    /// Queue block `b` unless it is cached or pending (moving a queued block up when a
+    /// more urgent reader comes to wait for it); returns a receiver when it is not cached.
+    fn want(st: &mut State, b: u64, why: Want) -> Option<watch::Receiver<BlockResult>> {
         if let Some(tx) = st.pending.get(&b) {
-            if demand && st.ahead.remove(&b) {
-                st.demand.insert(b);
+            let rx = tx.subscribe();
+            match why {
+                Want::Guest => {
+                    if st.ahead.remove(&b) || st.demand.remove(&b) {
+                        st.guest.insert(b);
+                    }
+                }
+                Want::Job => {
+                    if st.ahead.remove(&b) {
+                        st.demand.insert(b);
+                    }
+                }
+                Want::Ahead => {}
             }
-            return Some(tx.subscribe());
+            return Some(rx);
         }
         let (tx, rx) = watch::channel(None);
         st.pending.insert(b, tx);
-        if demand {
-            st.demand.insert(b);
-        } else {
-            st.ahead.insert(b);
-        }
+        match why {
+            Want::Guest => st.guest.insert(b),
+            Want::Job => st.demand.insert(b),
+            Want::Ahead => st.ahead.insert(b),
+        };
         Some(rx)
     }
 
@@ -245,13 +304,18 @@ impl Inner {
         let last_block = (self.size - 1) / bs;
         let mut have: Vec<(u64, Chunks)> = Vec::new();
         let mut waits: Vec<(u64, watch::Receiver<BlockResult>)> = Vec::new();
+        let why = if diskstream_block::priority::is_background() {
+            Want::Job
+        } else {
+            Want::Guest
+        };
         {
             let mut st = self.lock();
             for b in b0..=b1 {
                 match st.cache.get(b) {
                     Some(d) => have.push((b, d)),
                     None => {
-                        if let Some(rx) = Self::want(&mut st, b, true) {
+                        if let Some(rx) = Self::want(&mut st, b, why) {
                             waits.push((b, rx));
                         }
                     }
@@ -276,7 +340,7 @@ impl Inner {
                 if ra > 0 && f - (b1 + 1) < win.div_ceil(2) {
                     for b in f..=(b1 + win).min(last_block) {
                         if !st.cache.contains(b) && !st.pending.contains_key(&b) {
-                            let _ = Self::want(&mut st, b, false);
+                            let _ = Self::want(&mut st, b, Want::Ahead);
                         }
                     }
                     st.window = (win * 2).min(self.max_window());
@@ -289,6 +353,11 @@ impl Inner {
         }
         self.dispatch();
         let t0 = (!waits.is_empty()).then(std::time::Instant::now);
+        let _remote = if waits.is_empty() {
+            None
+        } else {
+            diskstream_block::priority::remote_begin()
+        };
         for (b, mut rx) in waits {
             let r = rx
                 .wait_for(Option::is_some)

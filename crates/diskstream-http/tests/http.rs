@@ -490,3 +490,65 @@ async fn copy_on_read_over_http_makes_the_overlay_local() {
         d,
     );
 }
+
+/// Guest-touch priority (issue 5): with one connection to a slow server (100 ms a GET, the
+/// server logging each GET's range as it arrives) and a job's reads
+/// ([`diskstream_block::priority::background`]) of five separate blocks queued, a guest read
+/// of a far block is the next GET, ahead of the job's queued blocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_blocks_are_fetched_before_a_jobs_queued_blocks() {
+    let (dir, data) = fixture();
+    let log = dir.path().join("gets.log");
+    let log_s = log.display().to_string();
+    let srv = Server::range(dir.path(), &["--delay-ms", "100", "--log", &log_s]);
+    let url = srv.url("base.raw");
+    let starts = || -> Vec<u64> {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.strip_prefix("bytes=")?.split('-').next()?.parse().ok())
+            .collect()
+    };
+    let c = HttpConfig {
+        connections: 1,
+        readahead: 0,
+        ..cfg()
+    };
+    let bs = c.block_size;
+    let p = Arc::new(
+        HttpProtocol::open(&url, &c)
+            .await
+            .unwrap_or_else(|e| panic!("open {url}: {e}")),
+    );
+    // The probe GET of the open.
+    let skip = starts().len();
+    let mut job = Vec::new();
+    for b in [0u64, 2, 4, 6, 8] {
+        let p = Arc::clone(&p);
+        job.push(tokio::spawn(diskstream_block::priority::background(
+            async move { (b, p.read_vec(b * bs, 4096).await) },
+        )));
+    }
+    let t = Instant::now();
+    while starts().len() <= skip {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no GET reached the server"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let far = 60 * bs;
+    let got = p.read_vec(far, 4096).await.expect("guest read");
+    assert!(got == data[far as usize..far as usize + 4096]);
+    for t in job {
+        let (b, r) = t.await.expect("task");
+        let off = (b * bs) as usize;
+        assert!(r.expect("job read") == data[off..off + 4096], "block {b}");
+    }
+    let order = starts().split_off(skip);
+    assert_eq!(order.len(), 6, "{order:?}");
+    assert_eq!(
+        order[1], far,
+        "the guest's block was not the next GET after the first: {order:?}"
+    );
+}

@@ -2,7 +2,7 @@
 """Local servers for the HTTP/S3 protocol tests (loopback only; they stop when stdin closes).
 
   servers.py range DIR [--fail-every N] [--truncate-every N] [--tls CERT KEY] [--port N]
-                       [--delay-ms N] [--no-etag] [--if-match]
+                       [--delay-ms N] [--no-etag] [--if-match] [--log FILE]
       A static file server with HTTP Range support (206 with Content-Range, 416, HEAD, ETag
       from size+mtime, Last-Modified). /forbidden/* answers 403. With --fail-every N every
       Nth GET answers 503; with --truncate-every N every Nth ranged GET sends half its body
@@ -11,7 +11,8 @@
       so a test can stop the server and start it again at the same URL. --delay-ms N waits N ms
       before answering each request (a distant server; used by bench/jobs.py). --no-etag leaves
       the ETag out (Last-Modified is then the only validator); --if-match answers 412 to a GET
-      whose If-Match names another ETag than the file's current one. Bodies are sent
+      whose If-Match names another ETag than the file's current one. --log FILE appends each
+      GET's Range header (or "-") to FILE as it arrives. Bodies are sent
       with sendfile, one thread per connection, so loopback reads reach several GB/s.
   servers.py s3 DIR BUCKET
       moto's S3 server with BUCKET holding every file of DIR (key = file name).
@@ -31,7 +32,8 @@ class Counters:
     lock = threading.Lock()
 
 
-def range_handler(root, fail_every, truncate_every, delay=0.0, etag=True, if_match=False):
+def range_handler(root, fail_every, truncate_every, delay=0.0, etag=True, if_match=False,
+                  log=None):
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -68,6 +70,9 @@ def range_handler(root, fail_every, truncate_every, delay=0.0, etag=True, if_mat
                 self.connection.sendfile(f, offset, count)
 
         def do_GET(self, head=False):
+            if log and not head:
+                with Counters.lock, open(log, "a") as f:
+                    f.write((self.headers.get("Range") or "-") + "\n")
             if delay:
                 time.sleep(delay)
             if self.path.startswith("/forbidden/"):
@@ -133,10 +138,11 @@ def main():
         port = int(args[args.index("--port") + 1]) if "--port" in args else 0
         http.server.ThreadingHTTPServer.allow_reuse_address = True
         delay = int(args[args.index("--delay-ms") + 1]) / 1000 if "--delay-ms" in args else 0.0
+        log = args[args.index("--log") + 1] if "--log" in args else None
         srv = http.server.ThreadingHTTPServer(("127.0.0.1", port),
                                               range_handler(root, fail, trunc, delay,
                                                             "--no-etag" not in args,
-                                                            "--if-match" in args))
+                                                            "--if-match" in args, log))
         srv.daemon_threads = True
         if "--tls" in args:
             import ssl

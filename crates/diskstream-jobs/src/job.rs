@@ -1040,7 +1040,8 @@ impl JobManager {
         let job = Arc::clone(job);
         tokio::spawn(async move {
             let driver = Arc::clone(&job.driver);
-            let res = driver.run(&job).await;
+            // A job's copies give way to guest I/O (`diskstream_block::priority`).
+            let res = diskstream_block::priority::background(driver.run(&job)).await;
             job.completed(res).await;
         });
     }

@@ -1014,7 +1014,7 @@ impl JobDriver for MirrorJob {
                     Arc::clone(&self.target),
                     Arc::clone(&sh),
                 );
-                inflight.spawn(async move {
+                inflight.spawn(diskstream_block::priority::background(async move {
                     let r = if zero {
                         tgt.write_zeroes(pos, n, true)
                             .await
@@ -1029,7 +1029,7 @@ impl JobDriver for MirrorJob {
                     };
                     sh2.unlock_range(pos, n);
                     (pos, n, buf_bytes, r)
-                });
+                }));
                 pos += n;
             }
         }

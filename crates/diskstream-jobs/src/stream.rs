@@ -18,6 +18,13 @@
 //! [`StreamConfig::busy_parallel`] copies are in flight: local copies compete with the guest
 //! for the same CPUs and disks, and the guest's latency comes first.
 //!
+//! # Guest requests first
+//! The copies run with background priority ([`diskstream_block::priority`]): a remote driver
+//! (NBD client, HTTP) sends a guest's request (its read, its copy-on-read fetch) ahead of the
+//! job's queued ones and keeps slots for it. Over a remote chain the job also adds no copy
+//! while a guest request waits on a remote server (the copies in flight go on, and one is
+//! always in flight); with the guest idle it runs at full speed.
+//!
 //! # Never clobbering guest data
 //! Copies go through [`BlockNode::write_if_unallocated`] / [`BlockNode::zero_if_unallocated`]:
 //! the driver re-checks allocation per cluster under its metadata lock and in-flight tokens,
@@ -44,7 +51,7 @@ use async_trait::async_trait;
 use diskstream_block::image::chain_layers;
 use diskstream_block::node::{same_node, Allocation, BlockNode};
 use diskstream_block::status::{allocated_above, map_extent};
-use diskstream_block::{foreground, BlockError};
+use diskstream_block::{foreground, priority, BlockError};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use tokio::task::JoinSet;
@@ -342,6 +349,18 @@ impl JobDriver for StreamJob {
                 }
                 continue;
             }
+            if remote && !inflight.is_empty() && priority::remote_pending() > 0 {
+                // A guest request (a read, its copy-on-read fetch) waits on a remote server:
+                // add no copy in front of it until it is answered; the copies in flight go on.
+                tokio::select! {
+                    Some(r) = inflight.join_next() => {
+                        Self::harvest(job, r, &mut retry, &mut failure, &mut stop_issuing);
+                    }
+                    _ = priority::remote_quiet() => {}
+                    _ = job.wake_notified() => {}
+                }
+                continue;
+            }
             let delay = job.ratelimit_delay();
             if !delay.is_zero() {
                 job.settled();
@@ -382,7 +401,7 @@ impl JobDriver for StreamJob {
                 // next chunk is issued.
                 let (top, backing, job) =
                     (Arc::clone(&self.top), Arc::clone(&backing), Arc::clone(job));
-                inflight.spawn(async move {
+                inflight.spawn(priority::background(async move {
                     let r = match plan_copy(&top, &backing, limit.as_ref(), off, n).await {
                         Ok(ranges) => {
                             job.processed_bytes(ranges.iter().map(|r| r.len).sum());
@@ -391,7 +410,7 @@ impl JobDriver for StreamJob {
                         Err(e) => Err(e),
                     };
                     (off, n, r)
-                });
+                }));
                 continue;
             }
             match plan_copy(&self.top, &backing, limit.as_ref(), off, n).await {
@@ -409,8 +428,9 @@ impl JobDriver for StreamJob {
                     job.processed_bytes(ranges.iter().map(|r| r.len).sum());
                     let top = Arc::clone(&self.top);
                     let backing = Arc::clone(&backing);
-                    inflight
-                        .spawn(async move { (off, n, copy_ranges(top, backing, ranges).await) });
+                    inflight.spawn(priority::background(async move {
+                        (off, n, copy_ranges(top, backing, ranges).await)
+                    }));
                 }
             }
         }

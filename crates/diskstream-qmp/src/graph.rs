@@ -626,7 +626,8 @@ impl Graph {
                     continue;
                 }
                 let file_ro = file.read_only();
-                match CopyOnRead::new(file, bottom, cor.config()) {
+                // The counters carry over: they describe the node, whatever image it is over.
+                match cor.rebuild(file, bottom) {
                     Ok(new) => {
                         if let Some(n) = self.get_mut(id) {
                             n.block = Some(new);
@@ -1382,9 +1383,15 @@ impl Graph {
         let _ = implicit;
         let read_only = t.read_only;
         let id = self.new_id();
+        // Copy-on-read filters over `target` (an export's hidden one, a user's) are parents
+        // too: they now read through the new filter, as QEMU's bdrv_replace_node moves them.
+        let cors = self.cor_filters_over(target);
         for n in self.nodes.iter_mut() {
             if n.backing == Some(target) {
                 n.backing = Some(id);
+            }
+            if cors.contains(&n.id) {
+                n.file = Some(id);
             }
         }
         for u in self.users.iter_mut() {
@@ -1395,8 +1402,43 @@ impl Graph {
         self.nodes.push(GraphNode::filter(
             id, name, read_only, filename, block, target,
         ));
-        self.sync_users().await;
+        self.rebuild_moved_filters(&cors).await;
         Ok(id)
+    }
+
+    /// The copy-on-read filter nodes whose `file` child is `id`.
+    fn cor_filters_over(&self, id: NodeId) -> Vec<NodeId> {
+        self.nodes
+            .iter()
+            .filter(|n| n.driver == Driver::CopyOnRead && n.file == Some(id))
+            .map(|n| n.id)
+            .collect()
+    }
+
+    /// After `moved` filters got a new `file` child: let their copies in flight land, rebuild
+    /// them over their child's current image, and re-point every user (drained).
+    async fn rebuild_moved_filters(&mut self, moved: &[NodeId]) {
+        if moved.is_empty() {
+            self.sync_users().await;
+            return;
+        }
+        self.quiesce_filters(&self.filters_above_all(moved)).await;
+        let stale = self.refresh_filters(&[]);
+        self.sync_users().await;
+        drop(stale);
+    }
+
+    /// `ids` and every copy-on-read filter stacked above any of them.
+    fn filters_above_all(&self, ids: &[NodeId]) -> Vec<NodeId> {
+        let mut out: Vec<NodeId> = Vec::new();
+        for id in ids {
+            for f in self.filters_above(*id) {
+                if !out.contains(&f) {
+                    out.push(f);
+                }
+            }
+        }
+        out
     }
 
     /// A hidden copy-on-read filter over `target` for one export (`copy-on-read=on` on
@@ -1443,9 +1485,13 @@ impl Graph {
         let Some(target) = self.get(id).and_then(|n| n.file) else {
             return;
         };
+        let cors = self.cor_filters_over(id);
         for n in self.nodes.iter_mut() {
             if n.backing == Some(id) {
                 n.backing = Some(target);
+            }
+            if cors.contains(&n.id) {
+                n.file = Some(target);
             }
         }
         for u in self.users.iter_mut() {
@@ -1458,7 +1504,7 @@ impl Graph {
             .iter()
             .position(|n| n.id == id)
             .map(|p| self.nodes.remove(p));
-        self.sync_users().await;
+        self.rebuild_moved_filters(&cors).await;
         // Users read through the child again; let the filter's copies in flight land.
         if let Some(b) = removed.and_then(|n| n.block) {
             if let Err(e) = b.close().await {

@@ -24,12 +24,15 @@
 
 use super::error::ClientError;
 use super::handshake::Negotiated;
+use super::slots::{SlotPermit, Slots};
 use crate::proto::{self, *};
+use diskstream_block::priority::{self, IoClass};
+use std::collections::VecDeque;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 
 /// The read half of a connection's stream.
@@ -211,6 +214,7 @@ enum Outgoing {
     Request {
         header: Vec<u8>,
         payload: Option<Payload>,
+        class: IoClass,
     },
     Disconnect {
         header: Vec<u8>,
@@ -274,7 +278,7 @@ struct Entry {
     state: EntryState,
     error: Option<(u32, String)>,
     tx: oneshot::Sender<Result<Reply, SubmitError>>,
-    _permit: OwnedSemaphorePermit,
+    _permit: SlotPermit,
 }
 
 impl Entry {
@@ -295,7 +299,7 @@ struct Shared {
     server: String,
     generation: u64,
     table: Mutex<Table>,
-    slots: Arc<Semaphore>,
+    slots: Arc<Slots>,
     tasks: Mutex<Vec<AbortHandle>>,
     events: mpsc::UnboundedSender<DeathNotice>,
 }
@@ -387,7 +391,7 @@ impl Conn {
             server,
             generation,
             table: Mutex::new(Table::default()),
-            slots: Arc::new(Semaphore::new(max_in_flight.max(1))),
+            slots: Slots::new(max_in_flight),
             tasks: Mutex::new(Vec::new()),
             events,
         });
@@ -449,7 +453,11 @@ impl Conn {
                     .unwrap_or_else(|| "connection lost".to_string()),
             )
         };
-        let permit = match Arc::clone(&self.shared.slots).acquire_owned().await {
+        // Guest requests go first (see `slots`), and are counted while they wait on the
+        // server so that background jobs can step back (`diskstream_block::priority`).
+        let class = priority::current();
+        let _remote = priority::remote_begin();
+        let permit = match self.shared.slots.acquire(class).await {
             Ok(p) => p,
             Err(_) => return Err(lost(&self.shared)),
         };
@@ -478,7 +486,11 @@ impl Conn {
         }
         if self
             .out
-            .send(Outgoing::Request { header, payload })
+            .send(Outgoing::Request {
+                header,
+                payload,
+                class,
+            })
             .is_err()
         {
             self.shared
@@ -604,35 +616,74 @@ impl Drop for Conn {
     }
 }
 
+/// Requests queued for the writer: foreground ones are written first; a disconnect goes
+/// after everything queued before it (nothing is queued after it).
+#[derive(Default)]
+struct WriteQueue {
+    foreground: VecDeque<(Vec<u8>, Option<Payload>)>,
+    background: VecDeque<(Vec<u8>, Option<Payload>)>,
+    disconnect: Option<Vec<u8>>,
+}
+
+impl WriteQueue {
+    fn push(&mut self, m: Outgoing) {
+        match m {
+            Outgoing::Request {
+                header,
+                payload,
+                class: IoClass::Foreground,
+            } => self.foreground.push_back((header, payload)),
+            Outgoing::Request {
+                header,
+                payload,
+                class: IoClass::Background,
+            } => self.background.push_back((header, payload)),
+            Outgoing::Disconnect { header } => self.disconnect = Some(header),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.foreground.is_empty() && self.background.is_empty() && self.disconnect.is_none()
+    }
+}
+
 async fn write_loop(shared: Arc<Shared>, wr: BoxWrite, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
     let mut w = BufWriter::with_capacity(64 << 10, wr);
+    let mut q = WriteQueue::default();
     let res: std::io::Result<()> = async {
-        while let Some(mut msg) = rx.recv().await {
-            loop {
-                match msg {
-                    Outgoing::Request { header, payload } => {
-                        w.write_all(&header).await?;
-                        if let Some(p) = payload {
-                            w.write_all(p.bytes()).await?;
-                        }
-                    }
-                    Outgoing::Disconnect { header } => {
-                        w.write_all(&header).await?;
-                        w.flush().await?;
-                        let _ = w.shutdown().await;
-                        shared.fail(Death::Closed);
-                        return Ok(());
-                    }
-                }
-                // Coalesce whatever is already queued into the same flush.
-                match rx.try_recv() {
-                    Ok(m) => msg = m,
-                    Err(_) => break,
+        loop {
+            if q.is_empty() {
+                match rx.recv().await {
+                    Some(m) => q.push(m),
+                    None => return Ok(()),
                 }
             }
-            w.flush().await?;
+            // Take in whatever else is queued, so a foreground request queued behind
+            // background ones is written before them.
+            while let Ok(m) = rx.try_recv() {
+                q.push(m);
+            }
+            if let Some((header, payload)) = q
+                .foreground
+                .pop_front()
+                .or_else(|| q.background.pop_front())
+            {
+                w.write_all(&header).await?;
+                if let Some(p) = payload {
+                    w.write_all(p.bytes()).await?;
+                }
+            } else if let Some(header) = q.disconnect.take() {
+                w.write_all(&header).await?;
+                w.flush().await?;
+                let _ = w.shutdown().await;
+                shared.fail(Death::Closed);
+                return Ok(());
+            }
+            // Coalesce what is queued into one flush; flush when nothing more is waiting.
+            if q.is_empty() {
+                w.flush().await?;
+            }
         }
-        Ok(())
     }
     .await;
     if let Err(e) = res {

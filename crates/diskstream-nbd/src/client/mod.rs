@@ -25,6 +25,7 @@ pub mod error;
 pub mod handshake;
 pub mod protocol;
 pub mod session;
+mod slots;
 pub mod url;
 
 pub use conn::MetaContext;

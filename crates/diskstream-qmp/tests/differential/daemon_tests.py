@@ -1772,6 +1772,70 @@ def test_cor_export_option_and_qmp_knobs(exe, d):
         kit.wait(timeout=10)
 
 
+def test_cor_export_filter_follows_stream_filter_and_keeps_counters(exe, d):
+    """The hidden copy-on-read filter of a `copy-on-read=on` export is a parent of the
+    exported node like any other: `block-stream` with a `filter-node-name` puts its filter
+    between them (QEMU's bdrv_replace_node moves every parent), and the job's end puts the
+    export's filter back on the node; a snapshot moves it to the overlay. Its counters
+    (x-query-cor-stats) survive each of these rebuilds instead of starting from zero, and
+    reads through the export stay correct all along."""
+    kit = slow_nbd_base(d, 4 * MiB, "1ms")
+    dm = None
+    url = f"nbd+unix:///c?socket={d}/nbd.sock"
+
+    def hidden(q):
+        st = [s for s in q.cmd("x-query-cor-stats") if s["node-name"].startswith("#")]
+        assert len(st) == 1, st
+        return st[0]
+
+    def grew(a, b):
+        keys = ("hits", "misses", "fetches", "backing-reads", "bytes-copied")
+        assert all(b[k] >= a[k] for k in keys), (a, b)
+
+    try:
+        dm = Daemon(exe, d, slow_nbd_blockdevs(d) + [
+            "--nbd-server", f"addr.type=unix,addr.path={d}/nbd.sock",
+            "--export", "type=nbd,id=c,node-name=top,name=c,copy-on-read=on"])
+        q = dm.qmp()
+        qemu_io_nbd(url, "read -P 0x11 0 1M")
+        s1 = hidden(q)
+        assert s1["file"] == "top" and s1["fetches"] >= 1 and s1["bytes-copied"] > 0, s1
+        # A throttled stream: its filter goes between the export's filter and the node.
+        q.cmd("block-stream", {"job-id": "s", "device": "top", "filter-node-name": "sf",
+                               "speed": 65536})
+        s2 = hidden(q)
+        assert s2["file"] == "sf", s2
+        grew(s1, s2)
+        qemu_io_nbd(url, "read -P 0x11 2M 64k", "read -P 0x11 0 4k")
+        s3 = hidden(q)
+        grew(s2, s3)
+        assert s3["misses"] > s2["misses"] and s3["hits"] > s2["hits"], (s2, s3)
+        q.cmd("block-job-set-speed", {"device": "s", "speed": 0})
+        q.wait_event("BLOCK_JOB_COMPLETED")
+        s4 = hidden(q)
+        assert s4["file"] == "top", s4
+        grew(s3, s4)
+        # A snapshot of the node: the export's filter moves to the overlay, counters kept.
+        q.cmd("blockdev-snapshot-sync", {"node-name": "top", "snapshot-file": f"{d}/snap.qcow2",
+                                         "snapshot-node-name": "snap", "format": "qcow2"})
+        s5 = hidden(q)
+        assert s5["file"] == "snap", s5
+        grew(s4, s5)
+        qemu_io_nbd(url, "read -P 0x11 0 4M")
+        grew(s5, hidden(q))
+        q.cmd("quit")
+        assert dm.wait() == 0
+        for img in ("top", "snap"):
+            check_clean(f"{d}/{img}.qcow2")
+        run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", f"{d}/base.raw",
+            f"{d}/snap.qcow2")
+    finally:
+        if dm is not None and dm.p.poll() is None:
+            dm.kill9()
+        kit.kill()
+        kit.wait(timeout=10)
+
+
 def test_https_sslverify(exe, d):
     """`driver: https` against a local HTTPS server with a self-signed certificate: refused
     while `sslverify` is on (the default), read correctly with `sslverify: false`."""

@@ -178,10 +178,21 @@ impl Inner {
     ) {
         let guard = self.task_guard();
         let me = Arc::clone(self);
+        // A guest's fetch keeps its reader's priority (a job reading through the filter stays
+        // background); read-ahead is speculative, so it is background.
+        let class = match origin {
+            Origin::Guest => crate::priority::current(),
+            Origin::Readahead => crate::priority::IoClass::Background,
+        };
         tokio::spawn(async move {
             let _guard = guard;
             let _permit = permit;
-            me.run_fetch(u, &f, origin).await;
+            match class {
+                crate::priority::IoClass::Foreground => me.run_fetch(u, &f, origin).await,
+                crate::priority::IoClass::Background => {
+                    crate::priority::background(me.run_fetch(u, &f, origin)).await
+                }
+            }
         });
     }
 

@@ -58,9 +58,16 @@
 //! primitives and re-checks the top's allocation for every chunk just before copying it, so it
 //! skips whatever copy-on-read already brought in, and its own copies never overwrite guest
 //! data or a copy that landed first. Guest reads are not queued behind the stream: each guest
-//! fetch is its own backing request, issued as soon as the guest asks (a pipelined NBD
-//! backing runs them alongside the stream's chunks). The worst overlap is a unit both fetch at
-//! the same moment: the backing is read twice, the top written once.
+//! fetch is its own backing request, issued as soon as the guest asks, and it runs with the
+//! guest's (foreground) priority while the job's copies and this filter's read-ahead run in
+//! the background ([`crate::priority`]): remote drivers send it ahead of the job's queued
+//! requests and keep slots for it. The worst overlap is a unit both fetch at the same moment:
+//! the backing is read twice, the top written once.
+//!
+//! # Flush
+//! A flush through the filter waits for the fetches in flight when it is issued, copies
+//! included, before flushing the top: a flush acknowledged after a read returned covers that
+//! read's copy (a read returns before its copy lands).
 //!
 //! # When copy-on-read is off
 //! A read-only top is never written: the filter then forwards every request and reports why in
@@ -113,10 +120,17 @@ pub(crate) struct Inner {
     streams: Mutex<Streams>,
     /// Read-ahead slots.
     background: Arc<Semaphore>,
-    /// Fetch tasks running, and a wake-up for [`CopyOnRead::quiesce`].
+    /// Fetch tasks running, and a wake-up for [`CopyOnRead::quiesce`] and flushes (every
+    /// task end).
     tasks: AtomicUsize,
     idle: Notify,
-    counters: Counters,
+    /// Start numbers of the fetch tasks running (a flush waits for those that started
+    /// before it), and the next number.
+    running: Mutex<std::collections::BTreeSet<u64>>,
+    next_task: std::sync::atomic::AtomicU64,
+    /// Shared with the filters rebuilt from this one (snapshot, switch), so the counters
+    /// describe the node, not one incarnation of it.
+    counters: Arc<Counters>,
 }
 
 /// The filter's per-unit state, under one lock so that a guest write's invalidation and a
@@ -177,13 +191,13 @@ struct Missing {
 }
 
 /// Keeps a fetch task counted while it runs.
-struct TaskGuard(Arc<Inner>);
+struct TaskGuard(Arc<Inner>, u64);
 
 impl Drop for TaskGuard {
     fn drop(&mut self) {
-        if self.0.tasks.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_waiters();
-        }
+        lock(&self.0.running).remove(&self.1);
+        self.0.tasks.fetch_sub(1, Ordering::AcqRel);
+        self.0.idle.notify_waiters();
     }
 }
 
@@ -201,8 +215,26 @@ impl Inner {
     }
 
     fn task_guard(self: &Arc<Self>) -> TaskGuard {
+        let n = self.next_task.fetch_add(1, Ordering::AcqRel);
+        lock(&self.running).insert(n);
         self.tasks.fetch_add(1, Ordering::AcqRel);
-        TaskGuard(Arc::clone(self))
+        TaskGuard(Arc::clone(self), n)
+    }
+
+    /// Wait for the fetch tasks that started before this call (their copies into the top
+    /// included); tasks started later are not waited for, so a busy filter cannot starve
+    /// a flush.
+    async fn settle_started(&self) {
+        let upto = self.next_task.load(Ordering::Acquire);
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if lock(&self.running).first().is_none_or(|&n| n >= upto) {
+                return;
+            }
+            idle.await;
+        }
     }
 
     /// Forget in-flight units overlapping `[offset, offset+len)` (a guest write completed
@@ -315,6 +347,15 @@ impl CopyOnRead {
         bottom: Option<Arc<dyn BlockNode>>,
         config: CorConfig,
     ) -> Result<Arc<CopyOnRead>> {
+        Self::with_counters(file, bottom, config, Arc::new(Counters::default()))
+    }
+
+    fn with_counters(
+        file: Arc<dyn BlockNode>,
+        bottom: Option<Arc<dyn BlockNode>>,
+        config: CorConfig,
+        counters: Arc<Counters>,
+    ) -> Result<Arc<CopyOnRead>> {
         config.validate()?;
         if let Some(b) = &bottom {
             // `bottom` may be `file` itself (QEMU's stream job passes its lowest streamed
@@ -357,9 +398,28 @@ impl CopyOnRead {
                 background: Arc::new(Semaphore::new(config.max_background as usize)),
                 tasks: AtomicUsize::new(0),
                 idle: Notify::new(),
-                counters: Counters::default(),
+                running: Mutex::new(std::collections::BTreeSet::new()),
+                next_task: std::sync::atomic::AtomicU64::new(0),
+                counters,
             }),
         }))
+    }
+
+    /// A new filter like this one (same configuration) over `file` with `bottom`, sharing
+    /// this one's counters: for graph changes that rebuild a filter over a new image
+    /// (snapshot, switch, a job's filter inserted below it), after which the old one is
+    /// closed. The counters keep counting across such rebuilds.
+    pub fn rebuild(
+        &self,
+        file: Arc<dyn BlockNode>,
+        bottom: Option<Arc<dyn BlockNode>>,
+    ) -> Result<Arc<CopyOnRead>> {
+        Self::with_counters(
+            file,
+            bottom,
+            self.inner.config,
+            Arc::clone(&self.inner.counters),
+        )
     }
 
     /// Why a filter over `file` would be inactive: a read-only node is never written, and a
@@ -601,7 +661,10 @@ impl BlockNode for CopyOnRead {
         r
     }
 
+    /// Waits for the fetches in flight when it is called (their copies land in the top),
+    /// then flushes the top: a flush acknowledged after a read covers that read's copy.
     async fn flush(&self) -> Result<()> {
+        self.inner.settle_started().await;
         self.inner.file.flush().await
     }
 
