@@ -163,23 +163,7 @@ async fn overlay_over_an_http_backing_file() {
     let srv = Server::range(d, &[]);
     let url = srv.url("base.qcow2");
     // The same overlay twice: backed by the URL, and by the local file (for QEMU's view).
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-b",
-            &url,
-            "-F",
-            "qcow2",
-            "top.qcow2",
-            "7M",
-        ],
-        d,
-    );
+    overlay(d, "top.qcow2", &url, "7M");
     let top = open_top(&d.join("top.qcow2"), false).await;
     for (off, pat) in [(100_000u64, 1u8), (3 * MIB, 2), (6 * MIB + 500, 3)] {
         top.write(off, &vec![pat; 70_000]).await.expect("write");
@@ -358,23 +342,7 @@ async fn every_validator_and_missing_backing_files() {
         ("nope.qcow2", "not found (HTTP 404)"),
         ("forbidden/base.qcow2", "access denied (HTTP 403"),
     ] {
-        run(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-u",
-                "-b",
-                &srv.url(name),
-                "-F",
-                "qcow2",
-                "top.qcow2",
-                "8M",
-            ],
-            dir.path(),
-        );
+        overlay(dir.path(), "top.qcow2", &srv.url(name), "8M");
         diskstream_http::register_url_opener(cfg());
         let e = open_image(
             &dir.path().join("top.qcow2"),
@@ -426,23 +394,7 @@ async fn copy_on_read_over_http_makes_the_overlay_local() {
     let d = dir.path();
     let mut srv = Server::range(d, &[]);
     let url = srv.url("base.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-b",
-            &url,
-            "-F",
-            "qcow2",
-            "top.qcow2",
-            "7M",
-        ],
-        d,
-    );
+    overlay(d, "top.qcow2", &url, "7M");
     let (expected, _) = qemu_view_over_local(d, "base.qcow2");
     let top = open_top(&d.join("top.qcow2"), false).await;
     let cor = diskstream_block::filter::cor::CopyOnRead::new(

@@ -81,23 +81,7 @@ async fn s3_objects_and_backing_files() {
     assert!(e.to_string().contains("not found (HTTP 404)"), "{e}");
 
     // A qcow2 overlay over s3://images/base.qcow2.
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-b",
-            "s3://images/base.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-            "6M",
-        ],
-        d,
-    );
+    overlay(d, "top.qcow2", "s3://images/base.qcow2", "6M");
     let opts = |ro| OpenOptions {
         read_only: ro,
         format: Some(Format::Qcow2),
@@ -228,23 +212,7 @@ async fn access_and_replacement_errors(
 
 /// A fresh 6 MiB overlay of `s3://images/base.qcow2` named `name`, opened read-write.
 async fn s3_overlay(d: &std::path::Path, name: &str) -> Arc<dyn BlockNode> {
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-b",
-            "s3://images/base.qcow2",
-            "-F",
-            "qcow2",
-            name,
-            "6M",
-        ],
-        d,
-    );
+    overlay(d, name, "s3://images/base.qcow2", "6M");
     let opts = OpenOptions {
         read_only: false,
         format: Some(Format::Qcow2),

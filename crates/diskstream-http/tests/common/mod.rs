@@ -83,6 +83,18 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 }
 
 /// Run a tool; panics with its output unless it succeeds. Returns stdout.
+/// Create the qcow2 overlay `name` (in `dir`, of `size`, e.g. "7M") over the qcow2 at `backing`
+/// (a URL), without opening the backing (`qemu-img create -u`).
+pub fn overlay(dir: &Path, name: &str, backing: &str, size: &str) {
+    run(
+        "qemu-img",
+        &[
+            "create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", "qcow2", name, size,
+        ],
+        dir,
+    );
+}
+
 pub fn run(cmd: &str, args: &[&str], dir: &Path) -> String {
     let out = Command::new(cmd)
         .args(args)
