@@ -742,6 +742,16 @@ def test_mirror_pivot_under_io(exe, d):
             f"{label}: {new}.qcow2 is not the disk plus every acknowledged write"
 
 
+def nbd_io_ok(url, *cmds):
+    """Run qemu-io commands against the NBD export at `url`; fail on any failed command."""
+    args = ["qemu-io", "-f", "raw"]
+    for c in cmds:
+        args += ["-c", c]
+    r = run(*(args + [url]), check=False)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "failed" not in out, f"{cmds}: {out}"
+
+
 def test_switch_under_cor(exe, d):
     """x-blockdev-switch of a node under a copy-on-read filter exported writable: the filter's
     file child moves to the new image with the export (QEMU's bdrv_replace_node moves every
@@ -755,12 +765,7 @@ def test_switch_under_cor(exe, d):
     url = f"nbd+unix:///cor?socket={d}/nbd.sock"
 
     def io(*cmds):
-        args = ["qemu-io", "-f", "raw"]
-        for c in cmds:
-            args += ["-c", c]
-        r = run(*(args + [url]), check=False)
-        out = r.stdout + r.stderr
-        assert r.returncode == 0 and "failed" not in out, f"{cmds}: {out}"
+        nbd_io_ok(url, *cmds)
 
     dm = Daemon(exe, d, ["--blockdev", "driver=qcow2,node-name=src,file.driver=file,file.filename=src.qcow2",
                          "--nbd-server", f"addr.type=unix,addr.path={d}/nbd.sock"])
@@ -819,12 +824,7 @@ def test_switch_qed(exe, d):
     url = f"nbd+unix:///src?socket={d}/nbd.sock"
 
     def io(*cmds):
-        args = ["qemu-io", "-f", "raw"]
-        for c in cmds:
-            args += ["-c", c]
-        r = run(*(args + [url]), check=False)
-        out = r.stdout + r.stderr
-        assert r.returncode == 0 and "failed" not in out, f"{cmds}: {out}"
+        nbd_io_ok(url, *cmds)
 
     def nodes(q):
         return {n["node-name"]: n for n in q.cmd("query-named-block-nodes", {"flat": True})}
